@@ -1,0 +1,12 @@
+"""Errors that carry the recipe key they are about, so a user sees one clear message."""
+
+
+class ConfigError(ValueError):
+    """A recipe value is unknown, of the wrong type, or impossible together with another.
+
+    `key` is the full dotted recipe key (e.g. ``model.n_head``) the message is about.
+    """
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
