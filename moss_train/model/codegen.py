@@ -1,0 +1,250 @@
+"""The CodeGen / MOSS transformer, readable top to bottom.
+
+Same math and the same parameter names as ``transformers``' ``CodeGenForCausalLM`` (and the
+MOSS checkpoints), so state dicts move in and out without conversion:
+
+    transformer.wte.weight
+    transformer.h.{i}.ln_1.{weight,bias}
+    transformer.h.{i}.attn.qkv_proj.weight        fused q/v/k, no bias, 4-partition layout
+    transformer.h.{i}.attn.out_proj.weight        no bias
+    transformer.h.{i}.mlp.fc_in.{weight,bias}
+    transformer.h.{i}.mlp.fc_out.{weight,bias}
+    transformer.ln_f.{weight,bias}
+    lm_head.{weight,bias}                         untied from wte
+
+Differences from the HF implementation are in *how*, not *what*: rotary sin/cos are computed
+on the fly from the position ids (no buffers at all, the state dict is only parameters);
+attention goes through ``scaled_dot_product_attention``; packed sequences are supported with
+``segment_ids`` (a block-diagonal causal mask); no KV cache (this is a training model).
+
+Weights are initialised inside each leaf module's constructor (``reset_parameters``), never by
+a later ``model.apply``: under DeepSpeed's ``zero.Init`` a module's parameters are partitioned
+as soon as its own ``__init__`` returns, so a later pass would see empty tensors.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Imported here, not lazily in a constructor: importing transformers pulls in torch._dynamo, and
+# a first import of that inside deepspeed.zero.Init (which patches tensor constructors) fails.
+from transformers.activations import ACT2FN
+
+from moss_train.errors import ConfigError
+from moss_train.model.config import (
+    QKV_PARTITIONS,
+    ModelConfig,
+    inner_dim,
+    model_vocab_size,
+    validate_model_config,
+)
+
+# ----------------------------------------------------------------------------- leaf modules
+
+
+class _Linear(nn.Linear):
+    """nn.Linear initialised like HF's CodeGen: weight ~ N(0, std), bias = 0."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, std: float):
+        self.init_std = std  # read by reset_parameters(), which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class _Embedding(nn.Embedding):
+    """nn.Embedding initialised with weight ~ N(0, std)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, std: float):
+        self.init_std = std
+        super().__init__(num_embeddings, embedding_dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+
+
+def _activation(name: str) -> nn.Module:
+    # "gelu_new" is the tanh approximation of GELU: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))).
+    # PyTorch's fused kernel computes the same formula in one pass instead of ~8 elementwise ops.
+    if name == "gelu_new":
+        name = "gelu_pytorch_tanh"
+    return ACT2FN[name]
+
+
+# ----------------------------------------------------------------------------- rotary + masks
+
+
+def rotary_angles(position_ids: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """(B, T) positions -> (B, T, rotary_dim/2) angles in fp32, GPT-J / CodeGen frequencies."""
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=position_ids.device).float() / rotary_dim
+    inv_freq = 1.0 / (10000**exponent)
+    return position_ids.float()[..., None] * inv_freq
+
+
+def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``2 * sin.shape[-1]`` dims of the last axis of ``x``, GPT-J style:
+    consecutive pairs (x0, x1), (x2, x3), ... are rotated by their angle ("rotate every two").
+    ``sin``/``cos`` broadcast against ``x[..., ::2]``'s shape; the rest of ``x`` passes through.
+    """
+    rot = 2 * sin.shape[-1]
+    sin, cos = sin.to(x.dtype), cos.to(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document index per token -> (B, 1, T, T) bool, True where attention is allowed:
+    token i sees token j iff j <= i and both belong to the same document."""
+    T = segment_ids.shape[-1]
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same_doc & causal)[:, None]
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+
+class CodeGenAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.attn_pdrop = cfg.attn_pdrop
+        std = cfg.initializer_range
+        self.qkv_proj = _Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False, std=std)
+        self.out_proj = _Linear(cfg.n_embd, cfg.n_embd, bias=False, std=std)
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x, sin, cos, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D, P = self.n_head, self.head_dim, QKV_PARTITIONS
+        # Fused projection in CodeGen's layout: P partitions, each [q | v | k] for H/P heads.
+        qkv = self.qkv_proj(x).view(B, T, P, 3 * C // P)
+        q, v, k = qkv.split(C // P, dim=-1)  # (B, T, P, C/P) each -- note the order q, v, k
+        q, v, k = (t.unflatten(-1, (H // P, D)) for t in (q, v, k))  # (B, T, P, H/P, D) views
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        # Heads are numbered partition-major (head = p * H/P + j), as HF's _split_heads does.
+        q, k, v = (t.reshape(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+            is_causal=attn_mask is None,
+            scale=1.0 / math.sqrt(D),
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class CodeGenMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        std = cfg.initializer_range
+        self.fc_in = _Linear(cfg.n_embd, inner_dim(cfg), bias=True, std=std)
+        self.act = _activation(cfg.activation_function)
+        self.fc_out = _Linear(inner_dim(cfg), cfg.n_embd, bias=True, std=std)
+        self.dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+
+
+class CodeGenBlock(nn.Module):
+    """One LayerNorm feeding attention and MLP in parallel: x + attn(ln(x)) + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = CodeGenAttention(cfg)
+        self.mlp = CodeGenMLP(cfg)
+
+    def forward(self, x, sin, cos, attn_mask):
+        h = self.ln_1(x)
+        return self.attn(h, sin, cos, attn_mask) + self.mlp(h) + x  # HF's summation order
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class CodeGenForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        if cfg.vocab_size <= 0:
+            raise ConfigError("model.vocab_size", "must be resolved from the tokenizer (> 0) before building the model")
+        self.config = cfg
+        self.rotary_dim = cfg.rotary_dim
+        vocab, std = model_vocab_size(cfg), cfg.initializer_range
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=_Embedding(vocab, cfg.n_embd, std=std),
+                drop=nn.Dropout(cfg.embd_pdrop),
+                h=nn.ModuleList(CodeGenBlock(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = _Linear(cfg.n_embd, vocab, bias=True, std=std)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Final (post ln_f) hidden states, (B, T, n_embd), in the compute dtype.
+
+        position_ids: (B, T) or (T,); default 0..T-1. For packed sequences they restart at 0
+            in each document.
+        segment_ids: (B, T) document index per token; when given, attention stays inside each
+            document (block-diagonal causal mask); when None, plain causal attention.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"sequence length {T} exceeds n_positions {self.config.n_positions}")
+            position_ids = torch.arange(T, device=input_ids.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        angles = rotary_angles(position_ids, self.rotary_dim)[:, :, None, None, :]  # (B, T, 1, 1, r/2)
+        sin, cos = angles.sin(), angles.cos()  # fp32; cast to q's dtype in apply_rotary
+        attn_mask = None if segment_ids is None else document_causal_mask(segment_ids)
+
+        x = self.transformer.drop(self.transformer.wte(input_ids))
+        for block in self.transformer.h:
+            if self.config.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, sin, cos, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, sin, cos, attn_mask)
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, padded vocab) in the compute dtype."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, segment_ids))
+
+
+# ----------------------------------------------------------------------------- HF / MOSS weights
+
+# Non-parameter buffers that older transformers versions and the MOSS checkpoints saved in
+# their state dicts (causal mask, masked fill value, rotary table). They carry no weights.
+_HF_BUFFER_SUFFIXES = (".attn.causal_mask", ".attn.masked_bias", ".attn.bias", ".attn.embed_positions")
+
+
+def load_hf_state_dict(model: CodeGenForCausalLM, state_dict: dict, strict: bool = True):
+    """Load an HF ``CodeGenForCausalLM`` / MOSS state dict. Names are identical; the only thing
+    done here is dropping the non-parameter buffers some checkpoints carry."""
+    sd = {k: v for k, v in state_dict.items() if not k.endswith(_HF_BUFFER_SUFFIXES)}
+    return model.load_state_dict(sd, strict=strict)
