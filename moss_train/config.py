@@ -1,0 +1,269 @@
+"""The typed recipe: one dataclass per recipe group, composed by Hydra, validated up front.
+
+Hydra merges the YAML recipes under ``recipes/`` onto these dataclasses, so an unknown key or a
+value of the wrong type fails while composing, with OmegaConf naming the full key. The
+cross-field rules that a type cannot express live in :func:`validate`, which runs before any
+process group or model exists and raises :class:`ConfigError` naming the key to change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from moss_train.errors import ConfigError
+from moss_train.model.config import ModelConfig, validate_model_config
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-autocast")
+WANDB_MODES = ("offline", "online", "disabled")
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"
+
+
+@dataclass
+class DataConfig:
+    name: str = "custom"
+    # Shard prefixes or glob patterns (see moss_train/data/shards.py), relative to `root`.
+    train_shards: List[str] = field(default_factory=list)
+    valid_shards: List[str] = field(default_factory=list)
+    root: str = "."
+    tokenizer: str = MISSING
+    seq_len: int = 256
+    # The command that produces the data, quoted in the error when a shard is missing.
+    prepare_hint: str = ""
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 1234
+    max_steps: int = 100
+    micro_batch_size: int = 4  # sequences per rank per forward pass
+    global_batch_size: int = 8  # sequences per optimizer step over all ranks
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # one of PRECISIONS
+    eval_every: int = 0  # 0: evaluate only at the end
+    # Held-out samples per evaluation: the first N of the eval set, rounded down to a multiple of
+    # micro_batch_size x ranks so any number of ranks evaluates the same samples.
+    eval_samples: int = 64
+    log_every: int = 1
+    resume: str = "auto"  # "auto", "never", or a checkpoint directory
+    threads: int = 0  # torch intra-op threads per process on CPU; 0 = cores / local ranks
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    # Raw DeepSpeed config entries merged last, for settings this schema does not name.
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps; 0: only at the end
+    keep_last: int = 2
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # one of WANDB_MODES
+    project: str = "moss-train"
+    group: Optional[str] = None
+    progress_bar: bool = True
+    # Peak FLOP/s per device for MFU, in TFLOP/s; null: known GPUs by name, measured on CPU.
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/${run.name}"
+
+
+@dataclass
+class MossTrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def recipes_dir() -> Path:
+    """The recipe tree: $MOSS_RECIPES, else the repository's recipes/ next to the package."""
+    configured = os.environ.get("MOSS_RECIPES")
+    path = Path(configured) if configured else Path(__file__).resolve().parent.parent / "recipes"
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"no recipe tree at {path} (set MOSS_RECIPES to the recipes/ folder)")
+    return path
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="moss_train_schema", node=MossTrainConfig)
+
+
+def compose(overrides: List[str], config_name: str = "config") -> DictConfig:
+    """Compose a recipe from recipes/ with Hydra overrides, typed by MossTrainConfig.
+
+    Raises ConfigError naming the key when a key is unknown or a value has the wrong type.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except Exception as error:  # Hydra wraps OmegaConf's errors; surface the key they name
+        raise _as_config_error(error) from error
+    return cfg
+
+
+def _as_config_error(error: Exception) -> ConfigError:
+    """Turn a Hydra / OmegaConf composition error into one message that names the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if cause is not None and getattr(cause, "full_key", None):
+        first_line = str(cause).splitlines()[0]
+        return ConfigError(cause.full_key, first_line)
+    import re
+
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    missing_option = re.search(r"Could not find '([\w-]+)/([^']+)'", first_line)
+    if missing_option:
+        group, option = missing_option.groups()
+        available = sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml"))
+        return ConfigError(group, f"no recipe {group}/{option}.yaml; available: {', '.join(available)}")
+    override = re.search(r"override '([^'=]+)", first_line)
+    return ConfigError(override.group(1) if override else "recipe", first_line)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(cfg: DictConfig | MossTrainConfig, world_size: Optional[int] = None) -> None:
+    """Cross-field checks that types cannot express; raise ConfigError naming the key."""
+    world_size = world_size or world_size_from_env()
+    validate_model_config(cfg.model, prefix="model")
+    _validate_trainer(cfg.trainer, world_size)
+    _validate_data(cfg.data, cfg.model)
+    _validate_deepspeed(cfg.deepspeed)
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 saves only at the end)")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1 checkpoint")
+    _check_choice(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
+    _check(
+        cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0,
+        "logging.peak_tflops",
+        "must be positive (or null to detect it)",
+    )
+
+
+def _validate_trainer(trainer: TrainerConfig, world_size: int) -> None:
+    _check(trainer.max_steps > 0, "trainer.max_steps", f"must be positive, got {trainer.max_steps}")
+    _check(trainer.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
+    per_step = trainer.micro_batch_size * world_size
+    _check(
+        trainer.global_batch_size > 0 and trainer.global_batch_size % per_step == 0,
+        "trainer.global_batch_size",
+        f"{trainer.global_batch_size} is not a multiple of micro_batch_size ({trainer.micro_batch_size})"
+        f" x data-parallel ranks ({world_size}) = {per_step}",
+    )
+    _check(trainer.lr > 0, "trainer.lr", "must be positive")
+    _check(0 <= trainer.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
+    _check(trainer.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+    _check(trainer.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
+    _check(0 <= trainer.adam_beta1 < 1, "trainer.adam_beta1", "must be in [0, 1)")
+    _check(0 <= trainer.adam_beta2 < 1, "trainer.adam_beta2", "must be in [0, 1)")
+    _check(trainer.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check_choice(trainer.precision, PRECISIONS, "trainer.precision")
+    _check(trainer.eval_every >= 0, "trainer.eval_every", "must be >= 0")
+    _check(trainer.eval_samples >= 0, "trainer.eval_samples", "must be >= 0 (0 disables evaluation)")
+    _check(trainer.log_every > 0, "trainer.log_every", "must be positive")
+    _check(trainer.threads >= 0, "trainer.threads", "must be >= 0")
+    if trainer.precision == "fp16":
+        import torch
+
+        _check(torch.cuda.is_available(), "trainer.precision", "fp16 needs a CUDA GPU; use bf16-autocast or fp32 on CPU")
+
+
+def _validate_data(data: DataConfig, model: ModelConfig) -> None:
+    _check(data.seq_len > 0, "data.seq_len", "must be positive")
+    _check(
+        data.seq_len <= model.n_positions,
+        "data.seq_len",
+        f"{data.seq_len} is longer than the model's n_positions ({model.n_positions})",
+    )
+    _check(len(data.train_shards) > 0, "data.train_shards", "no training shards configured")
+
+
+def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
+    _check_choice(ds.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage")
+    _check(
+        not ds.offload_optimizer or ds.zero_stage >= 1,
+        "deepspeed.offload_optimizer",
+        "optimizer offload needs ZeRO stage 1, 2 or 3",
+    )
+    _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs ZeRO stage 3")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _check_choice(value: Any, choices: tuple, key: str) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def to_object(cfg: DictConfig) -> MossTrainConfig:
+    """The composed recipe as typed dataclasses (what the rest of the code reads)."""
+    _reject_unknown_keys(cfg, MossTrainConfig, "")
+    return OmegaConf.to_object(cfg)
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """Hydra's `+key=value` opens the struct flag; keys the schema lacks must still fail."""
+    import dataclasses
+    import typing
+
+    field_types = typing.get_type_hints(schema)
+    for key in node.keys():
+        full_key = f"{prefix}{key}"
+        if key not in field_types:
+            raise ConfigError(full_key, f"unknown key; {schema.__name__} has: {', '.join(field_types)}")
+        if dataclasses.is_dataclass(field_types[key]) and isinstance(node[key], DictConfig):
+            _reject_unknown_keys(node[key], field_types[key], f"{full_key}.")

@@ -1,0 +1,107 @@
+"""Process-group set-up and the few collectives the training loop needs.
+
+One code path for every launch: a plain `moss-train` (one process, no launcher), the
+`deepspeed` launcher, torchrun or SLURM's srun all end here. NCCL is chosen when CUDA is
+present, gloo otherwise, so the same recipe runs on a laptop and a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _adopt_slurm_env() -> None:
+    """Under `srun` (no launcher), derive torch's rendezvous variables from SLURM's."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+
+
+def backend_name() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def quiet_third_party_logs() -> None:
+    """Keep the console for moss-train's own progress: DeepSpeed's INFO lines and torch's
+    deprecation notices from inside DeepSpeed say nothing a user can act on."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def init_distributed() -> DistInfo:
+    """Initialise the default process group (idempotent) and return this process's place in it."""
+    quiet_third_party_logs()
+    _adopt_slurm_env()
+    if "RANK" not in os.environ:  # a single process started without a launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend_name(), auto_mpi_discovery=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))),
+        device=device,
+    )
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a small vector of numbers over all ranks, in float64 so token counts stay exact."""
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

@@ -1,0 +1,256 @@
+"""The one training loop. Every stage runs through `train(cfg, stage)`.
+
+Per optimizer step: this rank's micro-batches are fetched first (their target tokens are counted
+and summed over ranks), then each micro-batch's loss SUM is scaled by world_size / global_count
+before DeepSpeed's backward. DeepSpeed averages gradients over ranks, so the gradient the
+optimizer sees is exactly that of the mean loss over all target tokens of the global batch —
+not a mean of per-micro-batch means — however the batch is split over ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from moss_train.config import MossTrainConfig
+from moss_train.data.sampler import GlobalBatchPlan
+from moss_train.engine import setup
+from moss_train.engine.checkpoint import CheckpointManager
+from moss_train.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
+from moss_train.model.config import flops_per_token
+from moss_train.stages.base import Stage, StageData
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: MossTrainConfig, stage: Stage, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.stage = stage
+        self.dist = dist_info or init_distributed()
+        setup.set_threads(cfg, self.dist)
+        self.output_dir = Path(cfg.run.output_dir)
+        self.precision = setup.resolve_precision(cfg.trainer.precision, self.dist.device)
+        self.ds_config = setup.deepspeed_config(cfg, self.precision, self.dist.world_size)
+
+        tokenizer = stage.load_tokenizer(cfg)
+        self.data: StageData = stage.build_data(cfg, tokenizer)
+        seed_everything(cfg.trainer.seed)  # identical initial weights on every rank and run
+        with setup.model_construction_context(self.ds_config):
+            model = stage.build_model(cfg, tokenizer)
+        self.model_config = model.config
+        self.engine, self.scheduler = setup.initialize_engine(model, cfg, self.ds_config)
+        seed_everything(cfg.trainer.seed + self.dist.rank)  # per-rank streams for dropout etc.
+
+        self.plan = GlobalBatchPlan(
+            num_samples=len(self.data.train),
+            global_batch_size=cfg.trainer.global_batch_size,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            world_size=self.dist.world_size,
+            rank=self.dist.rank,
+            seed=cfg.trainer.seed,
+        )
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist)
+        self.step = 0
+        self.samples_consumed = 0
+        self.tokens_seen = 0
+
+    # ---- resume --------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "never":
+            return
+        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        state = self.checkpoints.load(self.engine, path)
+        if state.get("num_samples") != len(self.data.train) or state.get("seed") != self.cfg.trainer.seed:
+            raise RuntimeError(
+                f"checkpoint {path} was trained on {state.get('num_samples')} samples with seed "
+                f"{state.get('seed')}, this run has {len(self.data.train)} and {self.cfg.trainer.seed}: "
+                "its data position does not apply (start a new run directory, or trainer.resume=never)"
+            )
+        self.step = state["step"]
+        self.samples_consumed = state["samples_consumed"]
+        self.tokens_seen = state.get("tokens_seen", 0)
+        if self.dist.is_main:
+            print(f"[moss-train] resumed from {path} at step {self.step}", flush=True)
+
+    def _client_state(self) -> dict:
+        return {
+            "step": self.step,
+            "samples_consumed": self.samples_consumed,
+            "tokens_seen": self.tokens_seen,
+            "num_samples": len(self.data.train),
+            "seed": self.cfg.trainer.seed,
+            "stage": self.cfg.stage.name,
+            "model_config": asdict(self.model_config),
+        }
+
+    # ---- one step ------------------------------------------------------------------------
+    def _micro_batches(self) -> list[dict]:
+        indices = self.plan.micro_batches_at(self.samples_consumed)
+        return [
+            _to_device(self.data.collate([self.data.train[int(i)] for i in idx]), self.dist.device)
+            for idx in indices
+        ]
+
+    def train_step(self) -> dict:
+        batches = self._micro_batches()
+        local_targets = sum(self.data.count_targets(batch) for batch in batches)
+        global_targets = all_reduce_sum([local_targets], self.dist.device).item()
+        if global_targets == 0:
+            raise RuntimeError(f"step {self.step}: the global batch has no target tokens")
+        lr = self.scheduler.get_last_lr()[0]
+        loss_scale = self.dist.world_size / global_targets
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            with setup.autocast_context(self.precision, self.dist.device):
+                terms = self.stage.loss(self.engine, batch)
+            self.engine.backward(terms.loss_sum * loss_scale, scale_wrt_gas=False)
+            self.engine.step()
+            for name, value in {"loss": terms.loss_sum, **terms.sums}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().double()
+        names = sorted(sums)
+        totals = all_reduce_sum(torch.stack([sums[n] for n in names]), self.dist.device)
+        self.step += 1
+        self.samples_consumed += self.cfg.trainer.global_batch_size
+        self.tokens_seen += self.cfg.trainer.global_batch_size * self.data.tokens_per_sample
+        metrics = {name: (totals[i] / global_targets).item() for i, name in enumerate(names)}
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else math.nan)
+        return metrics
+
+    # ---- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        dataset = self.data.eval
+        micro, world = self.cfg.trainer.micro_batch_size, self.dist.world_size
+        samples = min(self.cfg.trainer.eval_samples, len(dataset) if dataset is not None else 0)
+        # Every rank runs the same number of forward passes (ZeRO-3 gathers are collective).
+        passes = samples // (micro * world)
+        if passes == 0:
+            return {}
+        self.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros((), dtype=torch.float64)
+        for p in range(passes):
+            start = (p * world + self.dist.rank) * micro
+            batch = _to_device(self.data.collate([dataset[i] for i in range(start, start + micro)]), self.dist.device)
+            with setup.autocast_context(self.precision, self.dist.device):
+                terms = self.stage.loss(self.engine, batch)
+            count += terms.num_targets.detach().double().cpu()
+            for name, value in {"loss": terms.loss_sum, **terms.sums}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().double().cpu()
+        self.engine.train()
+        names = sorted(sums)
+        totals = all_reduce_sum(torch.stack([count] + [sums[n] for n in names]), self.dist.device)
+        result = {f"eval_{n}": (totals[i + 1] / totals[0]).item() for i, n in enumerate(names)}
+        result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
+        return result
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        self.maybe_resume()
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        logger = MetricsLogger(
+            self.output_dir,
+            enabled=self.dist.is_main,
+            total_steps=cfg.trainer.max_steps,
+            start_step=self.step,
+            progress_bar=cfg.logging.progress_bar,
+            wandb_settings=self._wandb_settings(),
+        )
+        flops = flops_per_token(self.model_config, self.data.tokens_per_sample)
+        peak = peak_tflops(cfg.logging.peak_tflops, self.precision, self.dist.device)
+        tokens_per_step = cfg.trainer.global_batch_size * self.data.tokens_per_sample
+        history = []
+        started = time.perf_counter()
+        since_log, window_start = 0, time.perf_counter()
+        while self.step < cfg.trainer.max_steps:
+            metrics = self.train_step()
+            since_log += 1
+            record = {"step": self.step, **metrics}
+            if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = since_log * tokens_per_step / elapsed
+                record.update(
+                    tokens_per_s=tokens_per_s,
+                    mfu=tokens_per_s * flops / (peak * 1e12 * self.dist.world_size),
+                    epoch=self.plan.epoch_at(self.samples_consumed),
+                    **memory_gb(self.dist.device),
+                )
+                logger.log(record, advance=since_log)
+                since_log, window_start = 0, time.perf_counter()
+            if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and self.step < cfg.trainer.max_steps:
+                record.update(self._log_eval(logger))
+                window_start = time.perf_counter()
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.trainer.max_steps:
+                self.checkpoints.save(self.engine, self.step, self._client_state())
+                window_start = time.perf_counter()
+            history.append(record)
+        if history:
+            history[-1].update(self._log_eval(logger))
+        if cfg.checkpoint.save_final and (not history or self.checkpoints.latest() != self._final_dir()):
+            self.checkpoints.save(self.engine, self.step, self._client_state())
+        logger.close()
+        if self.dist.is_main:
+            self._print_summary(history, time.perf_counter() - started)
+        barrier()
+        return history
+
+    def _print_summary(self, history: list[dict], seconds: float) -> None:
+        losses = [r["loss"] for r in history if "loss" in r]
+        evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+        parts = [f"[moss-train] done: {len(history)} steps in {seconds:.1f}s"]
+        if losses:
+            parts.append(f"loss {losses[0]:.4f} (step {history[0]['step']}) -> {losses[-1]:.4f} (step {self.step})")
+        if evals:
+            parts.append(f"eval_loss {evals[-1]:.4f}")
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            parts.append(f"checkpoint {latest}")
+        print("; ".join(parts), flush=True)
+
+    def _final_dir(self):
+        return self.checkpoints.root / f"step_{self.step:08d}"
+
+    def _log_eval(self, logger: MetricsLogger) -> dict:
+        result = self.evaluate()
+        if result:
+            logger.log({"step": self.step, **result})
+        return result
+
+    def _wandb_settings(self) -> dict:
+        cfg = self.cfg
+        return {
+            "mode": cfg.logging.wandb,
+            "project": cfg.logging.project,
+            "name": cfg.run.name,
+            "group": cfg.logging.group,
+            "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        }
+
+
+def train(cfg: MossTrainConfig, stage: Stage) -> list[dict]:
+    """Train `stage` as the recipe says; returns the per-step metric records (rank 0's view)."""
+    return Trainer(cfg, stage).fit()

@@ -1,0 +1,167 @@
+"""From a validated recipe to a DeepSpeed engine: config dict, precision, optimizer, schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from moss_train.config import MossTrainConfig
+from moss_train.engine.distributed import DistInfo
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matrix units (AVX512-BF16 or AMX) make bf16 autocast pay off on a CPU."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'auto' means bf16 weights on a GPU, bf16 autocast on a CPU with bf16 units, else fp32."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16-autocast" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "bf16-autocast":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def deepspeed_config(cfg: MossTrainConfig, precision: str, world_size: int) -> dict:
+    trainer, ds = cfg.trainer, cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(
+            overlap_comm=ds.overlap_comm,
+            contiguous_gradients=ds.contiguous_gradients,
+            reduce_bucket_size=ds.reduce_bucket_size,
+        )
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+            # Export consolidates with DeepSpeed's own zero_to_fp32 tooling, not at save time.
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    pin = torch.cuda.is_available()
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    config = {
+        "train_batch_size": trainer.global_batch_size,
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": trainer.global_batch_size // (trainer.micro_batch_size * world_size),
+        "gradient_clipping": trainer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,  # the engine's own metrics replace DeepSpeed's prints
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(config, dict(ds.extra))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def model_construction_context(ds_config: dict):
+    """ZeRO-3 builds each parameter straight into its shard, so no rank holds the whole model."""
+    if ds_config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        return deepspeed.zero.Init(config_dict_or_path=ds_config)
+    return contextlib.nullcontext()
+
+
+def _full_shape(param: nn.Parameter) -> torch.Size:
+    # Under ZeRO-3 a parameter's data is an empty shard; DeepSpeed keeps the real shape here.
+    return getattr(param, "ds_shape", param.shape)
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), none on biases and LayerNorms."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if len(_full_shape(param)) >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: MossTrainConfig) -> torch.optim.Optimizer:
+    trainer = cfg.trainer
+    groups = optimizer_param_groups(model, trainer.weight_decay)
+    kwargs = dict(lr=trainer.lr, betas=(trainer.adam_beta1, trainer.adam_beta2), eps=trainer.adam_eps)
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup to 1, then cosine down to min_ratio at max_steps.
+
+    A class (not a lambda) so LambdaLR's state_dict stores it and resume restores it.
+    """
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float):
+        self.warmup_steps = warmup_steps
+        self.max_steps = max_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def scheduler_factory(cfg: MossTrainConfig):
+    trainer = cfg.trainer
+    schedule = WarmupCosine(trainer.warmup_steps, trainer.max_steps, trainer.min_lr_ratio)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def initialize_engine(model: nn.Module, cfg: MossTrainConfig, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(model, cfg),
+        lr_scheduler=scheduler_factory(cfg),
+        config=ds_config,
+    )
+    return engine, scheduler
+
+
+def set_threads(cfg: MossTrainConfig, dist_info: DistInfo) -> None:
+    """On CPU, share the cores between the processes of one node instead of oversubscribing."""
+    if dist_info.device.type != "cpu":
+        return
+    import os
+
+    threads = cfg.trainer.threads or max(1, (os.cpu_count() or 1) // max(1, dist_info.local_world_size))
+    torch.set_num_threads(threads)

@@ -1,0 +1,93 @@
+"""Shared fixtures: a small real-text pretraining dataset, and running `moss-train` for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory) -> Path:
+    """Real EN / ZH / code text → tokenizer → shards, small enough for seconds of work."""
+    out = tmp_path_factory.mktemp("pretrain-data")
+    run_cli(
+        [
+            "prepare-pretrain-demo", "--out", str(out),
+            "--en-mb", "0.3", "--zh-mb", "0.3", "--code-mb", "0.4",
+            "--vocab-size", "1000", "--sample-mb", "1", "--valid-fraction", "0.05",
+        ],
+        launcher=[str(BIN / "moss-data")],
+    )
+    return out
+
+
+def train_overrides(data_dir: Path, output_dir: Path, **extra) -> list[str]:
+    """A tiny, fast, deterministic pretraining recipe on the fixture data."""
+    settings = {
+        "model": "tiny",
+        "model.n_embd": 64,
+        "model.rotary_dim": 8,
+        "data.root": str(data_dir),
+        "data.seq_len": 64,
+        "run.output_dir": str(output_dir),
+        "trainer.micro_batch_size": 2,
+        "trainer.global_batch_size": 8,
+        "trainer.max_steps": 4,
+        "trainer.warmup_steps": 2,
+        "trainer.precision": "fp32",
+        "trainer.eval_samples": 16,
+        "logging.wandb": "disabled",
+        "logging.progress_bar": "false",
+    }
+    settings.update(extra)
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300, check: bool = True):
+    """Run a command from the venv's bin (moss-train by default) in a clean subprocess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = (launcher or [str(BIN / "moss-train")]) + args
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def train_losses(output_dir: Path) -> dict[int, dict]:
+    """Per-step training records (those with a training loss), by step."""
+    return {r["step"]: r for r in read_metrics(output_dir) if "loss" in r}
