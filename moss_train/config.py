@@ -55,7 +55,7 @@ class TrainerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: str = "auto"  # one of PRECISIONS
+    precision: str = "auto"  # one of PRECISIONS; auto: bf16 on GPU, bf16-autocast on AMX CPUs, else fp32
     eval_every: int = 0  # 0: evaluate only at the end
     # Held-out samples per evaluation: the first N of the eval set, rounded down to a multiple of
     # micro_batch_size x ranks so any number of ranks evaluates the same samples.
@@ -63,6 +63,9 @@ class TrainerConfig:
     log_every: int = 1
     resume: str = "auto"  # "auto", "never", or a checkpoint directory
     threads: int = 0  # torch intra-op threads per process on CPU; 0 = cores / local ranks
+    # CPU only: keep freed memory in the process instead of unmapping and re-faulting it every
+    # step (see engine/setup.py: tune_cpu).
+    keep_freed_memory: bool = True
 
 
 @dataclass

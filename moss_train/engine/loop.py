@@ -44,7 +44,7 @@ class Trainer:
         self.cfg = cfg
         self.stage = stage
         self.dist = dist_info or init_distributed()
-        setup.set_threads(cfg, self.dist)
+        setup.tune_cpu(cfg, self.dist)
         self.output_dir = Path(cfg.run.output_dir)
         self.precision = setup.resolve_precision(cfg.trainer.precision, self.dist.device)
         self.ds_config = setup.deepspeed_config(cfg, self.precision, self.dist.world_size)
@@ -65,6 +65,7 @@ class Trainer:
             world_size=self.dist.world_size,
             rank=self.dist.rank,
             seed=cfg.trainer.seed,
+            shuffle=self.data.shuffle,
         )
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist)
         self.step = 0

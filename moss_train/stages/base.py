@@ -40,6 +40,9 @@ class StageData:
     count_targets: Callable[[dict], int]
     # Tokens the model computes per sample (for tokens/s and MFU).
     tokens_per_sample: int
+    # False when the dataset's own index order is already the training order (e.g. a blend
+    # whose interleaving keeps source proportions exact); True: a seeded permutation per epoch.
+    shuffle: bool = True
 
 
 class Stage(Protocol):
