@@ -99,6 +99,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (small picklable values), in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj

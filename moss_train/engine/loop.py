@@ -23,10 +23,10 @@ from moss_train.config import MossTrainConfig
 from moss_train.data.sampler import GlobalBatchPlan
 from moss_train.engine import setup
 from moss_train.engine.checkpoint import CheckpointManager
-from moss_train.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from moss_train.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
 from moss_train.model.config import flops_per_token
-from moss_train.stages.base import Stage, StageData
+from moss_train.stages.base import LossTerms, Stage, StageData
 
 
 def seed_everything(seed: int) -> None:
@@ -37,6 +37,31 @@ def seed_everything(seed: int) -> None:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class MetricSums:
+    """Named (sum, count) pairs over micro-batches, reduced over ranks into means."""
+
+    def __init__(self):
+        self.totals: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, terms: LossTerms) -> None:
+        self._add("loss", terms.loss_sum, terms.num_targets)
+        for name, value in terms.sums.items():
+            self._add(name, value, terms.counts.get(name, terms.num_targets))
+
+    def _add(self, name: str, value: torch.Tensor, count: torch.Tensor) -> None:
+        pair = torch.stack([value.detach().double(), torch.as_tensor(count, device=value.device).double()])
+        self.totals[name] = self.totals[name] + pair if name in self.totals else pair
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        """Means over all ranks. Ranks may report different names (a source or category absent
+        from one rank's batch); the union is reduced, missing ones counting as zero."""
+        names = sorted(set().union(*all_gather_objects(sorted(self.totals))))
+        zero = torch.zeros(2, dtype=torch.float64, device=device)
+        stacked = torch.stack([self.totals.get(n, zero).to(device) for n in names]) if names else zero[:0]
+        reduced = all_reduce_sum(stacked, device)
+        return {n: (s / c).item() if c > 0 else math.nan for n, (s, c) in zip(names, reduced)}
 
 
 class Trainer:
@@ -120,20 +145,17 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: the global batch has no target tokens")
         lr = self.scheduler.get_last_lr()[0]
         loss_scale = self.dist.world_size / global_targets
-        sums: dict[str, torch.Tensor] = {}
+        sums = MetricSums()
         for batch in batches:
             with setup.autocast_context(self.precision, self.dist.device):
                 terms = self.stage.loss(self.engine, batch)
             self.engine.backward(terms.loss_sum * loss_scale, scale_wrt_gas=False)
             self.engine.step()
-            for name, value in {"loss": terms.loss_sum, **terms.sums}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().double()
-        names = sorted(sums)
-        totals = all_reduce_sum(torch.stack([sums[n] for n in names]), self.dist.device)
+            sums.add(terms)
+        metrics = sums.reduce(self.dist.device)
         self.step += 1
         self.samples_consumed += self.cfg.trainer.global_batch_size
         self.tokens_seen += self.cfg.trainer.global_batch_size * self.data.tokens_per_sample
-        metrics = {name: (totals[i] / global_targets).item() for i, name in enumerate(names)}
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else math.nan)
         return metrics
@@ -149,20 +171,14 @@ class Trainer:
         if passes == 0:
             return {}
         self.engine.eval()
-        sums: dict[str, torch.Tensor] = {}
-        count = torch.zeros((), dtype=torch.float64)
+        sums = MetricSums()
         for p in range(passes):
             start = (p * world + self.dist.rank) * micro
             batch = _to_device(self.data.collate([dataset[i] for i in range(start, start + micro)]), self.dist.device)
             with setup.autocast_context(self.precision, self.dist.device):
-                terms = self.stage.loss(self.engine, batch)
-            count += terms.num_targets.detach().double().cpu()
-            for name, value in {"loss": terms.loss_sum, **terms.sums}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().double().cpu()
+                sums.add(self.stage.loss(self.engine, batch))
         self.engine.train()
-        names = sorted(sums)
-        totals = all_reduce_sum(torch.stack([count] + [sums[n] for n in names]), self.dist.device)
-        result = {f"eval_{n}": (totals[i + 1] / totals[0]).item() for i, n in enumerate(names)}
+        result = {f"eval_{name}": value for name, value in sums.reduce(self.dist.device).items()}
         result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
         return result
 

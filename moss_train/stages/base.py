@@ -26,8 +26,11 @@ class LossTerms:
 
     loss_sum: torch.Tensor
     num_targets: torch.Tensor
-    # Extra sums to report as means over the same targets (e.g. correct predictions).
+    # Extra sums to report as means (e.g. correct predictions -> accuracy). Each is divided by
+    # its entry in `counts` (e.g. a per-source loss over that source's tokens), else by
+    # num_targets; all summed over micro-batches and ranks first.
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
