@@ -1,13 +1,19 @@
 """``moss-data``: offline data preparation commands.
 
     moss-data demo-corpus --out DIR [--en-mb 4 --zh-mb 4 --code-mb 6]
-    moss-data train-tokenizer --corpus DIR --out DIR --vocab-size 8000 [--weights en=360,zh=100,code=220]
-    moss-data tokenize --input FILES... --tokenizer DIR --out PREFIX [--workers 2]
+    moss-data train-tokenizer (--corpus DIR | --input en=SPEC --input zh=SPEC ...) --out DIR
+                              [--vocab-size 8000] [--weights en=360,zh=100,code=220] [--text-field F]
+    moss-data tokenize --input SPEC... --tokenizer DIR --out DIR --source NAME [--lang en|zh|code|any]
+                       [--workers 2] [--num-shards N --shard-index I] [--text-field text] ...
+    moss-data merge-manifests DIR_OR_MANIFEST... [--out DIR/manifest.json]
     moss-data prepare-pretrain-demo --out DIR [--vocab-size 8000 ...]
 
+An input SPEC is a jsonl / json / parquet / txt file (optionally .gz/.bz2/.xz/.zst), a folder of
+them, a glob, a ``Dataset.save_to_disk`` folder, or ``hf:NAME_OR_PATH`` (``datasets``, offline).
+
 ``prepare-pretrain-demo`` runs the three steps into ``DIR/corpus/``, ``DIR/tokenizer/`` and
-``DIR/shards/{source}.{train,valid}``, skipping any step whose outputs are already complete and
-consistent with the requested settings and with the step before it.
+``DIR/shards/{source}.{train,valid}/`` (token datasets), skipping any step whose outputs are
+already complete and consistent with the requested settings and with the step before it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -84,7 +91,7 @@ def step_tokenizer(
 ):
     from data_pipelines.offline_corpus import MANIFEST_FILE
     from data_pipelines.train_tokenizer import corpus_sources, train_tokenizer
-    from moss_train.tokenizer import META_FILE, MossTokenizer, tokenizer_is_complete
+    from moss_train.tokenizer import HF_TOKENIZER_FILE, META_FILE, MossTokenizer, tokenizer_is_complete
 
     sources = corpus_sources(corpus, "train")
     if not sources:
@@ -118,6 +125,8 @@ def step_tokenizer(
             and (meta.get("provenance") or {}).get("corpus_manifest_sha256") == provenance["corpus_manifest_sha256"]
         ):
             tok = MossTokenizer.load(out)
+            if not (out / HF_TOKENIZER_FILE).is_file():  # made before the HF files existed
+                tok.save_pretrained(out)
             log.info("tokenizer: %s is complete (hash %s), skipping", out, tok.hash[:12])
             return tok
         log.info("tokenizer: %s was trained with other settings or another corpus, retraining", out)
@@ -131,41 +140,26 @@ def step_tokenizer(
     return tok
 
 
-def shard_up_to_date(prefix: Path, inputs: Sequence[Path], tokenizer_hash: str) -> bool:
-    """The shard at `prefix` is complete, from `tokenizer_hash`, and from these exact inputs."""
-    from moss_train.data.shards import ShardError, TokenShard
+def tokenize_settings(args, source: str):
+    from data_pipelines.clean import LANG_DEFAULTS, CleaningConfig
+    from data_pipelines.tokenize_corpus import TokenizeSettings
 
-    try:
-        shard = TokenShard(prefix)
-    except (ShardError, OSError, KeyError):
-        return False
-    recorded = shard.manifest.get("provenance", {}).get("inputs", [])
-    if shard.tokenizer_hash != tokenizer_hash or len(recorded) != len(inputs):
-        return False
-    for rec, path in zip(recorded, inputs):
-        if Path(rec.get("path", "")).resolve() != path.resolve() or not path.is_file():
-            return False
-        if rec.get("bytes") != path.stat().st_size or rec.get("sha256") != _sha256(path):
-            return False
-    return True
-
-
-def step_tokenize(inputs: Sequence[Path], tokenizer_dir: Path, prefix: Path, workers: int, force: bool, **kw) -> dict:
-    from data_pipelines.tokenize_corpus import tokenize_jsonl
-    from moss_train.data.shards import TokenShard
-    from moss_train.tokenizer import MossTokenizer
-
-    tok_hash = MossTokenizer.load(tokenizer_dir).hash
-    if not force and shard_up_to_date(prefix, inputs, tok_hash):
-        m = TokenShard(prefix).manifest
-        log.info("tokenize: %s is complete (%d docs, %d tokens), skipping", prefix, m["n_docs"], m["n_tokens"])
-        p = m.get("provenance", {})
-        return {
-            "out_prefix": str(prefix), "source": m["source"], "records_in": p.get("records_in"),
-            "docs_written": m["n_docs"], "rejected": sum(p.get("rejected", {}).values()),
-            "n_tokens": m["n_tokens"], "seconds": 0.0, "skipped": True,
-        }
-    return tokenize_jsonl(list(inputs), tokenizer_dir, prefix, num_workers=workers, progress=True, **kw)
+    lang = getattr(args, "lang", None) or (source if source in LANG_DEFAULTS else "any")
+    cleaning = CleaningConfig.for_lang(
+        lang,
+        normalize=getattr(args, "normalize", None),
+        min_chars=getattr(args, "min_chars", None),
+        max_chars=getattr(args, "max_chars", None),
+        dedup=False if getattr(args, "no_dedup", False) else None,
+    )
+    return TokenizeSettings(
+        source=source,
+        text_field=getattr(args, "text_field", "text"),
+        txt_unit=getattr(args, "txt_unit", "line"),
+        append_eos=not getattr(args, "no_eos", False),
+        max_record_bytes=int(getattr(args, "max_record_mb", 64) * MB),
+        cleaning=cleaning,
+    )
 
 
 # ================================================================== commands
@@ -175,19 +169,58 @@ def cmd_demo_corpus(args) -> int:
 
 
 def cmd_train_tokenizer(args) -> int:
-    step_tokenizer(
-        Path(args.corpus), Path(args.out), args.vocab_size, _weights(args.weights), int(args.sample_mb * MB),
-        args.seed, args.character_coverage, force=True,
+    if args.corpus:
+        step_tokenizer(
+            Path(args.corpus), Path(args.out), args.vocab_size, _weights(args.weights), int(args.sample_mb * MB),
+            args.seed, args.character_coverage, force=True,
+        )
+        return 0
+    from data_pipelines.train_tokenizer import train_tokenizer
+
+    sources = _named_lists(args.input, "--input")
+    weights = _weights(args.weights)
+    unknown = sorted(set(weights) - set(sources))
+    if unknown:
+        raise SystemExit(f"moss-data: --weights names {unknown}, but no --input NAME=... gives them (inputs: {sorted(sources)})")
+    fields = args.text_field if "=" not in args.text_field else {k: v[0] for k, v in _named_lists(args.text_field.split(","), "--text-field").items()}
+    tok = train_tokenizer(
+        sources, weights, args.vocab_size, args.out, sample_bytes=int(args.sample_mb * MB), seed=args.seed,
+        text_field=fields, character_coverage=args.character_coverage,
     )
+    log.info("tokenizer: wrote %s (vocab %d, hash %s)", args.out, tok.vocab_size, tok.hash[:12])
     return 0
 
 
+def _named_lists(items: Sequence[str], flag: str) -> dict[str, list[str]]:
+    """``["en=a.jsonl,b/", "zh=c"]`` -> ``{"en": ["a.jsonl", "b/"], "zh": ["c"]}``."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name or not values:
+            raise SystemExit(f"moss-data: {flag} {item!r}: expected NAME=VALUE[,VALUE...]")
+        out.setdefault(name.strip(), []).extend(v for v in values.split(",") if v)
+    return out
+
+
 def cmd_tokenize(args) -> int:
-    summary = step_tokenize(
-        [Path(p) for p in args.input], Path(args.tokenizer), Path(args.out), args.workers, force=True,
-        text_field=args.text_field, append_eos=not args.no_eos, source=args.source,
+    from data_pipelines.tokenize_corpus import tokenize_corpus
+
+    source = args.source or Path(args.out).name.split(".")[0]
+    summary = tokenize_corpus(
+        args.input, args.tokenizer, args.out, tokenize_settings(args, source), workers=args.workers,
+        num_shards=args.num_shards, shard_index=args.shard_index, part_bytes=int(args.part_mb * MB),
+        hf_split=args.hf_split, hf_config=args.hf_config, progress=not args.quiet,
     )
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1, ensure_ascii=False))
+    return 0
+
+
+def cmd_merge_manifests(args) -> int:
+    from data_pipelines.tokenize_corpus import merge_manifests
+
+    merged = merge_manifests(args.paths, args.out)
+    print(json.dumps({"parts": len(merged["parts"]), **merged["totals"],
+                      "cross_shard_duplicates": merged["cross_shard_duplicates"]}, indent=1))
     return 0
 
 
@@ -209,12 +242,22 @@ def cmd_prepare_pretrain_demo(args) -> int:
     times["tokenizer"] = time.time() - t0
 
     t0 = time.time()
+    from data_pipelines.tokenize_corpus import tokenize_corpus
+
     summaries = []
     for name, entry in manifest["sources"].items():
         for split, info in entry["splits"].items():
-            summaries.append(
-                step_tokenize([corpus_dir / info["path"]], tok_dir, shard_dir / f"{name}.{split}", args.workers, args.force, source=name)
+            out_dir = shard_dir / f"{name}.{split}"
+            for ext in ("bin", "idx", "json", "rejects.jsonl"):  # the single-shard layout before token datasets
+                Path(f"{out_dir}.{ext}").unlink(missing_ok=True)
+            if args.force:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            summary = tokenize_corpus(
+                [str(corpus_dir / info["path"])], tok_dir, out_dir, tokenize_settings(args, name), workers=args.workers,
             )
+            if summary["parts_skipped"] == summary["parts"]:
+                log.info("tokenize: %s is complete (%d docs, %d tokens), skipping", out_dir, summary["docs"], summary["tokens"])
+            summaries.append(summary)
     times["tokenize"] = time.time() - t0
 
     total = time.time() - t_start
@@ -226,7 +269,8 @@ def cmd_prepare_pretrain_demo(args) -> int:
         f"  {'shard':<28}{'docs':>10}{'tokens':>12}{'rejected':>10}",
     ]
     for s in summaries:
-        lines.append(f"  {Path(s['out_prefix']).relative_to(out).as_posix():<28}{s['docs_written']:>10}{s['n_tokens']:>12}{s['rejected']:>10}")
+        name = Path(s["out"]).relative_to(out).as_posix()
+        lines.append(f"  {name:<28}{s['docs']:>10}{s['tokens']:>12}{sum(s['rejected'].values()):>10}")
     for name, why in manifest.get("unavailable", {}).items():
         lines.append(f"  note: source {name!r} skipped: {why}")
     print("\n".join(lines))
@@ -268,22 +312,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_corpus)
 
-    p = sub.add_parser("train-tokenizer", help="train the sentencepiece tokenizer on a corpus directory")
-    p.add_argument("--corpus", required=True, help="directory with {source}.train.jsonl files")
+    p = sub.add_parser("train-tokenizer", help="train the sentencepiece tokenizer on a weighted mix of sources")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--corpus", help="directory with {source}.train.jsonl files")
+    group.add_argument("--input", action="append", metavar="NAME=SPEC[,SPEC]", help="a source's inputs (repeat per source)")
+    p.add_argument("--text-field", default="text", help="text field, or NAME=FIELD,... per source (default text)")
     p.add_argument("--out", required=True, help="output tokenizer directory")
     _add_tokenizer_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_tokenizer)
 
-    p = sub.add_parser("tokenize", help="tokenize jsonl files into one token shard")
-    p.add_argument("--input", required=True, nargs="+", help="jsonl files, read in the order given")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    p.add_argument("--out", required=True, help="shard prefix (writes PREFIX.bin/.idx/.json/.rejects.jsonl)")
+    p = sub.add_parser("tokenize", help="clean and tokenize one source's inputs into a token dataset folder")
+    p.add_argument("--input", required=True, nargs="+", metavar="SPEC", help="files, folders, globs, hf:NAME_OR_PATH")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (MOSS, or any HF tokenizer)")
+    p.add_argument("--out", required=True, help="output folder (part-*.bin/.idx/.json, rejects, manifest.json)")
+    p.add_argument("--source", default=None, help="source name (default: the output folder's name up to its first dot)")
+    p.add_argument("--lang", choices=["en", "zh", "code", "any"], default=None, help="cleaning rules (default: the source name if it is one)")
+    p.add_argument("--text-field", default="text", help="the text field; a.b for nested fields (default text)")
+    p.add_argument("--txt-unit", choices=["line", "paragraph", "document"], default="line", help=".txt record unit")
     p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--source", default=None, help="source name (default: first file name up to its first dot)")
+    p.add_argument("--num-shards", type=int, default=1, help="split the parts over this many nodes")
+    p.add_argument("--shard-index", type=int, default=0, help="this node's index in [0, num-shards)")
+    p.add_argument("--part-mb", type=float, default=256.0, help="input MiB per part (default 256)")
+    p.add_argument("--max-record-mb", type=float, default=64.0, help="larger raw records are rejected (default 64)")
+    p.add_argument("--min-chars", type=int, default=None, help="override the language's minimum length")
+    p.add_argument("--max-chars", type=int, default=None, help="override the language's maximum length")
+    p.add_argument("--normalize", choices=["NFC", "NFKC", "none"], default=None, help="Unicode normalisation (default NFC)")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
     p.add_argument("--no-eos", action="store_true", help="do not append </s> after each document")
+    p.add_argument("--hf-split", default="train", help="split of HF dataset inputs (default train)")
+    p.add_argument("--hf-config", default=None, help="config name of HF dataset inputs")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("merge-manifests", help="join the per-node manifests of a --num-shards tokenize run")
+    p.add_argument("paths", nargs="+", help="token dataset folders or manifest.shard-*.json files")
+    p.add_argument("--out", default=None, help="merged manifest path (default: FIRST_DIR/manifest.json)")
+    p.set_defaults(func=cmd_merge_manifests)
 
     p = sub.add_parser("prepare-pretrain-demo", help="demo corpus + tokenizer + shards in one go (idempotent)")
     p.add_argument("--out", required=True, help="output directory (corpus/, tokenizer/, shards/)")
@@ -293,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo every step even if its outputs are complete")
     p.set_defaults(func=cmd_prepare_pretrain_demo)
+
+    from data_pipelines.sft import add_parser as add_sft_parser  # moss-data sft (dialogues -> SFT shards)
+
+    add_sft_parser(sub)
     return parser
 
 
@@ -303,13 +371,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="[moss-data] %(message)s",
         stream=sys.stderr,
     )
+    from data_pipelines.ingest import InputError
     from data_pipelines.offline_corpus import SourceUnavailable
     from moss_train.data.shards import ShardError
     from moss_train.tokenizer import TokenizerError
 
     try:
         return args.func(args)
-    except (TokenizerError, ShardError, SourceUnavailable, FileNotFoundError, ValueError) as e:
+    except (TokenizerError, ShardError, SourceUnavailable, InputError, FileNotFoundError, ValueError) as e:
         print(f"moss-data {args.command}: error: {e}", file=sys.stderr)
         return 2
 

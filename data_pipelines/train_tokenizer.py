@@ -31,6 +31,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data_pipelines.ingest import expand_inputs, iter_texts
 from moss_train.tokenizer import (
     BOS,
     BOS_ID,
@@ -39,6 +40,9 @@ from moss_train.tokenizer import (
     META_FILE,
     META_FORMAT,
     META_VERSION,
+    HF_CONFIG_FILE,
+    HF_SPECIAL_TOKENS_FILE,
+    HF_TOKENIZER_FILE,
     MODEL_FILE,
     MOSS_SPECIAL_TOKENS,
     NEWLINE,
@@ -61,21 +65,6 @@ TRAIN_CHUNK_CHARS = 4096
 MAX_SENTENCE_BYTES = 1 << 16
 DEFAULT_WEIGHTS = {"en": 360.0, "zh": 100.0, "code": 220.0}  # DESIGN.md blend
 DEFAULT_SAMPLE_BYTES = 6 * 1024 * 1024
-
-
-def _iter_jsonl_texts(paths: Sequence[str | os.PathLike], text_field: str) -> Iterator[str]:
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the tokenize step counts rejects; training only samples
-                text = rec.get(text_field) if isinstance(rec, dict) else None
-                if isinstance(text, str) and text:
-                    yield text
 
 
 def _chunk_document(text: str, max_chars: int = TRAIN_CHUNK_CHARS) -> Iterator[str]:
@@ -106,14 +95,17 @@ def sample_documents(
     weights: Mapping[str, float],
     sample_bytes: int,
     seed: int = 0,
-    text_field: str = "text",
+    text_field: str | Mapping[str, str] = "text",
 ) -> tuple[list[str], dict]:
     """Draw documents from each source so that bytes follow `weights`; deterministic from seed.
 
+    `sources` maps a name to input specs (files, folders, globs, ``hf:`` datasets; any format
+    :mod:`data_pipelines.ingest` reads); `text_field` is one field name or one per source.
     Each source gets ``sample_bytes * w / sum(w)`` bytes (UTF-8). Documents are kept with a
-    probability estimated from the files' sizes, in file order, until the source's share is
-    filled (memory holds only the sample). A source smaller than its share is taken whole and
-    reported as exhausted. Returns (documents, stats).
+    probability estimated from the inputs' sizes (on disk: compressed inputs are sampled more
+    densely from their start), in input order, until the source's share is filled (memory
+    holds only the sample). A source smaller than its share is taken whole and reported as
+    exhausted. Returns (documents, stats).
     """
     unknown = sorted(set(weights) - set(sources))
     if unknown:
@@ -127,14 +119,12 @@ def sample_documents(
     for name in sorted(active):
         target = int(sample_bytes * active[name] / total_w)
         paths = [str(p) for p in sources[name]]
-        for p in paths:
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"tokenizer source {name!r}: {p} not found")
-        file_bytes = sum(Path(p).stat().st_size for p in paths)
+        field = text_field if isinstance(text_field, str) else text_field.get(name, "text")
+        file_bytes = sum(u.size for u in expand_inputs(paths).units)  # raises InputError naming a bad spec
         keep_p = 1.0 if file_bytes <= target else min(1.0, 1.15 * target / max(file_bytes, 1))
         rng = random.Random(f"{seed}:{name}")
         got = n = 0
-        for text in _iter_jsonl_texts(paths, text_field):
+        for text in iter_texts(paths, field):
             if got >= target:
                 break
             if keep_p < 1.0 and rng.random() >= keep_p:
@@ -218,7 +208,7 @@ def train_tokenizer(
     out_dir: str | os.PathLike,
     sample_bytes: int = DEFAULT_SAMPLE_BYTES,
     seed: int = 0,
-    text_field: str = "text",
+    text_field: str | Mapping[str, str] = "text",
     character_coverage: float = 0.9995,
     num_threads: int | None = None,
     extra_meta: Mapping | None = None,
@@ -228,10 +218,12 @@ def train_tokenizer(
     Deterministic: the same sources, weights, settings and seed give a byte-identical
     ``tokenizer.model`` (hence the same tokenizer hash) on any machine and thread count.
 
-    `sources` maps a source name to its jsonl files (``{"text": ...}`` per line), `weights` maps
-    source names to relative byte shares of the training sample. Writes ``out_dir/tokenizer.model``,
-    ``tokenizer.vocab`` and ``tokenizer_meta.json`` (the meta last, atomically; an existing
-    tokenizer in `out_dir` is replaced) and returns the loaded tokenizer.
+    `sources` maps a source name to its input specs (see :func:`sample_documents`), `weights`
+    maps source names to relative byte shares of the training sample. Writes
+    ``out_dir/tokenizer.model``, ``tokenizer.vocab``, the Hugging Face files (``tokenizer.json``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``: ``AutoTokenizer`` loads the directory)
+    and ``tokenizer_meta.json`` (the meta last, atomically; an existing tokenizer in `out_dir` is
+    replaced) and returns the loaded tokenizer.
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -332,11 +324,12 @@ def train_tokenizer(
         }
         if extra_meta:
             meta["provenance"] = dict(extra_meta)
+        tok.save_pretrained(tmp)  # tokenizer.json & co. next to the model (tok.model_path is in tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         # Install: remove the old meta first (a model without meta is visibly incomplete), then
-        # model and vocab, then the meta that vouches for them.
+        # model, vocab and HF files, then the meta that vouches for them.
         (out_dir / META_FILE).unlink(missing_ok=True)
-        for name in (MODEL_FILE, VOCAB_FILE, META_FILE):
+        for name in (MODEL_FILE, VOCAB_FILE, HF_TOKENIZER_FILE, HF_CONFIG_FILE, HF_SPECIAL_TOKENS_FILE, META_FILE):
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(arg)
 
     from moss_train.config import compose, to_object, validate
+    from moss_train.engine.checkpoint import CheckpointError
     from moss_train.errors import ConfigError
 
     try:
@@ -58,15 +59,89 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(composed))
             return 0
+        from moss_train.engine.distributed import init_distributed
         from moss_train.engine.loop import train
         from moss_train.stages import get_stage
 
         stage = get_stage(cfg.stage.name)
-        train(cfg, stage)
+        init_distributed(timeout_s=cfg.cluster.collective_timeout_s)
+        stop_on_sigterm()
+        train(cfg, with_test_failure(stage))
     except ConfigError as error:
         print(f"moss-train: recipe error: {error}", file=sys.stderr)
         return 2
+    except CheckpointError as error:  # corrupt checkpoint, no disk space: the message says which
+        print(f"moss-train: checkpoint error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # anything else that fails this rank must end the whole job
+        return rank_failed(error)
     return 0
+
+
+class Terminated(Exception):
+    """The launcher or the scheduler stopped this rank (SIGTERM)."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into an exception, so a rank that the launcher stops (because another rank
+    failed, or the scheduler preempts the job) still leaves through rank_failed: the reason in
+    the log, and its wandb run flushed instead of cut off."""
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated("stopped by SIGTERM (the launcher ends the job when another rank fails, or the scheduler does)")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def rank_failed(error: Exception) -> int:
+    """Say which rank failed and why, then exit non-zero at once.
+
+    The launcher (torchrun, the deepspeed launcher, `srun --kill-on-bad-exit`) sees the status
+    and stops the other ranks, which would otherwise wait in a collective for this one. With
+    several ranks the exit skips interpreter shutdown (os._exit): tearing down the process group
+    or wandb can block on the peers this rank abandoned.
+    """
+    import signal
+    import traceback
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a launcher's SIGTERM must not cut this short
+    traceback.print_exc()
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    print(f"[moss-train] rank {rank} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:  # keep what was logged, and mark the run failed
+        try:
+            wandb.finish(exit_code=1)
+        except Exception as wandb_error:  # the exit below matters more than the run's last records
+            print(f"[moss-train] rank {rank}: wandb did not finish: {wandb_error}", file=sys.stderr, flush=True)
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+        os._exit(1)
+    return 1
+
+
+# Test hook (tests/test_scaleout.py): "R:S" makes rank R raise in its first micro-batch of
+# optimizer step S, to check that the whole job stops and that its next start resumes.
+FAIL_AT_STEP_ENV = "MOSS_TEST_FAIL_AT_STEP"
+
+
+def with_test_failure(stage):
+    spec = os.environ.get(FAIL_AT_STEP_ENV)
+    if not spec:
+        return stage
+    rank, step = (int(part) for part in spec.split(":"))
+    if int(os.environ.get("RANK", "0")) != rank:
+        return stage
+    loss = stage.loss
+
+    def failing_loss(model, batch):
+        if model.training and model.global_steps + 1 == step:  # global_steps: steps completed
+            raise RuntimeError(f"{FAIL_AT_STEP_ENV}={spec}: injected failure at step {step}")
+        return loss(model, batch)
+
+    stage.loss = failing_loss
+    return stage
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ process group or model exists and raises :class:`ConfigError` naming the key to 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -26,14 +28,34 @@ RESUME_MODES = ("auto", "never")
 @dataclass
 class StageConfig:
     name: str = "pretrain"
+    # Initial weights: a moss-train checkpoint (step, checkpoints or run directory), an HF
+    # CodeGen directory, or a MOSS release directory; its architecture replaces the recipe's
+    # model shapes (see moss_train/checkpoint/init.py). null: fresh initialisation.
+    init_from: Optional[str] = None
+    # Let transformers run code shipped with init_from (a MOSS release's tokenizer); off by default.
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSourceConfig:
+    """One source of a weighted pretraining blend (see moss_train/data/blend.py)."""
+
+    weight: float = 1.0  # share of the blend's tokens, relative to the other sources' weights
+    train_shards: List[str] = field(default_factory=list)
+    valid_shards: List[str] = field(default_factory=list)
 
 
 @dataclass
 class DataConfig:
     name: str = "custom"
-    # Shard prefixes or glob patterns (see moss_train/data/shards.py), relative to `root`.
+    # Shard prefixes, token dataset folders (moss-data tokenize --out) or glob patterns of
+    # either, relative to `root` (see moss_train/data/shards.py, data/token_datasets.py).
     train_shards: List[str] = field(default_factory=list)
     valid_shards: List[str] = field(default_factory=list)
+    # Pretraining blend: source name -> weight + shards, instead of train_shards (one stream).
+    sources: Dict[str, DataSourceConfig] = field(default_factory=dict)
+    on_exhausted: str = "repeat"  # a blend source out of samples: "repeat" (new epoch) or "stop"
+    packing: str = "stream"  # "stream": cut at seq_len windows; "documents": never cut a document
     root: str = "."
     tokenizer: str = MISSING
     seq_len: int = 256
@@ -100,6 +122,56 @@ class LoggingConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (stage=sft); see moss_train/data/sft.py."""
+
+    # default: loss on inner thoughts, commands and replies; moss_reference: the original MOSS
+    # recipe (everything but the meta instruction and the content of plugin results).
+    loss_mask: str = "default"
+    # packed: several conversations per data.seq_len sequence, attention kept per conversation;
+    # padded: one conversation per row, padded to the longest of its micro-batch.
+    packing: str = "packed"
+    # padded only: length_grouped (similar lengths per micro-batch) or random (the original recipe).
+    padded_order: str = "length_grouped"
+    # Conversations longer than data.seq_len: turns (keep the whole turns that fit, as the
+    # original recipe) or skip; one whose first turn does not fit is skipped either way.
+    truncation: str = "turns"
+    # Report loss and accuracy per category (loss_cat_<name>) where the data has categories.
+    per_category_metrics: bool = True
+
+
+SFT_LOSS_MASKS = ("default", "moss_reference")
+SFT_PACKING = ("packed", "padded")
+SFT_PADDED_ORDERS = ("length_grouped", "random")
+SFT_TRUNCATION = ("turns", "skip")
+
+
+@dataclass
+class ClusterConfig:
+    """The machines a run is planned for (moss-plan) and launched on (launch/); recipes/cluster/.
+
+    Only collective_timeout_s changes how training runs; the rest describes the hardware to the
+    planner (moss_train/plan.py): memory, peak FLOP/s and link rates per GPU.
+    """
+
+    name: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    gpu: str = ""  # the accelerator, in words
+    gpu_memory_gib: Optional[float] = None  # per GPU; null: unknown, the planner cannot say if it fits
+    peak_tflops: Optional[float] = None  # dense bf16 TFLOP/s per GPU
+    cpu_memory_gib: Optional[float] = None  # per node: where ZeRO offload keeps optimizer states
+    intra_node_gb_per_s: Optional[float] = None  # per GPU, one direction (NVLink)
+    inter_node_gb_per_s: Optional[float] = None  # per GPU, one direction (InfiniBand / RoCE NICs)
+    interconnect: str = ""  # notes for people: fabric, NICs, NCCL settings that matter
+    mfu: float = 0.4  # model FLOPs utilisation the planner assumes for step time and tokens/day
+    reserve_gib: float = 4.0  # per GPU: CUDA context, NCCL buffers, allocator fragmentation
+    # A collective that waits longer than this for another rank fails the job (e.g. a rank died
+    # without the launcher noticing), instead of hanging until the allocation runs out.
+    collective_timeout_s: int = 1800
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs/${run.name}"
@@ -115,6 +187,8 @@ class MossTrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def recipes_dir() -> Path:
@@ -185,6 +259,9 @@ def validate(cfg: DictConfig | MossTrainConfig, world_size: Optional[int] = None
     _validate_trainer(cfg.trainer, world_size)
     _validate_data(cfg.data, cfg.model)
     _validate_deepspeed(cfg.deepspeed)
+    _validate_stage(cfg.stage)
+    _validate_sft(cfg.sft)
+    _validate_cluster(cfg.cluster)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 saves only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1 checkpoint")
     _check_choice(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
@@ -230,7 +307,54 @@ def _validate_data(data: DataConfig, model: ModelConfig) -> None:
         "data.seq_len",
         f"{data.seq_len} is longer than the model's n_positions ({model.n_positions})",
     )
-    _check(len(data.train_shards) > 0, "data.train_shards", "no training shards configured")
+    _check(
+        len(data.train_shards) > 0 or len(data.sources) > 0,
+        "data.train_shards",
+        "no training shards configured (data.train_shards, or data.sources for a weighted blend)",
+    )
+    _check(
+        not (data.train_shards and data.sources),
+        "data.sources",
+        "set either data.train_shards (one stream) or data.sources (a weighted blend), not both",
+    )
+    for name, source in data.sources.items():
+        key = f"data.sources.{name}"
+        _check(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, key, "source names are letters, digits, _ and -")
+        _check(math.isfinite(source.weight) and source.weight > 0, f"{key}.weight", f"must be positive, got {source.weight}")
+        _check(len(source.train_shards) > 0, f"{key}.train_shards", "no training shards configured for this source")
+    _check_choice(data.on_exhausted, ("repeat", "stop"), "data.on_exhausted")
+    _check_choice(data.packing, ("stream", "documents"), "data.packing")
+
+
+def _validate_cluster(cluster: ClusterConfig) -> None:
+    _check(cluster.nodes >= 1, "cluster.nodes", f"must be >= 1, got {cluster.nodes}")
+    _check(cluster.gpus_per_node >= 1, "cluster.gpus_per_node", f"must be >= 1, got {cluster.gpus_per_node}")
+    for key in ("gpu_memory_gib", "peak_tflops", "cpu_memory_gib", "intra_node_gb_per_s", "inter_node_gb_per_s"):
+        value = getattr(cluster, key)
+        _check(value is None or value > 0, f"cluster.{key}", f"must be positive (or null: unknown), got {value}")
+    _check(0 < cluster.mfu <= 1, "cluster.mfu", f"must be in (0, 1], got {cluster.mfu}")
+    _check(cluster.reserve_gib >= 0, "cluster.reserve_gib", f"must be >= 0, got {cluster.reserve_gib}")
+    _check(cluster.collective_timeout_s > 0, "cluster.collective_timeout_s", "must be positive (seconds)")
+
+
+def _validate_sft(sft: SFTConfig) -> None:
+    _check_choice(sft.loss_mask, SFT_LOSS_MASKS, "sft.loss_mask")
+    _check_choice(sft.packing, SFT_PACKING, "sft.packing")
+    _check_choice(sft.padded_order, SFT_PADDED_ORDERS, "sft.padded_order")
+    _check_choice(sft.truncation, SFT_TRUNCATION, "sft.truncation")
+
+
+def _validate_stage(stage: StageConfig) -> None:
+    _check(
+        stage.init_from is None or Path(stage.init_from).exists(),
+        "stage.init_from",
+        f"no checkpoint or model directory at {stage.init_from}",
+    )
+    _check(
+        not stage.trust_remote_code or stage.init_from is not None,
+        "stage.trust_remote_code",
+        "applies to the tokenizer of stage.init_from, which is not set",
+    )
 
 
 def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
@@ -270,3 +394,8 @@ def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
             raise ConfigError(full_key, f"unknown key; {schema.__name__} has: {', '.join(field_types)}")
         if dataclasses.is_dataclass(field_types[key]) and isinstance(node[key], DictConfig):
             _reject_unknown_keys(node[key], field_types[key], f"{full_key}.")
+        elif typing.get_origin(field_types[key]) is dict and isinstance(node[key], DictConfig):
+            value_type = typing.get_args(field_types[key])[1]  # e.g. data.sources: name -> DataSourceConfig
+            if dataclasses.is_dataclass(value_type):
+                for name in node[key].keys():
+                    _reject_unknown_keys(node[key][name], value_type, f"{full_key}.{name}.")

@@ -16,6 +16,18 @@ spell spaces and therefore decodes as a space.
 after each document). The MOSS turn markers (``<|Human|>`` ... ``<eom>``) are user-defined
 pieces, so each one in a text encodes to exactly one id.
 
+Hugging Face: :meth:`MossTokenizer.save_pretrained` writes ``tokenizer.json``,
+``tokenizer_config.json`` and ``special_tokens_map.json`` next to the model, so that
+``AutoTokenizer.from_pretrained(dir)`` (no ``trust_remote_code``) loads the same tokenizer and
+gives the same ids: a BPE model with the same vocabulary, merges ranked by the merged piece's
+score (what sentencepiece's BPE encoder does), byte fallback, spaces spelled "▁", and the MOSS
+turn tokens and ``"\n"`` as added tokens. One difference is inherent to ``transformers``: it
+matches its special tokens (``<s> </s> <pad> <unk>``) in text, sentencepiece does not (a literal
+"</s>" in a document stays text here).
+
+Any existing HF tokenizer directory can be used instead: :func:`load_tokenizer` returns an
+:class:`HFTokenizer` for it, a wrapper with the same interface, so stages never care which.
+
 Training is offline work and lives in ``data_pipelines/train_tokenizer.py``; this module is
 what training and inference load at run time (it needs no torch).
 """
@@ -64,6 +76,9 @@ def sp_piece(token: str) -> str:
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
 META_FILE = "tokenizer_meta.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+HF_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 META_FORMAT = "moss-tokenizer"
 META_VERSION = 1
 
@@ -173,6 +188,218 @@ class MossTokenizer:
 
     def __repr__(self) -> str:
         return f"MossTokenizer(vocab_size={self.vocab_size}, hash={self.hash[:12]}, path={self.model_path})"
+
+    # --------------------------------------------------------------- HF export
+    def save_pretrained(self, directory: str | os.PathLike, extra_config: Mapping | None = None) -> Path:
+        """Write this tokenizer to `directory` for both loaders and return the directory.
+
+        ``MossTokenizer.load(directory)`` reads ``tokenizer.model`` (+ meta), and
+        ``transformers.AutoTokenizer.from_pretrained(directory)`` reads ``tokenizer.json`` +
+        ``tokenizer_config.json`` + ``special_tokens_map.json`` (no custom code). `extra_config`
+        entries (e.g. a ``chat_template``) are merged into ``tokenizer_config.json``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.model_path.resolve() != (directory / MODEL_FILE).resolve():
+            _write_atomic(directory / MODEL_FILE, self.model_path.read_bytes())
+            meta = dict(self.meta) if self.meta else {"format": META_FORMAT, "format_version": META_VERSION}
+            meta.update(hash=self.hash, vocab_size=self.vocab_size, special_ids=self.special_ids)
+            _write_atomic(directory / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
+        _write_atomic(directory / HF_TOKENIZER_FILE, hf_tokenizer_json(self.model_path.read_bytes()).encode())
+        specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+        config = {
+            # The generic fast tokenizer: everything it needs is in tokenizer.json.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **specials,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "moss_tokenizer_hash": self.hash,
+            **dict(extra_config or {}),
+        }
+        _write_atomic(directory / HF_CONFIG_FILE, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+        _write_atomic(directory / HF_SPECIAL_TOKENS_FILE, (json.dumps(specials, indent=2) + "\n").encode())
+        return directory
+
+
+# ============================================================ sentencepiece -> HF
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+_SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_BYTE = 1, 2, 3, 4, 6
+
+
+def hf_tokenizer_json(model_proto: bytes) -> str:
+    """``tokenizer.json`` text of a MOSS sentencepiece BPE model (same ids for the same text).
+
+    sentencepiece's BPE encoder repeatedly merges the adjacent pair whose concatenation is the
+    vocabulary piece with the highest score; a HF BPE model merges the pair with the lowest
+    merge rank. Listing every split ``(a, b)`` of every piece, ranked by the piece's score,
+    makes the two agree. User-defined pieces (turn tokens, ``"\n"``) become added tokens
+    matched before the model, as sentencepiece matches them first; a piece spelled with "▁"
+    (``<|Inner▁Thoughts|>``) is stored with its space so it matches the raw text.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    if proto.trainer_spec.model_type != 2:  # 2 = BPE
+        raise TokenizerError("only BPE sentencepiece models convert to tokenizer.json here")
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    ids = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    mergeable = {piece for piece, _, kind in pieces if kind in (_SPM_NORMAL, _SPM_BYTE)}
+    ranked = []
+    for i, (piece, score, kind) in enumerate(pieces):
+        if kind != _SPM_NORMAL or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-score, i, ids[left], left, right))
+    ranked.sort()
+    vocab = {}
+    for i, (piece, _, kind) in enumerate(pieces):
+        vocab[piece.replace(SPACE_PIECE, " ") if kind == _SPM_USER_DEFINED else piece] = i
+    model = models.BPE(
+        vocab=vocab, merges=[(a, b) for *_, a, b in ranked], unk_token=UNK, byte_fallback=True, fuse_unk=True
+    )
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Replace(" ", SPACE_PIECE)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE_PIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    added = []
+    for piece, _, kind in pieces:
+        if kind in (_SPM_CONTROL, _SPM_UNKNOWN):
+            added.append(AddedToken(piece, special=True, normalized=False))
+        elif kind == _SPM_USER_DEFINED:
+            added.append(AddedToken(piece.replace(SPACE_PIECE, " "), special=False, normalized=False))
+    tokenizer.add_special_tokens([t for t in added if t.special])
+    tokenizer.add_tokens([t for t in added if not t.special])
+    for token in added:  # every added token kept its vocabulary id
+        if tokenizer.token_to_id(token.content) != ids.get(sp_piece(token.content), ids.get(token.content)):
+            raise TokenizerError(f"tokenizer.json conversion moved the id of {token.content!r}")
+    return tokenizer.to_str(pretty=True)
+
+
+# ============================================================ any HF tokenizer
+HF_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+class HFTokenizer:
+    """An existing Hugging Face tokenizer directory behind MossTokenizer's interface.
+
+    Loaded with ``AutoTokenizer.from_pretrained(dir, trust_remote_code=False)``; encoding adds no
+    special tokens (like MossTokenizer). The *hash* is the sha256 of the files that define the
+    ids (``tokenizer.json``, or the vocabulary files of a slow tokenizer), so shards remember
+    which tokenizer made them. The MOSS turn tokens are optional here: ``special_ids`` lists
+    those the vocabulary has (a stage that needs them checks).
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.directory = Path(directory)
+        files = [self.directory / f for f in HF_VOCAB_FILES if (self.directory / f).is_file()]
+        if not files:
+            raise TokenizerError(f"{self.directory}: no tokenizer files ({', '.join(HF_VOCAB_FILES)})")
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(self.directory), trust_remote_code=False)
+        except Exception as e:  # transformers raises many kinds; one message that names the dir
+            raise TokenizerError(f"{self.directory}: AutoTokenizer cannot load it: {e}") from e
+        h = hashlib.sha256()
+        for f in files[:1] if files[0].name == HF_TOKENIZER_FILE else files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        self._hash = h.hexdigest()
+        if self.hf.eos_token_id is None:
+            raise TokenizerError(f"{self.directory}: the tokenizer has no eos token (documents end with it)")
+        vocab = self.hf.get_vocab()
+        names = [t for t in (self.hf.unk_token, self.hf.bos_token, self.hf.eos_token, self.hf.pad_token) if t]
+        self._special_ids = {t: vocab[t] for t in [*names, *MOSS_SPECIAL_TOKENS] if t in vocab}
+        self.meta: dict = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def hash(self) -> str:
+        return self._hash
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.hf.eos_token_id)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        """The pad token's id, else eos (padding positions never carry a label)."""
+        return int(self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id)
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.hf.unk_token_id
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return dict(self._special_ids)
+
+    def token_to_id(self, piece: str) -> int:
+        i = self.hf.get_vocab().get(piece)
+        if i is None:
+            raise KeyError(piece)
+        return i
+
+    def id_to_token(self, i: int) -> str:
+        return self.hf.convert_ids_to_tokens(int(i))
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Fast tokenizers encode a batch in Rust threads (TOKENIZERS_PARALLELISM decides)."""
+        return self.hf(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def tokens(self, text: str) -> list[str]:
+        return self.hf.tokenize(text)
+
+    def save_pretrained(self, directory: str | os.PathLike, extra_config: Mapping | None = None) -> Path:
+        """The HF tokenizer's own files, with `extra_config` merged into tokenizer_config.json."""
+        directory = Path(directory)
+        self.hf.save_pretrained(str(directory))
+        if extra_config:
+            config_path = directory / HF_CONFIG_FILE
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config.update(extra_config)
+            _write_atomic(config_path, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+        return directory
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size}, hash={self.hash[:12]}, path={self.directory})"
+
+
+def load_tokenizer(directory: str | os.PathLike) -> MossTokenizer | HFTokenizer:
+    """The tokenizer in `directory`: MossTokenizer when it holds a MOSS sentencepiece model
+    (``tokenizer.model`` + ``tokenizer_meta.json``), else any HF tokenizer (:class:`HFTokenizer`)."""
+    directory = Path(directory)
+    if (directory / MODEL_FILE).is_file() and (directory / META_FILE).is_file():
+        return MossTokenizer.load(directory)
+    if not directory.is_dir():
+        raise TokenizerError(f"{directory}: no tokenizer directory")
+    return HFTokenizer(directory)
 
 
 def tokenizer_is_complete(directory: str | os.PathLike) -> bool:

@@ -65,13 +65,22 @@ def train_overrides(data_dir: Path, output_dir: Path, **extra) -> list[str]:
     return [f"{key}={value}" for key, value in settings.items()]
 
 
-def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int = 300, check: bool = True):
-    """Run a command from the venv's bin (moss-train by default) in a clean subprocess."""
+def cli_env(**extra: str) -> dict:
+    """The environment of a clean subprocess (no launcher variables inherited), plus `extra`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    args: list[str], *, launcher: list[str] | None = None, timeout: int = 300, check: bool = True, env: dict | None = None
+):
+    """Run a command from the venv's bin (moss-train by default) in a clean subprocess;
+    `env`: extra environment variables."""
     command = (launcher or [str(BIN / "moss-train")]) + args
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -1,4 +1,4 @@
-"""Minimal text-to-training path: offline corpus -> tokenizer -> token shards -> packed samples."""
+"""The text-to-training path: offline corpus -> tokenizer -> token shards -> packed samples."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from data_pipelines.offline_corpus import (
     stdlib_python_files,
     write_demo_corpus,
 )
-from data_pipelines.tokenize_corpus import tokenize_jsonl
+from data_pipelines.clean import CleaningConfig
+from data_pipelines.tokenize_corpus import TokenizeSettings, tokenize_corpus
 from data_pipelines.train_tokenizer import corpus_sources, parse_weights, train_tokenizer
 from moss_train.data.packed import IGNORE_INDEX, PackedSequenceDataset, collate_packed
 from moss_train.data.shards import (
@@ -320,50 +321,6 @@ def test_open_shards_tokenizer_mismatch(tmp_path):
         open_shards([tmp_path / "a"], expect_tokenizer_hash="z" * 64)
 
 
-# -------------------------------------------------------------- tokenize
-def test_tokenize_accounting_and_determinism(tok, tok_dir, tmp_path):
-    good = ["def f():\n\treturn 1\n", "你好，世界。", "Plain English text.", "<|Human|>: hi<eoh>"]
-    lines = [
-        json.dumps({"text": good[0]}),
-        "{not json",
-        json.dumps({"text": good[1]}, ensure_ascii=False),
-        json.dumps(["a", "list"]),
-        json.dumps({"body": "no text field"}),
-        json.dumps({"text": 42}),
-        json.dumps({"text": ""}),
-        "",
-        json.dumps({"text": good[2], "extra": 1}),
-    ]
-    f1 = tmp_path / "a.jsonl"
-    f1.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    f2 = tmp_path / "b.jsonl"
-    f2.write_text(json.dumps({"text": good[3]}) + "\n", encoding="utf-8")
-
-    s1 = tokenize_jsonl([f1, f2], tok_dir, tmp_path / "out1/x", num_workers=2)
-    assert s1["records_in"] == 10
-    assert s1["docs_written"] == 4 and s1["rejected"] == 6
-    assert s1["records_in"] == s1["docs_written"] + s1["rejected"]
-    assert s1["rejected_by_reason"] == {
-        "blank_line": 1, "empty_text": 1, "invalid_json": 1, "missing_text_field": 1,
-        "not_an_object": 1, "text_not_a_string": 1,
-    }
-    rejects = [json.loads(line) for line in open(tmp_path / "out1/x.rejects.jsonl", encoding="utf-8")]
-    assert len(rejects) == 6 and {r["line"] for r in rejects} == {2, 4, 5, 6, 7, 8}
-    shard = TokenShard(tmp_path / "out1/x", verify=True)
-    assert shard.n_docs == 4 and shard.source == "a"
-    assert shard.tokenizer_hash == tok.hash
-    for i, text in enumerate(good):
-        doc = shard.document(i).tolist()
-        assert doc[-1] == tok.eos_id and tok.eos_id not in doc[:-1]
-        assert tok.decode(doc[:-1]) == text
-    assert shard.manifest["provenance"]["rejected"] == s1["rejected_by_reason"]
-
-    s2 = tokenize_jsonl([f1, f2], tok_dir, tmp_path / "out2/x", num_workers=1, batch_docs=1)
-    assert s2["n_tokens"] == s1["n_tokens"]
-    for ext in ("bin", "idx"):
-        assert (tmp_path / f"out1/x.{ext}").read_bytes() == (tmp_path / f"out2/x.{ext}").read_bytes()
-
-
 # ---------------------------------------------------------------- packed
 @pytest.fixture
 def packed_shards(tmp_path):
@@ -374,14 +331,14 @@ def packed_shards(tmp_path):
 
 
 def _sample(ds, i):
-    return {k: v.tolist() for k, v in ds[i].items()}
+    return {k: v.tolist() for k, v in ds[i].items() if k != "source_ids"}
 
 
 def test_packed_dataset_seq4(packed_shards):
     ds = PackedSequenceDataset(packed_shards, 4)
     assert len(ds) == (15 - 1) // 4 == 3
     x = ds[0]
-    assert set(x) == {"input_ids", "labels", "segment_ids", "position_ids"}
+    assert set(x) == {"input_ids", "labels", "segment_ids", "position_ids", "source_ids"}
     assert all(v.dtype == torch.int64 and v.shape == (4,) for v in x.values())
     assert _sample(ds, 0) == {
         "input_ids": [10, 11, 12, 13], "labels": [11, 12, 13, 14],
@@ -422,16 +379,17 @@ def test_packed_dataset_seq5_and_seq3(packed_shards):
 def test_packed_collate_and_dataloader(packed_shards):
     ds = PackedSequenceDataset(packed_shards, 4)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_packed)))
-    assert set(batch) == {"input_ids", "labels", "segment_ids", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "segment_ids", "position_ids", "source_ids"}
     assert batch["input_ids"].shape == (3, 4) and batch["labels"].dtype == torch.int64
     assert batch["input_ids"][1].tolist() == [14, 20, 21, 22]
 
 
 def test_packed_over_real_shards_matches_stream(tok, tok_dir, corpus, tmp_path):
-    summary = tokenize_jsonl(corpus / "code.valid.jsonl", tok_dir, tmp_path / "code.valid", num_workers=1)
-    shard = TokenShard(tmp_path / "code.valid")
+    settings = TokenizeSettings("code", cleaning=CleaningConfig.for_lang("code"))
+    summary = tokenize_corpus([str(corpus / "code.valid.jsonl")], tok_dir, tmp_path / "code.valid", settings, workers=1)
+    shard = TokenShard(tmp_path / "code.valid" / "part-00000")
     ds = PackedSequenceDataset([shard], 64)
-    assert len(ds) == (summary["n_tokens"] - 1) // 64 > 0
+    assert len(ds) == (summary["tokens"] - 1) // 64 > 0
     stream = np.asarray(shard.tokens, dtype=np.int64)
     for i in (0, len(ds) // 2, len(ds) - 1):
         x = ds[i]
@@ -457,7 +415,7 @@ def test_cli_prepare_pretrain_demo_idempotent(tmp_path, capsys, caplog):
     for src in sources:
         for split in ("train", "valid"):
             assert f"shards/{src}.{split}" in out
-        shard = TokenShard(tmp_path / "shards" / f"{src}.train", verify=True)
+        shard = TokenShard(tmp_path / "shards" / f"{src}.train" / "part-00000", verify=True)
         assert shard.n_tokens > 0 and shard.tokenizer_hash == tok.hash and shard.source == src
     mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "prepare_summary.json"}
     caplog.clear()
@@ -470,4 +428,4 @@ def test_cli_prepare_pretrain_demo_idempotent(tmp_path, capsys, caplog):
     assert moss_data([a if a != "1000" else "1100" for a in args]) == 0
     tok2 = MossTokenizer.load(tmp_path / "tokenizer")
     assert tok2.vocab_size == 1100 and tok2.hash != tok.hash
-    assert TokenShard(tmp_path / "shards" / "code.train").tokenizer_hash == tok2.hash
+    assert TokenShard(tmp_path / "shards" / "code.train" / "part-00000").tokenizer_hash == tok2.hash

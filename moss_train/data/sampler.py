@@ -3,7 +3,8 @@
 The whole sample order is a per-epoch permutation drawn from the seed, so the data position is
 just the number of samples consumed so far: resume needs no iterator state, and one process or
 many see the same global batch at every step (each rank takes its own contiguous slice of it,
-no overlap and no gaps).
+no overlap and no gaps). With ``shuffle=False`` the order is the dataset's own index order (a
+blend whose interleaving is already the training order, moss_train/data/blend.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class GlobalBatchPlan:
         """Dataset indices of the global batch that starts `position` samples into the order."""
         positions = np.arange(position, position + self.global_batch_size)
         epochs, offsets = np.divmod(positions, self.num_samples)
+        if not self.shuffle:  # the dataset's own order: no permutation to materialise
+            return offsets
         out = np.empty_like(positions)
         for epoch in np.unique(epochs):
             chosen = epochs == epoch

@@ -11,6 +11,13 @@ A shard is three files sharing a prefix:
                     tokenizer hash (sha256 of ``tokenizer.model``), the source name, sha256 of
                     ``.bin`` and ``.idx``, and free-form ``provenance`` (inputs, rejects, ...).
 
+Optionally a fourth file, for supervised fine-tuning:
+
+- ``{prefix}.mask`` one ``uint8`` per token (same length as ``.bin``): per-token flags, e.g. the
+                    SFT loss masks (bit meanings in moss_train/data/sft.py); present exactly when
+                    the manifest has a ``"mask"`` entry (dtype and sha256). Readers that do not
+                    ask for it never open it.
+
 The manifest is written last, after ``.bin`` and ``.idx`` are in place: a shard with a manifest
 is complete. Readers check sizes and offsets on open (cheap) and checksums on request.
 """
@@ -62,12 +69,64 @@ def shard_paths(prefix: str | os.PathLike) -> dict[str, Path]:
     return {ext: Path(f"{prefix}.{ext}") for ext in ("bin", "idx", "json")}
 
 
+MASK_EXT = "mask"
+MASK_DTYPE = np.dtype("u1")
+
+
+def mask_path(prefix: str | os.PathLike) -> Path:
+    """The optional per-token mask stream of the shard at `prefix`."""
+    return Path(f"{prefix}.{MASK_EXT}")
+
+
 def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class _MaskStream:
+    """The ``.mask`` file a ShardWriter is writing: uint8 per token, hashed as it goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.hash = hashlib.sha256()
+        self.file = None
+
+    @staticmethod
+    def encode(mask, n_tokens: int) -> bytes:
+        """A document's mask as bytes, checked against its token count (before anything is written)."""
+        arr = np.asarray(mask)
+        if arr.shape != (n_tokens,):
+            raise ValueError(f"a mask needs one value per token ({n_tokens}), got shape {arr.shape}")
+        if arr.size and (arr.dtype.kind not in "iub" or int(arr.min()) < 0 or int(arr.max()) > 255):
+            raise ValueError("mask values must be integers in [0, 255]")
+        return arr.astype(MASK_DTYPE).tobytes()
+
+    def write(self, data: bytes) -> None:
+        self._open().write(data)
+        self.hash.update(data)
+
+    def _open(self):
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.tmp, "wb")
+        return self.file
+
+    def finish(self) -> dict:
+        """Close the temp file; the manifest entry that vouches for it."""
+        self._open().close()
+        return {"dtype": MASK_DTYPE.name, "sha256": self.hash.hexdigest()}
+
+    def install(self) -> None:
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class ShardWriter:
@@ -89,6 +148,7 @@ class ShardWriter:
         source: str,
         provenance: Mapping[str, Any] | None = None,
         buffer_tokens: int = 1 << 20,
+        with_mask: bool = False,
     ):
         self.prefix = str(prefix)
         self.dtype_name, self.dtype = _np_dtype(dtype)
@@ -107,6 +167,8 @@ class ShardWriter:
         self._file = None
         self._closed = False
         self.manifest: dict | None = None
+        # with_mask: every document comes with one uint8 flag per token (the .mask stream).
+        self._mask = _MaskStream(mask_path(self.prefix)) if with_mask else None
 
     # --------------------------------------------------------------- lifecycle
     def __enter__(self) -> ShardWriter:
@@ -124,14 +186,18 @@ class ShardWriter:
             self.paths["bin"].parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self._tmp["bin"], "wb")
 
-    def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
-        """Append one document's token ids (an empty document is recorded as empty)."""
+    def add_document(self, ids: Sequence[int] | np.ndarray, mask: Sequence[int] | np.ndarray | None = None) -> None:
+        """Append one document's token ids (an empty document is recorded as empty), and its
+        per-token mask when the writer was made `with_mask` (then required, else refused)."""
         if self._closed:
             raise ShardError(f"{self.prefix}: writer already closed")
         self.open()
         arr = np.asarray(ids)
         if arr.ndim != 1:
             raise ValueError(f"a document must be a 1-D sequence of ids, got shape {arr.shape}")
+        if (mask is None) != (self._mask is None):
+            raise ValueError(f"{self.prefix}: a mask is {'required' if self._mask else 'not expected'} (with_mask={self._mask is not None})")
+        mask_bytes = self._mask.encode(mask, arr.size) if self._mask is not None else None
         if arr.size:
             if arr.dtype.kind not in "iu":
                 raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
@@ -143,6 +209,8 @@ class ShardWriter:
             self._buf_tokens += arr.size
             if self._buf_tokens >= self._buffer_tokens:
                 self._flush()
+        if mask_bytes is not None:
+            self._mask.write(mask_bytes)
         self._n_tokens += int(arr.size)
         self._offsets.append(self._n_tokens)
 
@@ -190,10 +258,14 @@ class ShardWriter:
                 "idx_sha256": _sha256_file(self._tmp["idx"]),
                 "provenance": self.provenance,
             }
+            if self._mask is not None:
+                manifest["mask"] = self._mask.finish()
             self._tmp["json"].write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
             self.paths["json"].unlink(missing_ok=True)
             os.replace(self._tmp["bin"], self.paths["bin"])
             os.replace(self._tmp["idx"], self.paths["idx"])
+            if self._mask is not None:
+                self._mask.install()
             os.replace(self._tmp["json"], self.paths["json"])
         except BaseException:
             self.abort()
@@ -208,6 +280,8 @@ class ShardWriter:
             self._file.close()
         for p in self._tmp.values():
             p.unlink(missing_ok=True)
+        if self._mask is not None:
+            self._mask.abort()
         self._closed = True
 
 
@@ -271,8 +345,29 @@ class TokenShard:
     def source(self) -> str:
         return self.manifest["source"]
 
+    @property
+    def has_mask(self) -> bool:
+        return "mask" in self.manifest
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The per-token uint8 mask stream (memory-mapped, opened on first use)."""
+        if not hasattr(self, "_mask"):
+            path = mask_path(self.prefix)
+            if not self.has_mask:
+                raise ShardError(f"{self.paths['json']}: shard {self.prefix!r} has no mask stream")
+            if not path.is_file() or path.stat().st_size != self.n_tokens * MASK_DTYPE.itemsize:
+                raise ShardError(f"{path}: mask file missing or not one byte per token ({self.n_tokens} tokens)")
+            self._mask = np.memmap(path, dtype=MASK_DTYPE, mode="r", shape=(self.n_tokens,)) if self.n_tokens else np.zeros(0, MASK_DTYPE)
+        return self._mask
+
+    def document_mask(self, i: int) -> np.ndarray:
+        """The mask values of document `i` (a view into the memory map)."""
+        i %= self.n_docs
+        return self.mask[self.doc_offsets[i] : self.doc_offsets[i + 1]]
+
     def verify(self) -> None:
-        """Recompute sha256 of ``.bin`` and ``.idx``; raise ShardChecksumError naming a bad file."""
+        """Recompute sha256 of ``.bin``, ``.idx`` (and ``.mask``); raise ShardChecksumError naming a bad file."""
         for ext in ("bin", "idx"):
             want = self.manifest.get(f"{ext}_sha256")
             got = _sha256_file(self.paths[ext])
@@ -281,6 +376,11 @@ class TokenShard:
                     f"{self.paths[ext]}: sha256 {got} does not match the manifest ({want}); "
                     "the file is corrupt or was changed after the shard was written"
                 )
+        if self.has_mask:
+            path, want = mask_path(self.prefix), self.manifest["mask"].get("sha256")
+            got = _sha256_file(path) if path.is_file() else "missing"
+            if got != want:
+                raise ShardChecksumError(f"{path}: sha256 {got} does not match the manifest ({want})")
 
     def document(self, i: int) -> np.ndarray:
         """Token ids of document `i` (a view into the memory map)."""

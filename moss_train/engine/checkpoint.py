@@ -4,16 +4,22 @@ Layout under the run's checkpoint directory::
 
     step_00000100/        one complete DeepSpeed checkpoint (ZeRO shards of every rank)
         rng_rank{R}.pt    each rank's RNG state
-        complete.json     written last: step, files and sizes; its presence marks completeness
+        complete.json     written last: step, each file's size and sha256, and the run's
+                          JSON-able client state (model config, stage) under "meta"; its
+                          presence marks completeness
     latest                text file naming the newest complete checkpoint (DeepSpeed's format)
 
-A save goes to `.tmp-step_N` first; only a complete, verified directory is renamed into place,
-and only then is `latest` replaced (atomically). A run killed mid-save therefore resumes from
-the previous complete checkpoint, and retention never removes the one `latest` names.
+A save first checks the free disk space (the size of the previous checkpoint, or an estimate
+from the parameter count, must fit), then goes to `.tmp-step_N`; only a complete, verified
+directory is renamed into place, and only then is `latest` replaced (atomically). A run killed
+mid-save therefore resumes from the previous complete checkpoint, and retention never removes
+the one `latest` names. Loading re-hashes every file and names the first one whose checksum
+differs. Hashing is shared out over the ranks (file i goes to rank i mod world size).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,11 +29,93 @@ from typing import Optional
 
 import torch
 
-from moss_train.engine.distributed import DistInfo, barrier
+from moss_train.engine.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 
 LATEST = "latest"
 COMPLETE = "complete.json"
 TMP_PREFIX = ".tmp-"
+# Bytes a ZeRO checkpoint takes per parameter when there is no previous one to measure: fp32
+# master weights (4) + Adam's two moments (8) + the module's own copy (up to 4).
+BYTES_PER_PARAM_ESTIMATE = 16
+FREE_SPACE_MARGIN = 1.1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read: corrupt file, missing file, no disk space."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_complete(directory: Path) -> dict:
+    """The parsed complete.json of a checkpoint directory (CheckpointError if absent)."""
+    marker = Path(directory) / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"{directory} is not a complete moss-train checkpoint (no {COMPLETE})")
+    return json.loads(marker.read_text())
+
+
+def _recorded(entry) -> tuple[int, Optional[str]]:
+    """(size, sha256) of a complete.json file entry; checkpoints written before checksums
+    existed recorded the size alone."""
+    return (entry, None) if isinstance(entry, int) else (entry["size"], entry.get("sha256"))
+
+
+def verify_checkpoint(directory: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Problems with this rank's share of the files complete.json lists (all files when
+    world_size is 1): missing, wrong size, or a sha256 that differs. Empty when intact."""
+    directory = Path(directory)
+    files = sorted(read_complete(directory)["files"].items())
+    problems = []
+    for name, entry in files[rank::world_size]:
+        size, digest = _recorded(entry)
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{path}: size {path.stat().st_size} bytes, recorded {size}")
+        elif digest is not None and sha256_file(path) != digest:
+            problems.append(f"{path}: sha256 differs from the one recorded at save time (corrupt file)")
+    return problems
+
+
+def verify_or_raise(directory: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Verify a checkpoint, the work shared over the ranks; every rank raises the same error."""
+    problems = [p for share in all_gather_objects(verify_checkpoint(directory, rank, world_size)) for p in share]
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: " + "; ".join(problems))
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(_recorded(entry)[0] for entry in read_complete(directory)["files"].values())
+
+
+def ensure_free_space(root: Path, needed: int, what: str) -> None:
+    """Raise CheckpointError when the file system holding `root` has less than `needed` bytes free."""
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointError(
+            f"not enough disk space to save {what} under {root}: {free / 2**30:.2f} GiB free, about "
+            f"{needed / 2**30:.2f} GiB needed; free space there, or lower checkpoint.keep_last "
+            "(older checkpoints are removed only after a new one is complete)"
+        )
+
+
+def _json_safe(state: dict) -> dict:
+    """The entries of a client state that JSON can hold (numbers, strings, model config)."""
+    safe = {}
+    for key, value in state.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        safe[key] = value
+    return safe
 
 
 def step_tag(step: int) -> str:
@@ -85,10 +173,11 @@ class CheckpointManager:
         return sorted(found, key=lambda p: p.name)
 
     def load(self, engine, path: Path) -> dict:
-        """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; return client state."""
+        """Verify checksums, then restore model, optimizer, scheduler (DeepSpeed) and this rank's
+        RNG; return the client state. A corrupt or missing file raises CheckpointError naming it."""
         path = Path(path)
-        if not (path / COMPLETE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete moss-train checkpoint (no {COMPLETE})")
+        read_complete(path)
+        verify_or_raise(path, self.dist.rank, self.dist.world_size)
         load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
@@ -104,34 +193,82 @@ class CheckpointManager:
         tmp_dir, final_dir = self.root / tmp_tag, self.root / tag
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
+        self._check_free_space(engine, tag)
+        if self.dist.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         barrier()
         engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
         torch.save(capture_rng(), tmp_dir / f"rng_rank{self.dist.rank}.pt")
         barrier()
+        checksums = self._hash_files(tmp_dir)
+        error = None
         if self.dist.is_main:
-            self._seal(tmp_dir, step)
-            shutil.rmtree(final_dir, ignore_errors=True)  # a rerun reaching the same step
-            os.replace(tmp_dir, final_dir)
-            _write_atomic(self.root / LATEST, tag)
-            self._apply_retention()
-        barrier()
+            try:
+                self._seal(tmp_dir, step, checksums, _json_safe(client_state))
+            except CheckpointError as exc:
+                error = str(exc)
+            else:
+                shutil.rmtree(final_dir, ignore_errors=True)  # a rerun reaching the same step
+                os.replace(tmp_dir, final_dir)
+                _write_atomic(self.root / LATEST, tag)
+                self._apply_retention()
+        error = broadcast_object(error)  # also the barrier that ends the save on every rank
+        if error:
+            raise CheckpointError(error)
         return final_dir
 
-    def _seal(self, directory: Path, step: int) -> None:
+    def _check_free_space(self, engine, tag: str) -> None:
+        """Rank 0 compares the free space with the last checkpoint's size (else an estimate from
+        the parameter count); every rank raises the same CheckpointError, before any write."""
+        error = None
+        if self.dist.is_main:
+            previous = self.complete_checkpoints()
+            if previous:
+                needed = checkpoint_bytes(previous[-1])
+            else:
+                numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+                needed = numel * BYTES_PER_PARAM_ESTIMATE
+            try:
+                ensure_free_space(self.root, int(needed * FREE_SPACE_MARGIN), f"checkpoint {tag}")
+            except CheckpointError as exc:
+                error = str(exc)
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+
+    def _hash_files(self, directory: Path) -> dict[str, str]:
+        """sha256 of every file in the directory, each rank hashing its share; all ranks call it."""
+        names = sorted(p.name for p in directory.iterdir() if p.is_file())
+        mine = {name: sha256_file(directory / name) for name in names[self.dist.rank :: self.dist.world_size]}
+        return {name: digest for share in all_gather_objects(mine) for name, digest in share.items()}
+
+    def _seal(self, directory: Path, step: int, checksums: dict[str, str], meta: dict) -> None:
         """Check every rank's files are there and non-empty, then mark the directory complete."""
         files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
-        missing = [f"rng_rank{r}.pt" for r in range(self.dist.world_size) if f"rng_rank{r}.pt" not in files]
+        world = self.dist.world_size
+        missing = [f"rng_rank{r}.pt" for r in range(world) if f"rng_rank{r}.pt" not in files]
         empty = [name for name, size in files.items() if size == 0]
-        if missing or empty or not any(name.endswith("model_states.pt") for name in files):
-            raise RuntimeError(f"incomplete checkpoint in {directory}: missing {missing}, empty {empty}")
-        _write_atomic(directory / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))
+        optim = [name for name in files if name.endswith("optim_states.pt")]
+        if optim and len(optim) != world:  # ZeRO: one optimizer shard per rank
+            missing.append(f"{world - len(optim)} of {world} *optim_states.pt")
+        unhashed = sorted(set(files) - set(checksums))
+        if missing or empty or unhashed or not any(name.endswith("model_states.pt") for name in files):
+            raise CheckpointError(f"incomplete checkpoint in {directory}: missing {missing}, empty {empty}, unhashed {unhashed}")
+        entries = {name: {"size": size, "sha256": checksums[name]} for name, size in files.items()}
+        _write_atomic(directory / COMPLETE, json.dumps({"step": step, "files": entries, "meta": meta}, indent=1))
 
     def _apply_retention(self) -> None:
+        """Keep the newest keep_last complete checkpoints and always the one `latest` names.
+
+        A directory to delete is first renamed aside (atomic), so a kill mid-delete never
+        leaves a `step_N` that looks complete but is missing files."""
         keep = self.complete_checkpoints()[-self.keep_last :]
         latest = self.latest()
         for path in self.complete_checkpoints():
             if path not in keep and path != latest:
-                shutil.rmtree(path, ignore_errors=True)
-        for stale in self.root.glob(TMP_PREFIX + "step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
+                doomed = path.with_name(f"{TMP_PREFIX}deleting-{path.name}")
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.replace(path, doomed)
+        for stale in self.root.glob(TMP_PREFIX + "*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,8 +60,15 @@ def quiet_third_party_logs() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def init_distributed() -> DistInfo:
-    """Initialise the default process group (idempotent) and return this process's place in it."""
+# How long a collective waits for the other ranks before failing. Finite, so a rank that died
+# without its launcher noticing ends the job instead of hanging it; long enough for rank 0 to
+# read a 16B checkpoint while the others wait. Recipes set it with cluster.collective_timeout_s.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800
+
+
+def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistInfo:
+    """Initialise the default process group (idempotent: the first call's timeout holds) and
+    return this process's place in it."""
     quiet_third_party_logs()
     _adopt_slurm_env()
     if "RANK" not in os.environ:  # a single process started without a launcher
@@ -70,7 +78,9 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend_name(), auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend=backend_name(), auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

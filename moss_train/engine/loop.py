@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from moss_train.checkpoint import init as initial_weights
 from moss_train.config import MossTrainConfig
 from moss_train.data.sampler import GlobalBatchPlan
 from moss_train.engine import setup
@@ -75,10 +76,13 @@ class Trainer:
         self.ds_config = setup.deepspeed_config(cfg, self.precision, self.dist.world_size)
 
         tokenizer = stage.load_tokenizer(cfg)
+        # stage.init_from: the checkpoint's architecture replaces the recipe's model shapes.
+        self.cfg = cfg = initial_weights.adopt_model_config(cfg, tokenizer, self.dist)
         self.data: StageData = stage.build_data(cfg, tokenizer)
         seed_everything(cfg.trainer.seed)  # identical initial weights on every rank and run
         with setup.model_construction_context(self.ds_config):
             model = stage.build_model(cfg, tokenizer)
+        initial_weights.load_initial_weights(model, cfg, tokenizer, self.dist)  # ZeRO-3: per parameter
         self.model_config = model.config
         self.engine, self.scheduler = setup.initialize_engine(model, cfg, self.ds_config)
         seed_everything(cfg.trainer.seed + self.dist.rank)  # per-rank streams for dropout etc.

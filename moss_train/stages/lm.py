@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import padded_vocab_size
 from moss_train.stages.base import LossTerms
 from moss_train.tokenizer import MossTokenizer
+from moss_train.tokenizer import load_tokenizer as load_any_tokenizer
 
 IGNORE_INDEX = -100
 
@@ -23,7 +25,7 @@ def load_tokenizer(cfg) -> MossTokenizer:
     if not path.exists():
         hint = f"; prepare the data with: {cfg.data.prepare_hint}" if cfg.data.prepare_hint else ""
         raise ConfigError("data.tokenizer", f"no tokenizer at {path}{hint}")
-    return MossTokenizer.load(path)
+    return load_any_tokenizer(path)  # a MOSS tokenizer directory, or any HF tokenizer directory
 
 
 def resolve_model_config(cfg, tokenizer: MossTokenizer):
@@ -56,8 +58,13 @@ def resolve_shards(root: str, patterns: list[str], key: str, prepare_hint: str =
     return prefixes
 
 
-def causal_lm_loss(model, batch: dict) -> LossTerms:
-    """Summed next-token cross-entropy over labels != -100, and the count of those labels."""
+def causal_lm_loss(model, batch: dict, group_names: Sequence[str] = ()) -> LossTerms:
+    """Summed next-token cross-entropy over labels != -100, and the count of those labels.
+
+    With `group_names`, ``batch["source_ids"]`` (per token, an index into `group_names`) adds
+    ``loss_<name>``: the loss summed over that group's targets, counted by them (reported as
+    the per-source mean over all micro-batches and ranks).
+    """
     logits = model(
         input_ids=batch["input_ids"],
         position_ids=batch.get("position_ids"),
@@ -65,11 +72,22 @@ def causal_lm_loss(model, batch: dict) -> LossTerms:
     )
     labels = batch["labels"]
     targets = labels != IGNORE_INDEX
-    loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    flat_logits, flat_labels = logits.flatten(0, 1).float(), labels.flatten()
+    sums, counts = {}, {}
+    if group_names:
+        token_loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
+        loss_sum = token_loss.sum()
+        groups = batch["source_ids"]
+        for g, name in enumerate(group_names):
+            in_group = targets & (groups == g)
+            if in_group.any():
+                sums[f"loss_{name}"] = token_loss.detach()[in_group].sum().double()
+                counts[f"loss_{name}"] = in_group.sum()
+    else:
+        loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     correct = ((logits.argmax(dim=-1) == labels) & targets).sum()
-    return LossTerms(loss_sum=loss_sum, num_targets=targets.sum(), sums={"accuracy": correct.to(torch.float64)})
+    sums["accuracy"] = correct.to(torch.float64)
+    return LossTerms(loss_sum=loss_sum, num_targets=targets.sum(), sums=sums, counts=counts)
 
 
 def count_label_targets(batch: dict) -> int:

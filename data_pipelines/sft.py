@@ -1,0 +1,273 @@
+"""``moss-data sft``: render dialogues into SFT shards (token ids + per-token loss flags).
+
+    moss-data sft --input FILES... --tokenizer DIR --out DIR [--valid-input FILES... | --valid-fraction F]
+                  [--format auto|moss003|messages|alpaca] [--meta-instruction TEXT|@FILE]
+                  [--plugins calculator,...] [--category plugins|field] [--max-length N]
+    moss-data sft --demo --tokenizer DIR --out DIR     # the built-in bilingual tool-use set
+
+Writes ``DIR/shards/{train,valid}.{category}`` (THE shard format with its ``.mask`` stream; one
+shard per category, whose ``source`` is the category), ``DIR/rejects.jsonl`` (every skipped
+record with its reason) and ``DIR/summary.json``. Records in = conversations written + rejected.
+The shard directory is replaced as a whole, so no shard of an earlier run lingers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from moss_train.chat import format as fmt
+from moss_train.data import sft
+from moss_train.data.shards import ShardWriter, dtype_for_vocab
+from moss_train.tokenizer import load_tokenizer
+
+log = logging.getLogger("moss-data")
+INVALID_JSON = "invalid_json"
+MAX_REJECT_RECORD_CHARS = 2000
+CHUNK = 256  # conversations rendered per tokenizer batch
+
+
+class _Outputs:
+    """Shard writers per (split, category), the rejects file, and the accounting."""
+
+    def __init__(self, tmp_dir: Path, tokenizer, provenance: dict, rejects_file):
+        self.tmp_dir = tmp_dir
+        self.tokenizer = tokenizer
+        self.provenance = provenance
+        self.rejects_file = rejects_file
+        self.writers: dict[tuple[str, str], ShardWriter] = {}
+        self.records_in = 0
+        self.rejected: Counter = Counter()
+        self.truncated = 0
+        self.turns_dropped = 0
+        self.loss_tokens: Counter = Counter()
+
+    def reject(self, where: tuple[str, int], reason: str, detail: str, raw: str) -> None:
+        self.rejected[reason] += 1
+        record = {"file": where[0], "line": where[1], "reason": reason, "detail": detail, "record": raw[:MAX_REJECT_RECORD_CHARS]}
+        self.rejects_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def write(self, split: str, conversation: sft.Conversation, ids, flags) -> None:
+        key = (split, conversation.category)
+        if key not in self.writers:
+            self.writers[key] = ShardWriter(
+                self.tmp_dir / f"{split}.{conversation.category}",
+                dtype_for_vocab(self.tokenizer.vocab_size),
+                self.tokenizer.hash,
+                source=conversation.category,
+                provenance=self.provenance,
+                with_mask=True,
+            )
+        self.writers[key].add_document(ids, flags)
+        for name, bit in sft.LOSS_MASKS.items():
+            self.loss_tokens[name] += int(((flags & bit) > 0).sum())
+
+    def close(self) -> dict:
+        shards = {}
+        for (split, category), writer in sorted(self.writers.items()):
+            manifest = writer.close()
+            shards[f"{split}.{category}"] = {"conversations": manifest["n_docs"], "tokens": manifest["n_tokens"]}
+        return shards
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def render_sft(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    *,
+    valid_inputs: Sequence[str | Path] = (),
+    valid_fraction: float = 0.0,
+    format: str = "auto",
+    meta_instruction: str | None = None,
+    category_from: str = "plugins",
+    max_length: int = 0,
+    seed: int = 0,
+) -> dict:
+    """Render the records of `inputs` (and `valid_inputs`) into SFT shards under `out`; the summary."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    started = time.time()
+    out = Path(out)
+    tokenizer = load_tokenizer(tokenizer_dir)  # a MOSS or any HF tokenizer directory
+    tmp_dir = out / "shards.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    provenance = {
+        "inputs": [str(p) for p in inputs],
+        "valid_inputs": [str(p) for p in valid_inputs],
+        "format": format,
+        "tokenizer_dir": str(tokenizer_dir),
+        "max_length": max_length,
+        "mask_bits": {"loss_default": sft.LOSS_DEFAULT, "loss_moss_reference": sft.LOSS_MOSS_REFERENCE, "turn_start": sft.TURN_START},
+    }
+    rejects_path = out / "rejects.jsonl"
+    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
+    with open(rejects_tmp, "w", encoding="utf-8") as rejects_file:
+        outputs = _Outputs(tmp_dir, tokenizer, provenance, rejects_file)
+        try:
+            pending = []
+            for item in _records(inputs, valid_inputs, valid_fraction, seed, outputs):
+                where, split, raw, record = item
+                try:
+                    pending.append((where, split, raw, sft.parse_record(record, format, meta_instruction, category_from)))
+                except sft.RecordError as error:
+                    outputs.reject(where, error.reason, error.detail, raw)
+                if len(pending) >= CHUNK:
+                    _render_chunk(pending, outputs, max_length)
+                    pending = []
+            _render_chunk(pending, outputs, max_length)
+            shards = outputs.close()
+        except BaseException:
+            outputs.abort()
+            raise
+    _install(tmp_dir, out / "shards")
+    rejects_tmp.replace(rejects_path)
+    written = sum(s["conversations"] for s in shards.values())
+    n_rejected = sum(outputs.rejected.values())
+    assert outputs.records_in == written + n_rejected, "record accounting is broken"
+    summary = {
+        "out": str(out),
+        "records_in": outputs.records_in,
+        "conversations_written": written,
+        "rejected": n_rejected,
+        "rejected_by_reason": dict(sorted(outputs.rejected.items())),
+        "truncated": outputs.truncated,
+        "turns_dropped": outputs.turns_dropped,
+        "loss_tokens": dict(outputs.loss_tokens),
+        "shards": shards,
+        "rejects_file": str(rejects_path),
+        "tokenizer_hash": tokenizer.hash,
+        "seconds": round(time.time() - started, 2),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    return summary
+
+
+def _records(inputs, valid_inputs, valid_fraction, seed, outputs: _Outputs) -> Iterator[tuple]:
+    """(where, split, raw line, parsed JSON) for every non-blank line; bad JSON is rejected here."""
+    files = [(Path(p), None) for p in inputs] + [(Path(p), "valid") for p in valid_inputs]
+    for path, fixed_split in files:
+        with open(path, encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                outputs.records_in += 1
+                where = (str(path), lineno)
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    outputs.reject(where, INVALID_JSON, str(error), line.rstrip("\n"))
+                    continue
+                split = fixed_split or ("valid" if _held_out(line, seed, valid_fraction) else "train")
+                yield where, split, line.rstrip("\n"), record
+
+
+def _held_out(line: str, seed: int, fraction: float) -> bool:
+    """A deterministic split by content: the same record always lands in the same split."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}\0{line.strip()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _render_chunk(pending: list, outputs: _Outputs, max_length: int) -> None:
+    rendered = sft.render_many(outputs.tokenizer, [conversation for *_, conversation in pending])
+    for (where, split, raw, conversation), (ids, flags) in zip(pending, rendered):
+        if max_length and len(ids) > max_length:
+            kept = sft.kept_length(flags, max_length)
+            if kept == 0:
+                outputs.reject(where, sft.FIRST_TURN_TOO_LONG, f"{len(ids)} tokens; the first turn does not fit in {max_length}", raw)
+                continue
+            outputs.truncated += 1
+            outputs.turns_dropped += int(((flags[kept:] & sft.TURN_START) > 0).sum())
+            ids, flags = ids[:kept], flags[:kept]
+        outputs.write(split, conversation, ids, flags)
+
+
+def _install(new: Path, final: Path) -> None:
+    """Replace the shard directory as a whole (old one moved aside first, then removed)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _meta_argument(value: str | None, plugins: str | None) -> str | None:
+    if value is not None and plugins is not None:
+        raise SystemExit("moss-data sft: give --meta-instruction or --plugins, not both")
+    if plugins is not None:
+        return fmt.meta_instruction([p for p in plugins.split(",") if p])
+    if value is not None and value.startswith("@"):
+        return Path(value[1:]).read_text(encoding="utf-8")
+    return value
+
+
+def cmd_sft(args) -> int:
+    inputs, valid_inputs = list(args.input or []), list(args.valid_input or [])
+    if args.demo:
+        from data_pipelines.demo_dialogues import write_demo_dialogues
+
+        paths = write_demo_dialogues(Path(args.out) / "dialogues", args.demo_train, args.demo_valid, args.seed)
+        inputs, valid_inputs = [paths["train"], *inputs], [paths["valid"], *valid_inputs]
+    if not inputs:
+        raise SystemExit("moss-data sft: give --input FILES (or --demo)")
+    summary = render_sft(
+        inputs,
+        args.tokenizer,
+        args.out,
+        valid_inputs=valid_inputs,
+        valid_fraction=args.valid_fraction,
+        format=args.format,
+        meta_instruction=_meta_argument(args.meta_instruction, args.plugins),
+        category_from=args.category,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    lines = [
+        f"sft: {summary['records_in']} records -> {summary['conversations_written']} conversations, "
+        f"{summary['rejected']} rejected{' ' + str(summary['rejected_by_reason']) if summary['rejected'] else ''}, {summary['truncated']} truncated "
+        f"({summary['turns_dropped']} turns dropped) in {summary['seconds']}s",
+        f"  {'shard':<32}{'conversations':>14}{'tokens':>12}",
+    ]
+    lines += [f"  {name:<32}{s['conversations']:>14}{s['tokens']:>12}" for name, s in summary["shards"].items()]
+    lines.append(f"  loss-bearing tokens: {summary['loss_tokens']}; rejects: {summary['rejects_file']}")
+    print("\n".join(lines))
+
+
+def add_parser(sub) -> None:
+    """Register ``moss-data sft`` on the moss-data subcommand parser."""
+    p = sub.add_parser("sft", help="render dialogues (moss-003, messages, alpaca) into SFT shards with loss masks")
+    p.add_argument("--input", nargs="+", help="jsonl files of dialogues, read in the order given")
+    p.add_argument("--valid-input", nargs="+", help="jsonl files for the held-out split")
+    p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this share of --input (by content hash)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (the base model's)")
+    p.add_argument("--out", required=True, help="output directory (shards/, rejects.jsonl, summary.json)")
+    p.add_argument("--format", default="auto", choices=["auto", *sft.FORMATS], help="input format (default: per record)")
+    p.add_argument("--meta-instruction", help="meta instruction for every record (text, or @FILE)")
+    p.add_argument("--plugins", help="or: the MOSS meta instruction with these plugins enabled (e.g. calculator,equation_solver)")
+    p.add_argument("--category", default="plugins", choices=["plugins", "field"],
+                   help="category: from the enabled plugins (plain/calculator/.../mix) or the record's category field")
+    p.add_argument("--max-length", type=int, default=0, help="cut conversations to whole turns within N tokens (0: keep all)")
+    p.add_argument("--demo", action="store_true", help="generate and render the built-in bilingual tool-use dialogues")
+    p.add_argument("--demo-train", type=int, default=4000, help="demo dialogues for training (default 4000)")
+    p.add_argument("--demo-valid", type=int, default=200, help="held-out demo dialogues (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sft)

@@ -1,0 +1,1 @@
+"""Chat: the MOSS prompt format, generation, and the tools MOSS can call."""

@@ -1,0 +1,59 @@
+"""A reward model: the CodeGen backbone with a scalar head, read at given positions.
+
+``RewardModel`` is ``CodeGenForCausalLM`` without its vocabulary head: the same
+``transformer.*`` parameters (so it starts from any causal-LM checkpoint by name) plus
+``score`` (``n_embd -> 1``, with bias), applied to the final hidden state at the positions the
+caller names: by default each sequence's last token; for padded batches the last real token;
+for packed sequences the last token of each document (``read_positions`` of shape (B, K)).
+
+Exported by ``moss-export`` as an HF directory that plain ``transformers`` loads too (see
+:mod:`moss_train.checkpoint.export`): ``config.json`` of ``CodeGenModel`` with a
+``moss_reward`` entry, and safetensors holding ``transformer.*`` and ``score.{weight,bias}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moss_train.model.codegen import CodeGenForCausalLM, _Linear
+from moss_train.model.config import ModelConfig
+
+SCORE_PREFIX = "score."
+
+
+class RewardModel(CodeGenForCausalLM):
+    # Parameters a causal-LM checkpoint does not have; stage.init_from leaves them as built.
+    fresh_init_prefixes = (SCORE_PREFIX,)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        # Built by the parent and dropped: the vocabulary head is not part of a reward model.
+        # (Under zero.Init it existed only as this rank's shard, briefly.)
+        del self.lm_head
+        self.score = _Linear(cfg.n_embd, 1, bias=True, std=cfg.initializer_range)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        read_positions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Rewards, one per read position: shape (B,) for read_positions (B,) or None (the last
+        token), (B, K) for read_positions (B, K). Computed in the hidden states' dtype."""
+        hidden = self.hidden_states(input_ids, position_ids, segment_ids)
+        B, T, C = hidden.shape
+        if read_positions is None:
+            read_positions = torch.full((B,), T - 1, dtype=torch.long, device=hidden.device)
+        index = read_positions.reshape(B, -1, 1).expand(-1, -1, C)
+        return self.score(hidden.gather(1, index)).reshape(read_positions.shape)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "RewardModel":
+        """Load a reward model exported by moss-export (fp32 parameters, eval mode)."""
+        from moss_train.checkpoint.export import load_reward_model
+
+        return load_reward_model(directory)

@@ -1,0 +1,348 @@
+"""SFT data: the MOSS format, loss masks on real moss-003 conversations, bad input, truncation,
+packing and padding, the mask stream in shards."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from data_pipelines.sft import render_sft
+from moss_train.chat import format as fmt
+from moss_train.config import compose, to_object, validate
+from moss_train.data import sft
+from moss_train.data.packed import PackedSequenceDataset
+from moss_train.data.shards import ShardChecksumError, ShardWriter, TokenShard, mask_path, open_shards
+from moss_train.errors import ConfigError
+from moss_train.stages.lm import build_causal_lm
+from moss_train.stages.sft import SFTStage
+from moss_train.tokenizer import MossTokenizer
+
+SAMPLE = REPO.parent / "shared" / "data" / "moss-003-sft-sample" / "conversations.jsonl"
+FIELD_KEYS = [spec.key for spec in fmt.FIELDS]
+CATEGORIES = {"plain", "calculator", "equation_solver", "web_search", "text2img", "mix"}
+
+
+@pytest.fixture(scope="module")
+def sample_records() -> list[dict]:
+    if not SAMPLE.is_file():
+        pytest.skip(f"the shared moss-003 sample is not at {SAMPLE}")
+    return [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pretrain_data) -> MossTokenizer:
+    return MossTokenizer.load(pretrain_data / "tokenizer")
+
+
+def moss003_text(record: dict) -> str:
+    return record["meta_instruction"] + "".join(turn[key] for turn in record["chat"].values() for key in FIELD_KEYS)
+
+
+def decoded_spans(tokenizer, ids, flags, bit) -> list[str]:
+    return [tokenizer.decode(ids[a:b]) for a, b in sft.loss_spans(flags, bit)]
+
+
+# ------------------------------------------------------------------------------ the format
+def test_meta_instructions_are_rebuilt_from_their_capability_lines(sample_records):
+    metas = {r["meta_instruction"] for r in sample_records}
+    assert len(metas) == 6
+    for meta in metas:
+        thoughts = "- Inner thoughts: enabled." in meta
+        assert fmt.meta_instruction(fmt.enabled_plugins(meta), inner_thoughts=thoughts) == meta
+
+
+def test_rendering_is_the_moss003_text_exactly(sample_records):
+    for record in sample_records:
+        conversation = sft.parse_record(record)
+        assert fmt.render(conversation.dialogue) == moss003_text(record)
+
+
+def test_loss_masks_on_every_real_conversation(sample_records, tokenizer):
+    """Decode the loss-bearing spans of every sample conversation under both masks and compare
+    them with the text fields they must be (default: inner thoughts + commands, then the reply,
+    per turn; moss_reference: everything but the meta instruction and the results' content)."""
+    conversations = [sft.parse_record(r) for r in sample_records]
+    rendered = sft.render_many(tokenizer, conversations)
+    checked, mismatches = Counter(), []
+    for record, conversation, (ids, flags) in zip(sample_records, conversations, rendered):
+        turns = list(record["chat"].values())
+        default = []
+        for t in turns:
+            default += [t["Inner Thoughts"] + t["Commands"], t["MOSS"]]
+        reference, pending = [], ""
+        for t in turns:
+            results = t["Tool Responses"]
+            body_end = len(results) - len("<eor>\n")
+            reference.append(pending + t["Human"] + t["Inner Thoughts"] + t["Commands"] + results[: len("<|Results|>:")])
+            pending = results[body_end:] + t["MOSS"]
+        reference.append(pending)
+        assert tokenizer.decode(ids) == moss003_text(record)
+        got_default = decoded_spans(tokenizer, ids, flags, sft.LOSS_DEFAULT)
+        got_reference = decoded_spans(tokenizer, ids, flags, sft.LOSS_MOSS_REFERENCE)
+        if got_default != default or got_reference != reference:
+            mismatches.append(record["source_file"])
+        # Nothing of the meta instruction, the human turns or the results carries the default loss.
+        text_off = tokenizer.decode(ids[(flags & sft.LOSS_DEFAULT) == 0])
+        assert all(t["Human"] in text_off and t["Tool Responses"] in text_off for t in turns)
+        checked[conversation.category] += 1
+    print(f"\nmask check on the moss-003 sample: {sum(checked.values())} conversations {dict(checked)}, mismatches {len(mismatches)}")
+    assert not mismatches, mismatches[:5]
+    assert set(checked) == CATEGORIES and sum(checked.values()) == len(sample_records) == 550
+
+
+def test_messages_and_alpaca_records(tokenizer):
+    messages = {
+        "messages": [
+            {"role": "system", "content": "You are MOSS."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! 你好"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    }
+    conversation = sft.parse_record(messages)
+    assert conversation.dialogue.meta_instruction == "You are MOSS.\n" and len(conversation.dialogue.turns) == 2
+    ids, flags = sft.render(tokenizer, conversation)
+    none_fields = "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n"
+    assert decoded_spans(tokenizer, ids, flags, sft.LOSS_DEFAULT) == [
+        none_fields, "<|MOSS|>: Hello! 你好<eom>\n", none_fields, "<|MOSS|>: 4<eom>\n"
+    ]
+    alpaca = sft.parse_record({"instruction": "Translate", "input": "cat", "output": "猫"}, meta_instruction="M\n")
+    assert fmt.render(alpaca.dialogue) == (
+        "M\n<|Human|>: Translate\n\ncat<eoh>\n" + none_fields + "<|Results|>: None<eor>\n<|MOSS|>: 猫<eom>\n"
+    )
+    assert sft.parse_record({"instruction": "Hi", "output": "Hello"}).category == "plain"
+
+
+BAD_RECORDS = [
+    ("[1, 2]", sft.NOT_AN_OBJECT),
+    ('{"text": "no dialogue here"}', sft.UNKNOWN_FORMAT),
+    ("{not json", "invalid_json"),
+    ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', sft.WRONG_ROLE_ORDER),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', sft.WRONG_ROLE_ORDER),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}', sft.UNKNOWN_ROLE),
+    ('{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}', sft.NON_STRING_CONTENT),
+    ('{"instruction": 5, "output": "x"}', sft.NON_STRING_CONTENT),
+]
+
+
+def _broken(record: dict, how: str) -> dict:
+    record = json.loads(json.dumps(record))
+    if how == "missing_field":
+        del record["chat"]["turn_1"]["Commands"]
+    elif how == "num_turns":
+        record["num_turns"] = record["num_turns"] + 1
+    elif how == "non_string":
+        record["chat"]["turn_1"]["MOSS"] = 42
+    elif how == "turn_order":
+        record["chat"] = dict(reversed(list(record["chat"].items())))  # turn_2 before turn_1
+    elif how == "malformed":
+        record["chat"]["turn_1"]["Human"] = record["chat"]["turn_1"]["Human"].replace("<eoh>", "")
+    return record
+
+
+def test_bad_input_is_counted_by_reason_and_written_to_rejects(sample_records, tokenizer, pretrain_data, tmp_path):
+    good = sample_records[:40]  # real quirks: int and str ids, records without a category
+    assert {type(r["conversation_id"]) for r in sample_records} == {int, str}
+    assert any("category" not in r for r in sample_records)
+    good += [r for r in sample_records if "category" not in r][:3]
+    breakages = {"missing_field": sft.MISSING_FIELD, "num_turns": sft.NUM_TURNS_MISMATCH, "non_string": sft.NON_STRING_CONTENT,
+                 "turn_order": sft.WRONG_TURN_ORDER, "malformed": sft.MALFORMED_FIELD}
+    lines = [json.dumps(r, ensure_ascii=False) for r in good]
+    multi_turn = [r for r in good if r["num_turns"] >= 2]
+    lines += [json.dumps(_broken(multi_turn[i], how), ensure_ascii=False) for i, how in enumerate(breakages)]
+    lines += [raw for raw, _ in BAD_RECORDS]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")  # a blank line is not a record
+    # A limit some first turns exceed (skipped) and some conversations exceed later (cut).
+    rendered = sft.render_many(tokenizer, [sft.parse_record(r) for r in good])
+    first_turns = sorted(int(np.append(np.flatnonzero(flags & sft.TURN_START), len(ids))[1]) for ids, flags in rendered)
+    limit = first_turns[len(first_turns) // 4]
+    too_long = sum(sft.kept_length(flags, limit) == 0 for _, flags in rendered)
+    cut = sum(0 < sft.kept_length(flags, limit) < len(ids) for ids, flags in rendered)
+    assert too_long > 0 and cut > 0
+
+    summary = render_sft([path], pretrain_data / "tokenizer", tmp_path / "out", max_length=limit)
+    expected = Counter(breakages.values()) + Counter(reason for _, reason in BAD_RECORDS)
+    expected[sft.FIRST_TURN_TOO_LONG] = too_long
+    assert summary["rejected_by_reason"] == dict(sorted(expected.items()))
+    assert summary["truncated"] == cut
+    assert summary["records_in"] == len(lines) == summary["conversations_written"] + summary["rejected"]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == summary["rejected"] and all(r["file"] == str(path) and r["line"] > 0 and r["detail"] for r in rejects)
+    written = open_shards([p.with_suffix("") for p in sorted((tmp_path / "out" / "shards").glob("*.json"))])
+    assert sum(s.n_docs for s in written) == summary["conversations_written"] == len(good) - too_long
+    assert all(s.has_mask and len(s.document(i)) <= limit for s in written for i in range(s.n_docs))
+
+
+def test_whole_turn_truncation(sample_records, tokenizer):
+    long_ones = [r for r in sample_records if r["num_turns"] >= 4][:20]
+    for record in long_ones:
+        ids, flags = sft.render(tokenizer, sft.parse_record(record))
+        turn_starts = np.flatnonzero(flags & sft.TURN_START)
+        assert len(turn_starts) == record["num_turns"]
+        limit = int(turn_starts[2]) + 5  # room for two whole turns and a little of the third
+        kept = sft.kept_length(flags, limit)
+        turns = list(record["chat"].values())
+        assert tokenizer.decode(ids[:kept]) == record["meta_instruction"] + "".join(t[k] for t in turns[:2] for k in FIELD_KEYS)
+        assert sft.kept_length(flags, int(turn_starts[1]) - 1) == 0  # the first turn does not fit: skipped
+        assert sft.kept_length(flags, len(ids)) == len(ids)
+
+
+# --------------------------------------------------------------------------- shards with masks
+def test_mask_stream_round_trip_and_checksum(tmp_path):
+    prefix = tmp_path / "dialogues"
+    docs = [(np.arange(5), np.array([0, 1, 1, 3, 4])), (np.arange(3) + 7, np.array([4, 0, 2]))]
+    with ShardWriter(prefix, "uint16", "hash", "calculator", with_mask=True) as writer:
+        with pytest.raises(ValueError, match="one value per token"):
+            writer.add_document([1, 2, 3], [1, 1])
+        for ids, mask in docs:
+            writer.add_document(ids, mask)
+    shard = TokenShard(prefix, verify=True)
+    assert shard.has_mask and shard.manifest["mask"]["dtype"] == "uint8"
+    for i, (ids, mask) in enumerate(docs):
+        assert shard.document(i).tolist() == ids.tolist() and shard.document_mask(i).tolist() == mask.tolist()
+    # A reader that does not ask for the mask is unaffected: pretraining packs the same tokens.
+    assert PackedSequenceDataset([shard], 4)[0]["input_ids"].tolist() == [0, 1, 2, 3]
+    raw = bytearray(mask_path(prefix).read_bytes())
+    raw[0] ^= 1
+    mask_path(prefix).write_bytes(bytes(raw))
+    with pytest.raises(ShardChecksumError, match=r"dialogues\.mask"):
+        TokenShard(prefix, verify=True)
+    with ShardWriter(tmp_path / "plain", "uint16", "hash", "en") as writer:
+        with pytest.raises(ValueError, match="not expected"):
+            writer.add_document([1, 2], [0, 0])
+        writer.add_document([1, 2])
+    assert not TokenShard(tmp_path / "plain").has_mask
+
+
+# ----------------------------------------------------------------------- packing and padding
+def test_best_fit_packing():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, size=300)
+    bins = sft.pack_best_fit(lengths, 128)
+    assert sorted(j for b in bins for j in b) == list(range(300))
+    assert all(sum(lengths[j] for j in b) <= 128 for b in bins)
+    assert len(bins) <= int(np.ceil(lengths.sum() / 128 * 1.1))  # close to the lower bound
+    assert bins == sft.pack_best_fit(lengths, 128)
+    with pytest.raises(ValueError, match="exceeds"):
+        sft.pack_best_fit([129], 128)
+
+
+@pytest.fixture(scope="module")
+def sample_shards(sample_records, pretrain_data, tmp_path_factory) -> Path:
+    """60 real conversations (10 per category) rendered into SFT shards."""
+    per_category: dict[str, list] = {}
+    for record in sample_records:
+        per_category.setdefault(sft.parse_record(record).category, []).append(record)
+    chosen = [r for records in per_category.values() for r in records[:10]]
+    out = tmp_path_factory.mktemp("sft-sample")
+    (out / "in.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    render_sft([out / "in.jsonl"], pretrain_data / "tokenizer", out, valid_fraction=0.2, seed=1)
+    return out
+
+
+def _stage_data(shards_dir: Path, pretrain_data: Path, tmp_path: Path, **sft_settings):
+    overrides = [
+        "stage=sft", "data=sft_moss003_sample", "model=tiny", "model.n_embd=64", "model.rotary_dim=8",
+        f"data.root={shards_dir}", f"data.tokenizer={pretrain_data / 'tokenizer'}", "data.seq_len=2048",
+        "model.n_positions=2048", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+        f"run.output_dir={tmp_path}", *[f"sft.{k}={v}" for k, v in sft_settings.items()],
+    ]
+    cfg = to_object(compose(overrides))
+    stage = SFTStage()
+    tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
+    return cfg, stage, tokenizer, stage.build_data(cfg, tokenizer)
+
+
+def test_packed_samples_keep_conversations_apart(sample_shards, pretrain_data, tmp_path):
+    cfg, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path)
+    conversations = data.train.conversations
+    seen = 0
+    for b in range(len(data.train)):
+        sample = data.train[b]
+        at = 0
+        for segment, j in enumerate(data.train.bins[b]):
+            ids, flags = conversations.tokens(j)
+            n = len(ids)
+            assert sample["input_ids"][at : at + n].tolist() == ids.tolist()
+            assert (sample["segment_ids"][at : at + n] == segment).all()
+            assert sample["position_ids"][at : at + n].tolist() == list(range(n))
+            expected = np.where(flags[1:] & sft.LOSS_DEFAULT, ids[1:], sft.IGNORE_INDEX).tolist() + [sft.IGNORE_INDEX]
+            assert sample["labels"][at : at + n].tolist() == expected  # none across the boundary
+            at += n
+            seen += 1
+        assert (sample["labels"][at:] == sft.IGNORE_INDEX).all() and (sample["input_ids"][at:] == tokenizer.pad_id).all()
+    assert seen == len(conversations) and len(data.train) < len(conversations)  # several per sequence
+    report = json.loads((tmp_path / "sft_data.json").read_text())
+    assert report["train"]["truncated"] > 0 and report["train"]["kept"] == len(conversations)
+
+
+def test_packed_and_padded_batches_give_the_same_losses(sample_shards, pretrain_data, tmp_path):
+    """Same conversations, same weights: the token-mean loss and per-category losses of all
+    packed sequences equal those of the padded rows (document isolation and masks agree)."""
+    torch.manual_seed(0)
+    results = {}
+    for packing in ("packed", "padded"):
+        cfg, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path / packing, packing=packing)
+        torch.manual_seed(0)
+        model = build_causal_lm(cfg, tokenizer).eval()
+        totals = Counter()
+        with torch.no_grad():
+            for start in range(0, len(data.eval), 2):
+                batch = data.collate([data.eval[i] for i in range(start, min(start + 2, len(data.eval)))])
+                terms = stage.loss(model, batch)
+                totals["loss"] += terms.loss_sum.item()
+                totals["targets"] += terms.num_targets.item()
+                for name, value in terms.sums.items():
+                    totals[name] += float(value)
+                    totals[name + "/count"] += float(terms.counts.get(name, terms.num_targets))
+        results[packing] = totals
+    packed, padded = results["packed"], results["padded"]
+    assert packed["targets"] == padded["targets"] > 0
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+    categories = [k for k in packed if k.startswith("loss_cat_") and not k.endswith("/count")]
+    assert len(categories) >= 3
+    for name in categories:
+        assert packed[name] == pytest.approx(padded[name], rel=1e-5), name
+
+
+def test_moss_reference_mask_adds_human_and_format_tokens(sample_shards, pretrain_data, tmp_path):
+    counts = {}
+    for mask in ("default", "moss_reference"):
+        _, _, _, data = _stage_data(sample_shards, pretrain_data, tmp_path / mask, loss_mask=mask)
+        counts[mask] = sum(int((data.train[i]["labels"] != sft.IGNORE_INDEX).sum()) for i in range(len(data.train)))
+    assert counts["moss_reference"] > counts["default"] > 0
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
+    lengths = np.random.default_rng(3).integers(10, 2000, size=400)
+    grouped = sft.length_grouped_order(lengths, global_batch_size=8, seed=5)
+    assert sorted(grouped.tolist()) == list(range(400))
+    assert grouped.tolist() == sft.length_grouped_order(lengths, 8, 5).tolist()
+    assert grouped.tolist() != sft.length_grouped_order(lengths, 8, 6).tolist()
+    random_order = np.random.default_rng(5).permutation(400)
+
+    def padded(order):
+        return sum(lengths[order[i : i + 4]].max() * 4 for i in range(0, 400, 4))
+
+    assert padded(grouped) < 0.8 * padded(random_order)
+
+
+def test_sft_recipe_errors_name_the_key(pretrain_data, tmp_path):
+    with pytest.raises(ConfigError, match="sft.loss_mask"):
+        validate(compose(["stage=sft", "data=sft_demo", "sft.loss_mask=everything"]), world_size=1)
+    with pytest.raises(ConfigError, match="sft.packing"):
+        validate(compose(["stage=sft", "data=sft_demo", "sft.packing=bins"]), world_size=1)
+    tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
+    with ShardWriter(tmp_path / "shards" / "train.plain", "uint16", tokenizer.hash, "plain") as writer:
+        writer.add_document([5, 6, 7])  # a pretraining shard: no mask stream
+    cfg = to_object(compose(["stage=sft", "data=sft_demo", f"data.root={tmp_path}", f"data.tokenizer={pretrain_data / 'tokenizer'}", f"run.output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="data.train_shards.*loss-mask"):
+        SFTStage().build_data(cfg, tokenizer)
