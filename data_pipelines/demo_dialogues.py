@@ -9,9 +9,10 @@ turns can be scored (does it issue the right command, does its reply state the r
 
 Dialogues are one or two turns: a calculator or equation-solver problem (arithmetic, word
 problems, linear equations, 2x2 systems), sometimes followed by a second problem, and a share
-of plain turns (greetings, questions about MOSS) where no tool is called. The meta instruction
-enables the plugins the dialogue uses, so the category is calculator, equation_solver, mix or
-plain. The held-out split is drawn from its own seed and never repeats a training prompt.
+of plain turns (greetings, questions about MOSS) where no tool is called although tools are
+enabled. The meta instruction enables the plugins the dialogue uses, so the category is
+calculator, equation_solver or mix. The held-out split is drawn from its own seed and never
+repeats a training prompt.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moss_train.chat import format as fmt
-from moss_train.chat.plugins import TOOLS, parse_commands, run_commands
+from moss_train.chat.plugins import TOOLS, parse_commands
 
-# A problem: (human, inner thoughts, command api, command argument, reply template with {r})
+# A problem: (human, inner thoughts, command api, command argument, reply from the tool's answer)
 Problem = tuple[str, str, str, str, Callable[[str], str]]
 
 
@@ -251,33 +252,16 @@ def evaluate_tool_use(model, tokenizer, records: list[dict], max_new_tokens=(80,
 
 
 def two_pass_replies(model, tokenizer, records: list[dict], max_new_tokens=(80, 48)) -> list[tuple[str, str, set]]:
-    """(commands, reply, enabled plugins) for each record's first turn, the two-pass MOSS way:
-    pass one generates inner thoughts and commands (to ``<eoc>``); the commands really run
-    (enabled plugins only); pass two gets the results and generates the reply (to ``<eom>``).
-    A turn that answers in pass one (ends at ``<eom>``) has no second pass."""
-    from moss_train.chat.generate import generate_batch
+    """(commands, reply, enabled plugins) for each record's first turn, by the two-pass MOSS
+    protocol (moss_train/chat/protocol.py) with the built-in calculator and solver: pass one
+    to ``<eoc>``, the enabled commands really run, pass two writes the reply."""
+    from moss_train.chat.protocol import TurnRequest, builtin_plugins, two_pass
     from moss_train.data.sft import parse_record
 
-    end_commands, end_reply = (tokenizer.token_to_id(t) for t in (fmt.END_OF_COMMANDS, fmt.END_OF_REPLY))
     dialogues = [parse_record(r).dialogue for r in records]
-    enabled = [set(fmt.enabled_plugins(d.meta_instruction)) for d in dialogues]
-    prompts = [_encode(tokenizer, fmt.prompt_segments(d.meta_instruction, [], d.turns[0].human[1:])) for d in dialogues]
-    first = generate_batch(model, prompts, max_new_tokens[0], (end_commands, end_reply), tokenizer.pad_id)
-    texts = [tokenizer.decode(ids) for ids in first]
-    commands = [fmt.field_body(text, fmt.COMMANDS) or "" for text in texts]
-    tool_rows = [i for i, ids in enumerate(first) if ids[-1] != end_reply]
-    second_prompts = [
-        prompts[i] + first[i] + _encode(tokenizer, fmt.results_segments(run_commands(commands[i], enabled[i]), 0)) for i in tool_rows
-    ]
-    replies = list(texts)
-    if tool_rows:
-        for i, ids in zip(tool_rows, generate_batch(model, second_prompts, max_new_tokens[1], (end_reply,), tokenizer.pad_id)):
-            replies[i] = tokenizer.decode(ids)
-    return [(c, fmt.field_body(r, fmt.MOSS) or r, e) for c, r, e in zip(commands, replies, enabled)]
-
-
-def _encode(tokenizer, segments) -> list[int]:
-    return [i for ids in fmt.encode_segments(tokenizer, segments) for i in ids]
+    requests = [TurnRequest(d.meta_instruction, [], d.turns[0].human[1:]) for d in dialogues]
+    results = two_pass(model, tokenizer, requests, builtin_plugins(), max_new_tokens=max_new_tokens)
+    return [(r.commands, r.reply, set(fmt.enabled_plugins(d.meta_instruction))) for r, d in zip(results, dialogues)]
 
 
 def main(argv=None) -> int:

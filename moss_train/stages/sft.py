@@ -42,38 +42,44 @@ class SFTStage:
         self.per_category = True
 
     def build_data(self, cfg, tokenizer) -> StageData:
-        data, sft = cfg.data, cfg.sft
-        self.per_category = sft.per_category_metrics
-        train_shards = self._shards(cfg, data.train_shards, "data.train_shards", tokenizer)
-        valid_shards = self._shards(cfg, data.valid_shards, "data.valid_shards", tokenizer) if data.valid_shards else []
-        # Each shard is one category; one table for train and eval so an id means the same in both.
-        self.categories = sorted({s.source for s in train_shards + valid_shards})
-        fit = partial(SFTConversations, max_length=data.seq_len, truncation=sft.truncation, categories=self.categories)
-        train = fit(train_shards)
-        valid = fit(valid_shards) if valid_shards else None
-        self._report(cfg, {"train": train.report.as_dict(), "valid": valid.report.as_dict() if valid else None})
-        if len(train) == 0:
-            raise ConfigError("data.seq_len", f"no training conversation fits in {data.seq_len} tokens: {train.report.as_dict()}")
-        valid = valid if valid is not None and len(valid) else None
-        bit, pad = LOSS_MASKS[sft.loss_mask], tokenizer.pad_id
-        if sft.packing == "packed":
-            make = partial(PackedSFTDataset, seq_len=data.seq_len, loss_bit=bit, pad_id=pad, seed=cfg.trainer.seed)
+        self.per_category = cfg.sft.per_category_metrics
+        train, valid = self._conversations(cfg, tokenizer)
+        bit, pad, seed = LOSS_MASKS[cfg.sft.loss_mask], tokenizer.pad_id, cfg.trainer.seed
+        if cfg.sft.packing == "packed":
+            make = partial(PackedSFTDataset, seq_len=cfg.data.seq_len, loss_bit=bit, pad_id=pad, seed=seed)
             return StageData(
                 train=make(train),
                 eval=make(valid) if valid else None,
                 collate=collate_packed,
                 count_targets=lm.count_label_targets,
-                tokens_per_sample=data.seq_len,
+                tokens_per_sample=cfg.data.seq_len,
             )
-        make = partial(PaddedSFTDataset, loss_bit=bit, pad_id=pad, seed=cfg.trainer.seed)
+        make = partial(PaddedSFTDataset, loss_bit=bit, pad_id=pad, seed=seed)
         return StageData(
-            train=make(train, order=sft.padded_order, global_batch_size=cfg.trainer.global_batch_size),
+            train=make(train, order=cfg.sft.padded_order, global_batch_size=cfg.trainer.global_batch_size),
             eval=make(valid, order="random") if valid else None,
             collate=partial(collate_padded, pad_id=pad),
             count_targets=lm.count_label_targets,
             tokens_per_sample=max(1, round(float(train.lengths.mean()))),  # mean row length, for tokens/s
-            shuffle=sft.padded_order == "random",  # a length-grouped order is already the training order
+            shuffle=cfg.sft.padded_order == "random",  # a length-grouped order is already the training order
         )
+
+    def _conversations(self, cfg, tokenizer) -> tuple[SFTConversations, SFTConversations | None]:
+        """Train and held-out conversations fitted to data.seq_len (counts reported)."""
+        data = cfg.data
+        if not data.train_shards:
+            raise ConfigError("data.train_shards", "stage=sft reads dialogue shards from data.train_shards (data.sources blends are for pretraining)")
+        train_shards = self._shards(cfg, data.train_shards, "data.train_shards", tokenizer)
+        valid_shards = self._shards(cfg, data.valid_shards, "data.valid_shards", tokenizer) if data.valid_shards else []
+        # Each shard is one category; one table for train and eval so an id means the same in both.
+        self.categories = sorted({s.source for s in train_shards + valid_shards})
+        fit = partial(SFTConversations, max_length=data.seq_len, truncation=cfg.sft.truncation, categories=self.categories)
+        train = fit(train_shards)
+        valid = fit(valid_shards) if valid_shards else None
+        self._report(cfg, {"train": train.report.as_dict(), "valid": valid.report.as_dict() if valid else None})
+        if len(train) == 0:
+            raise ConfigError("data.seq_len", f"no training conversation fits in {data.seq_len} tokens: {train.report.as_dict()}")
+        return train, valid if valid is not None and len(valid) else None
 
     @staticmethod
     def _shards(cfg, patterns, key, tokenizer) -> list:
