@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bench_report import publish
 from data_pipelines.sft import render_sft
 from moss_train.config import compose, to_object, validate
 from moss_train.engine.distributed import init_distributed
@@ -149,13 +150,8 @@ def main(argv=None) -> int:
         f"{r['loss_tokens_per_s']:.0f} | {r['speedup']:.2f}x |"
         for r in rows
     ]
-    text = "\n".join(table) + "\n"
-    print(text)
     print(json.dumps(rows, indent=1))
-    if args.write:
-        results = Path(__file__).resolve().parent / "RESULTS.md"
-        existing = results.read_text() if results.is_file() else "# Benchmark results\n\n"
-        results.write_text(existing + "\n" + text)
+    publish(table, args.write)
     return 0
 
 

@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_report import publish
+
 MB = 1024 * 1024
 
 
@@ -249,12 +251,7 @@ def main(argv=None) -> int:
         f"| `locate(i)` (source + sample index) | {latency['locate'][0]:.1f} | {latency['locate'][1]:.1f} |",
         f"| `blend[i]` (a full 2048-token sample) | {latency['sample'][0]:.1f} | {latency['sample'][1]:.1f} |",
     ]
-    text = "\n".join(table) + "\n"
-    print(text)
-    if args.write:
-        results_md = Path(__file__).resolve().parent / "RESULTS.md"
-        existing = results_md.read_text() if results_md.is_file() else "# Benchmark results\n\n"
-        results_md.write_text(existing + "\n" + text)
+    publish(table, args.write)
     return 0
 
 
