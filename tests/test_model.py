@@ -157,7 +157,10 @@ def test_load_hf_state_dict_drops_legacy_buffers():
         dst.load_state_dict(sd, strict=True)
 
 
-def test_packed_documents_equal_separate_runs():
+@pytest.mark.parametrize("layout", ["per-document calls", "block-diagonal mask"])
+def test_packed_documents_equal_separate_runs(layout, monkeypatch):
+    # Both ways of keeping attention inside documents (codegen.document_attention_layout).
+    monkeypatch.setattr(codegen, "MAX_DOCUMENT_CALLS", 256 if layout == "per-document calls" else 0)
     cfg = make_cfg(vocab_size=128, n_embd=64, n_head=8, rotary_dim=4, n_layer=2)
     model = CodeGenForCausalLM(cfg).eval()
     randomize_(model, seed=11)
@@ -177,7 +180,7 @@ def test_packed_documents_equal_separate_runs():
                 alone = model(doc[None])[0]
                 worst = max(worst, (packed[b, start:start + len(doc)] - alone).abs().max().item())
                 start += len(doc)
-    print(f"packed vs separate max abs logit diff {worst:.3e}")
+    print(f"{layout}: packed vs separate max abs logit diff {worst:.3e}")
     assert worst <= 1e-5
     # Without segment_ids later documents see earlier ones, so the mask is what makes it pass.
     assert (unmasked[0, 5:] - packed[0, 5:]).abs().max() > 1e-2
@@ -407,3 +410,31 @@ def test_init_under_deepspeed_zero_init(tmp_path):
     for name, (mean, std, shape) in res["weights"].items():
         assert abs(std - 0.02) < 0.002, (name, std)
         assert abs(mean) < 0.002, (name, mean)
+
+
+def test_document_layouts_give_the_same_gradients(monkeypatch):
+    """Training through per-document attention calls and through the block-diagonal mask
+    produces the same gradients (the layout is a speed choice, never a numerics one)."""
+    cfg = make_cfg(vocab_size=64, n_embd=32, n_head=4, rotary_dim=4, n_layer=2)
+    model = CodeGenForCausalLM(cfg)
+    randomize_(model, seed=5)
+    lengths = [[6, 10], [16]]
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 64, (2, 16), generator=g)
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    segment_ids = torch.stack([torch.cat([torch.full((n,), s) for s, n in enumerate(row)]) for row in lengths])
+    grads = {}
+    for max_calls in (256, 0):
+        monkeypatch.setattr(codegen, "MAX_DOCUMENT_CALLS", max_calls)
+        model.zero_grad()
+        logits = model(input_ids, position_ids=position_ids, segment_ids=segment_ids)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()).backward()
+        grads[max_calls] = [p.grad.clone() for p in model.parameters()]
+    assert isinstance(codegen.document_attention_layout(segment_ids), torch.Tensor)  # 0 calls: the mask
+    for a, b in zip(grads[256], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_document_spans_are_contiguous_runs():
+    segment_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 3, 3]])
+    assert codegen.document_spans(segment_ids) == [[(0, 2), (2, 5), (5, 6)], [(0, 6)]]

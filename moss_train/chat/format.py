@@ -114,6 +114,23 @@ def meta_instruction(plugins: Iterable[str] = (), inner_thoughts: bool | None = 
     return preamble + CAPABILITIES_HEADER + "".join(lines)
 
 
+# A quality tag (stage=preference): one line appended to the meta instruction; recipes may
+# change the wording (preference.quality_template), training and inference share it.
+QUALITY_TEMPLATE = "- Response quality: {level}/{levels}\n"
+
+
+def quality_line(level: int, levels: int, template: str = QUALITY_TEMPLATE) -> str:
+    """The tag line asking for quality `level` of 1..`levels` (`levels` is the best)."""
+    if not 1 <= level <= levels:
+        raise ValueError(f"quality level {level} is not in 1..{levels}")
+    return template.format(level=level, levels=levels)
+
+
+def with_quality(meta: str, level: int, levels: int, template: str = QUALITY_TEMPLATE) -> str:
+    """The meta instruction conditioned on a quality tag (the tag line last, after the tools)."""
+    return (meta if not meta or meta.endswith("\n") else meta + "\n") + quality_line(level, levels, template)
+
+
 def enabled_plugins(meta: str) -> list[str]:
     """Plugins a meta instruction enables (by its capability lines), in moss-003 order."""
     states = {label: state for label, state in _CAPABILITY_LINE.findall(meta.partition(CAPABILITIES_HEADER)[2])}

@@ -1,24 +1,45 @@
-"""The tools MOSS calls by command: calculator and equation solver, computed with sympy.
+"""The tools MOSS calls by command, as plugins: calculator, equation solver, web search, text-to-image.
 
-Commands look like ``Calculate("24*15")`` and ``Solve("3x+5=20;x-y=1")`` (moss-003's APIs); each
-tool returns the result line(s) that go into the ``<|Results|>`` field, in moss-003's layout::
+Commands look like ``Calculate("24*15")``, ``Solve("3x+5=20;x-y=1")``, ``Search("...")`` and
+``Text2Image("...")`` (moss-003's APIs), several per turn; each plugin returns the result
+line(s) that go into the ``<|Results|>`` field, in moss-003's layout::
 
     Calculate("24*15") => '360'
     Solve("3x+5=20") =>
     x = 5
+    Search("MOSS Fudan") =>
+    <|1|>: "first snippet"
+    <|2|>: "second snippet"
 
-Expressions are parsed by a small whitelisting parser into sympy objects — never ``eval`` and
-never sympy's string parser (which evaluates Python) — so a hostile command cannot run code;
-sizes, nesting and exponents are bounded so none can hang. Any failure reads ``No result.``,
-as in moss-003.
+Calculator and solver are real (sympy). Expressions are parsed by a small whitelisting parser
+into sympy objects — never ``eval`` and never sympy's string parser (which evaluates Python) —
+so a hostile command cannot run code; sizes, nesting and exponents are bounded. sympy's
+``solve`` can still run for ever on inputs that parse (high-degree polynomials, fractional
+powers), so as plugins both run in a worker process with a time and memory limit
+(:mod:`moss_train.chat.sandbox`). Any failure reads ``No result.`` to the model, as in
+moss-003; the reason is kept for the user (:class:`ToolCall.error`).
+
+Web search and text-to-image have no built-in service: a user configures a backend — a Python
+callable (``"module:function"``) or an HTTP endpoint — and they are off until then. A new
+plugin is one small class: subclass :class:`Plugin`, set ``name`` (its capability line in the
+meta instruction, see ``format.PLUGIN_CAPABILITIES``) and ``api``, write ``answer``, and
+decorate it with :func:`register`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import threading
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import sympy
+
+from moss_train.chat.sandbox import ToolError, default_sandbox
 
 NO_RESULT = "No result."
 MAX_CHARS = 256
@@ -165,19 +186,35 @@ def format_number(value) -> str:
     number = complex(sympy.N(value, 15))
     if abs(number.imag) > 1e-12:
         raise ExpressionError("complex result")
+    if not math.isfinite(number.real):  # e.g. exp(exp(exp(9))) overflows a float
+        raise ExpressionError("not a finite number")
     return f"{number.real:.10g}"
 
 
-def calculate(expression: str) -> str:
-    """The calculator's answer to `expression`, or NO_RESULT."""
+# Everything sympy may raise on a bad expression; these become the reason of a "No result.".
+_MATH_ERRORS = (ExpressionError, ZeroDivisionError, TypeError, ValueError, OverflowError, ArithmeticError, NotImplementedError)
+
+
+def calculate_or_raise(expression: str) -> str:
+    """The calculator's answer to `expression`; ExpressionError says why there is none."""
     try:
         return format_number(parse_expression(expression))
-    except (ExpressionError, ZeroDivisionError, TypeError, ValueError, OverflowError, ArithmeticError):
+    except ExpressionError:
+        raise
+    except _MATH_ERRORS as error:
+        raise ExpressionError(f"{type(error).__name__}: {error}") from None
+
+
+def calculate(expression: str) -> str:
+    """The calculator's answer to `expression`, or NO_RESULT (in-process: trusted input)."""
+    try:
+        return calculate_or_raise(expression)
+    except ExpressionError:
         return NO_RESULT
 
 
-def solve(equations: str) -> str:
-    """Solutions of ';'-separated equations as "x = 5" lines (one solution), or NO_RESULT."""
+def solve_or_raise(equations: str) -> str:
+    """Solutions of ';'-separated equations as "x = 5" lines (one solution); else ExpressionError."""
     try:
         differences = []  # each equation as lhs - rhs = 0
         for part in [p for p in equations.split(";") if p.strip()]:
@@ -190,7 +227,18 @@ def solve(equations: str) -> str:
             raise ExpressionError("nothing to solve for")
         solution = _unique_solution(differences, symbols)
         return "\n".join(f"{s} = {_solution_text(solution[s])}" for s in symbols)
-    except (ExpressionError, ZeroDivisionError, TypeError, ValueError, NotImplementedError, ArithmeticError):
+    except ExpressionError:
+        raise
+    except _MATH_ERRORS as error:
+        raise ExpressionError(f"{type(error).__name__}: {error}") from None
+
+
+def solve(equations: str) -> str:
+    """solve_or_raise's lines, or NO_RESULT (in-process: trusted input; sympy's solve can run
+    for ever on some systems, so hostile input goes through the plugin's sandbox)."""
+    try:
+        return solve_or_raise(equations)
+    except ExpressionError:
         return NO_RESULT
 
 
@@ -209,37 +257,248 @@ def _solution_text(value) -> str:
     return str(value) if value.is_Rational else format_number(value)
 
 
-@dataclass(frozen=True)
-class Tool:
-    plugin: str  # the capability name in the meta instruction (format.PLUGIN_CAPABILITIES)
-    api: str  # the command name
-    run: callable
-    multiline: bool  # moss-003 puts a solver's answer on the lines after "=>"
+# ----------------------------------------------------------------------------- plugins
+MAX_COMMANDS = 8  # commands run per turn; more are answered with an error
+MAX_COMMANDS_CHARS = 8192  # of a commands field parsed at all
 
-    def result_line(self, argument: str, answer: str | None = None) -> str:
-        """The results line(s) for one command, in moss-003's layout (`answer`: already run)."""
+
+@dataclass
+class ToolCall:
+    """One command of a turn and what came of it."""
+
+    api: str
+    argument: str
+    answer: str  # what the model sees (NO_RESULT on any failure)
+    line: str  # the results line(s), moss-003 layout
+    error: Optional[str] = None  # why there is no result (for the user and logs)
+
+
+class Plugin:
+    """A tool MOSS calls by command. Subclasses set the class attributes and write `answer`."""
+
+    name = ""  # the capability in the meta instruction (format.PLUGIN_CAPABILITIES)
+    api = ""  # the command: Calculate("...")
+    multiline = False  # the answer on the lines after "=>" (moss-003's solver and search)
+    max_argument_chars = 1024
+    max_answer_chars = 4096
+
+    def answer(self, argument: str) -> str:
+        """The answer text; raise (anything) when there is none — the model sees NO_RESULT."""
+        raise NotImplementedError
+
+    @property
+    def plugin(self) -> str:  # the name under which demo_dialogues and older callers know it
+        return self.name
+
+    def call(self, argument: str) -> ToolCall:
+        """Run the command; never raises (a plugin's failure is an answer the model sees)."""
+        try:
+            if len(argument) > self.max_argument_chars:
+                raise ToolError(f"argument longer than {self.max_argument_chars} characters")
+            answer = self.answer(argument)
+            if not isinstance(answer, str) or not answer.strip():
+                raise ToolError(f"no answer ({type(answer).__name__})")
+            answer, error = answer[: self.max_answer_chars], None
+        except Exception as exc:  # a user's backend may raise anything; the chat goes on
+            answer, error = NO_RESULT, str(exc) or type(exc).__name__
+        return ToolCall(self.api, argument, answer, self.result_line(argument, answer), error)
+
+    def run(self, argument: str) -> str:
+        return self.call(argument).answer
+
+    def result_line(self, argument: str, answer: Optional[str] = None) -> str:
+        """The results line(s) for one command (`answer`: already run)."""
         answer = self.run(argument) if answer is None else answer
         call = f'{self.api}("{argument}")'
         return f"{call} =>\n{answer}" if self.multiline else f"{call} => '{answer}'"
 
 
-TOOLS = {
-    "Calculate": Tool("calculator", "Calculate", calculate, multiline=False),
-    "Solve": Tool("equation_solver", "Solve", solve, multiline=True),
-}
-_COMMAND = re.compile(r'(\w+)\("((?:[^"\\]|\\.)*)"\)')
+PLUGINS: dict[str, type[Plugin]] = {}
+
+
+def register(cls: type[Plugin]) -> type[Plugin]:
+    """Make a plugin class available by its name (``--plugins NAME``)."""
+    PLUGINS[cls.name] = cls
+    return cls
+
+
+class SandboxedPlugin(Plugin):
+    """A plugin whose work (`target`, "module:function") runs in the sandbox worker."""
+
+    target = ""
+
+    def answer(self, argument: str) -> str:
+        return default_sandbox().call(self.target, argument)
+
+
+@register
+class Calculator(SandboxedPlugin):
+    name, api, target = "calculator", "Calculate", "moss_train.chat.plugins:calculate_or_raise"
+    max_argument_chars = MAX_CHARS
+
+
+@register
+class EquationSolver(SandboxedPlugin):
+    name, api, target, multiline = "equation_solver", "Solve", "moss_train.chat.plugins:solve_or_raise", True
+    max_argument_chars = MAX_CHARS
+
+
+# ----------------------------------------------------------------------------- configured backends
+Backend = Callable[[str, str], Union[str, list]]  # (api, argument) -> text or a list of items
+HTTP_TIMEOUT_S = 20.0
+MAX_RESPONSE_BYTES = 1 << 16
+
+
+def callable_backend(target: str, timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
+    """A Python function ``"module:function"`` called with the argument, given `timeout_s`.
+
+    It runs in a thread of this process (it is the user's own code, not the model's): a call
+    that overruns is abandoned and answered with an error, the thread finishes on its own.
+    """
+    from moss_train.chat.sandbox import resolve
+
+    function = resolve(target)
+
+    def call(api: str, argument: str):
+        box: dict = {}
+
+        def work():
+            try:
+                box["value"] = function(argument)
+            except Exception as error:
+                box["error"] = error
+
+        thread = threading.Thread(target=work, daemon=True, name=f"moss-{api}")
+        thread.start()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            raise ToolError(f"{target} took longer than {timeout_s:g} s")
+        if "error" in box:
+            raise ToolError(f"{target} failed: {box['error']}")
+        return box["value"]
+
+    return call
+
+
+def http_backend(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
+    """An HTTP endpoint: POST ``{"api": API, "input": argument}`` as JSON; the answer is the
+    response's JSON ``{"result": text or [items]}`` (or a JSON string / list), else its text.
+    At most MAX_RESPONSE_BYTES are read; the time limit covers connecting and each read."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r}: an HTTP backend needs an http:// or https:// URL")
+
+    def call(api: str, argument: str):
+        body = json.dumps({"api": api, "input": argument}).encode()
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                raw = response.read(MAX_RESPONSE_BYTES + 1)
+        except OSError as error:  # URLError, HTTPError, timeouts
+            raise ToolError(f"{url}: {error}") from None
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise ToolError(f"{url}: response larger than {MAX_RESPONSE_BYTES} bytes")
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        return value.get("result", text) if isinstance(value, dict) else value
+
+    return call
+
+
+def make_backend(spec: Union[str, Backend], timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
+    if callable(spec):
+        return spec
+    return http_backend(spec, timeout_s) if "://" in spec else callable_backend(spec, timeout_s)
+
+
+class ExternalPlugin(Plugin):
+    """A plugin answered by a backend the user configures (see make_backend)."""
+
+    def __init__(self, backend: Union[str, Backend], timeout_s: float = HTTP_TIMEOUT_S):
+        self.backend = backend
+        self._call = make_backend(backend, timeout_s)
+
+    def answer(self, argument: str) -> str:
+        return self.render(self._call(self.api, argument))
+
+    def render(self, value) -> str:
+        if isinstance(value, (list, tuple)):
+            return "\n".join(str(item) for item in value)
+        return str(value)
+
+
+@register
+class WebSearch(ExternalPlugin):
+    """``Search("query")``: the backend returns snippets, shown numbered as moss-003 did."""
+
+    name, api, multiline = "web_search", "Search", True
+
+    def render(self, value) -> str:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return "\n".join(f"<|{i}|>: {json.dumps(str(item), ensure_ascii=False)}" for i, item in enumerate(items, 1))
+
+
+@register
+class Text2Image(ExternalPlugin):
+    """``Text2Image("description")``: the backend returns where the image is (a path or URL)."""
+
+    name, api = "text2img", "Text2Image"
+
+
+BUILTIN = ("calculator", "equation_solver")  # need no configuration
+
+
+def build_plugins(spec: Union[str, Iterable[str]], timeout_s: float = HTTP_TIMEOUT_S) -> dict[str, Plugin]:
+    """Plugins by name from ``"calculator,equation_solver,web_search=module:function,
+    text2img=http://host/path"`` (or the same items as a list); a name without ``=BACKEND``
+    works only for the built-in ones."""
+    items = [item.strip() for item in (spec.split(",") if isinstance(spec, str) else spec) if item.strip()]
+    plugins: dict[str, Plugin] = {}
+    for item in items:
+        name, _, backend = item.partition("=")
+        cls = PLUGINS.get(name)
+        if cls is None:
+            raise ValueError(f"unknown plugin {name!r}; known: {', '.join(PLUGINS)}")
+        if issubclass(cls, ExternalPlugin):
+            if not backend:
+                raise ValueError(f"plugin {name} needs a backend: {name}=module:function or {name}=http://host/path")
+            plugins[name] = cls(backend, timeout_s)
+        else:
+            if backend:
+                raise ValueError(f"plugin {name} is built in and takes no backend")
+            plugins[name] = cls()
+    return plugins
+
+
+# ----------------------------------------------------------------------------- commands
+TOOLS: dict[str, Plugin] = {cls.api: cls() for cls in (Calculator, EquationSolver)}  # the built-ins by API
+_COMMAND = re.compile(r'\b(\w++)\("((?:[^"\\]|\\.)*+)"\)')  # possessive + \b: linear on any text
 
 
 def parse_commands(commands_text: str) -> list[tuple[str, str]]:
     """(api, argument) pairs of a commands field body, e.g. ``Calculate("1+1")``."""
-    return _COMMAND.findall(commands_text or "")
+    return _COMMAND.findall((commands_text or "")[:MAX_COMMANDS_CHARS])
 
 
-def run_commands(commands_text: str, enabled: set[str] | None = None) -> list[str]:
-    """Result lines for the known, enabled commands in `commands_text` (others are skipped)."""
-    lines = []
-    for api, argument in parse_commands(commands_text):
-        tool = TOOLS.get(api)
-        if tool is not None and (enabled is None or tool.plugin in enabled):
-            lines.append(tool.result_line(argument))
-    return lines
+def call_tools(commands_text: str, plugins: Mapping[str, Plugin]) -> list[ToolCall]:
+    """Every command in `commands_text`, run by the enabled plugin with its API; a command no
+    enabled plugin answers (or one past MAX_COMMANDS) gets NO_RESULT and an error."""
+    by_api = {plugin.api: plugin for plugin in plugins.values()}
+    calls = []
+    for i, (api, argument) in enumerate(parse_commands(commands_text)):
+        plugin = by_api.get(api)
+        if plugin is not None and i < MAX_COMMANDS:
+            calls.append(plugin.call(argument))
+            continue
+        error = f"more than {MAX_COMMANDS} commands in one turn" if plugin is not None else f"no enabled plugin answers {api}"
+        calls.append(ToolCall(api, argument, NO_RESULT, f"{api}(\"{argument}\") => '{NO_RESULT}'", error))
+    return calls
+
+
+def run_commands(commands_text: str, enabled: Optional[set[str]] = None) -> list[str]:
+    """Result lines of the built-in tools for the commands in `commands_text` that are enabled
+    (`enabled`: plugin names; None: all); other commands are skipped (data generation)."""
+    tools = {t.name: t for t in TOOLS.values() if enabled is None or t.name in enabled}
+    return [call.line for call in call_tools(commands_text, tools) if call.api in {t.api for t in tools.values()}]

@@ -15,7 +15,8 @@ MOSS checkpoints), so state dicts move in and out without conversion:
 Differences from the HF implementation are in *how*, not *what*: rotary sin/cos are computed
 on the fly from the position ids (no buffers at all, the state dict is only parameters);
 attention goes through ``scaled_dot_product_attention``; packed sequences are supported with
-``segment_ids`` (a block-diagonal causal mask); no KV cache (this is a training model).
+``segment_ids`` (a block-diagonal causal mask); for generation, an optional KV cache
+(``cache=``, :class:`moss_train.chat.generate.KVCache`) that training never passes.
 
 Weights are initialised inside each leaf module's constructor (``reset_parameters``), never by
 a later ``model.apply``: under DeepSpeed's ``zero.Init`` a module's parameters are partitioned
@@ -101,6 +102,55 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
+# Above this many documents in a micro-batch, one masked attention call beats a call per document.
+MAX_DOCUMENT_CALLS = 256
+
+
+def document_spans(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(B, T) document index per token -> per row, the [start, end) of each document, in order.
+    Documents are contiguous runs of one index (as the packers write them)."""
+    B, T = segment_ids.shape
+    starts = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    rows = []
+    for row in starts.cpu():  # one host sync per forward, not per layer
+        bounds = row.nonzero().flatten().tolist() + [T]
+        rows.append(list(zip(bounds[:-1], bounds[1:])))
+    return rows
+
+
+def document_attention_layout(segment_ids: Optional[torch.Tensor]):
+    """How attention keeps to documents: None (one document per row: plain causal), per-row
+    document spans (each document its own causal attention call: its cost is the sum of the
+    squared document lengths, not the squared row length, and it stays on SDPA's fused causal
+    kernels), or, for many short documents, one block-diagonal causal mask."""
+    if segment_ids is None:
+        return None
+    spans = document_spans(segment_ids)
+    if sum(len(row) for row in spans) <= MAX_DOCUMENT_CALLS:
+        return spans
+    return document_causal_mask(segment_ids)
+
+
+def attend(q, k, v, layout, dropout_p: float, scale: float) -> torch.Tensor:
+    """Causal attention of (B, H, T, D) q/k/v under a layout from document_attention_layout."""
+    if not isinstance(layout, list):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=layout, dropout_p=dropout_p, is_causal=layout is None, scale=scale
+        )
+    rows = []
+    # split(), not indexing: its backward is one concatenation, not a zero-filled full-size
+    # gradient per slice.
+    for spans, *qkv in zip(layout, q.split(1), k.split(1), v.split(1)):
+        lengths = [e - s for s, e in spans]
+        parts = [
+            F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout_p, is_causal=True, scale=scale)
+            for qd, kd, vd in zip(*(t.split(lengths, dim=2) for t in qkv))
+        ]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, dim=0)
+
+
 def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) document index per token -> (B, 1, T, T) bool, True where attention is allowed:
     token i sees token j iff j <= i and both belong to the same document."""
@@ -124,7 +174,7 @@ class CodeGenAttention(nn.Module):
         self.out_proj = _Linear(cfg.n_embd, cfg.n_embd, bias=False, std=std)
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x, sin, cos, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, sin, cos, layout, kv=None) -> torch.Tensor:
         B, T, C = x.shape
         H, D, P = self.n_head, self.head_dim, QKV_PARTITIONS
         # Fused projection in CodeGen's layout: P partitions, each [q | v | k] for H/P heads.
@@ -134,13 +184,9 @@ class CodeGenAttention(nn.Module):
         q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
         # Heads are numbered partition-major (head = p * H/P + j), as HF's _split_heads does.
         q, k, v = (t.reshape(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=attn_mask is None,
-            scale=1.0 / math.sqrt(D),
-        )
+        if kv is not None:  # generation: also attend to the cached keys / values of earlier tokens
+            k, v = kv.update(k, v)
+        y = attend(q, k, v, layout, self.attn_pdrop if self.training else 0.0, 1.0 / math.sqrt(D))
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
@@ -167,9 +213,9 @@ class CodeGenBlock(nn.Module):
         self.attn = CodeGenAttention(cfg)
         self.mlp = CodeGenMLP(cfg)
 
-    def forward(self, x, sin, cos, attn_mask):
+    def forward(self, x, sin, cos, layout, kv=None):
         h = self.ln_1(x)
-        return self.attn(h, sin, cos, attn_mask) + self.mlp(h) + x  # HF's summation order
+        return self.attn(h, sin, cos, layout, kv) + self.mlp(h) + x  # HF's summation order
 
 
 # ----------------------------------------------------------------------------- the model
@@ -199,13 +245,16 @@ class CodeGenForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
+        cache=None,
     ) -> torch.Tensor:
         """Final (post ln_f) hidden states, (B, T, n_embd), in the compute dtype.
 
         position_ids: (B, T) or (T,); default 0..T-1. For packed sequences they restart at 0
             in each document.
         segment_ids: (B, T) document index per token; when given, attention stays inside each
-            document (block-diagonal causal mask); when None, plain causal attention.
+            document (see document_attention_layout); when None, plain causal attention.
+        cache: generation only (eval mode): the new tokens' keys / values are appended to it and
+            they attend to every cached token of their own segment; pass their position_ids.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -216,14 +265,15 @@ class CodeGenForCausalLM(nn.Module):
             position_ids = position_ids[None]
         angles = rotary_angles(position_ids, self.rotary_dim)[:, :, None, None, :]  # (B, T, 1, 1, r/2)
         sin, cos = angles.sin(), angles.cos()  # fp32; cast to q's dtype in apply_rotary
-        attn_mask = None if segment_ids is None else document_causal_mask(segment_ids)
+        # With a cache, its mask lets the new tokens see the cached ones (same segment, causal).
+        layout = document_attention_layout(segment_ids) if cache is None else cache.attention_mask(segment_ids)
 
         x = self.transformer.drop(self.transformer.wte(input_ids))
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
             if self.config.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, sin, cos, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, sin, cos, layout, use_reentrant=False)
             else:
-                x = block(x, sin, cos, attn_mask)
+                x = block(x, sin, cos, layout, None if cache is None else cache.layers[i])
         return self.transformer.ln_f(x)
 
     def forward(
@@ -231,9 +281,10 @@ class CodeGenForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
+        cache=None,
     ) -> torch.Tensor:
         """Logits (B, T, padded vocab) in the compute dtype."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, segment_ids))
+        return self.lm_head(self.hidden_states(input_ids, position_ids, segment_ids, cache))
 
 
 # ----------------------------------------------------------------------------- HF / MOSS weights

@@ -1,0 +1,140 @@
+"""Plugins: the calculator and solver as the chat runs them (sandbox worker), hostile input,
+configured backends (a Python callable and a real local HTTP endpoint), the registry."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from moss_train.chat import plugins as P
+from moss_train.chat.sandbox import default_sandbox
+
+CALC, SOLVE = P.TOOLS["Calculate"], P.TOOLS["Solve"]
+
+
+def test_calculator_and_solver_plugins_answer_through_the_sandbox():
+    assert CALC.call("(12/2)*(2*6+(12-1)*3)").line == "Calculate(\"(12/2)*(2*6+(12-1)*3)\") => '270'"
+    assert CALC.run("50/(2*7)") == "3.571428571"
+    assert SOLVE.call("x+y=10;x-y=2").line == 'Solve("x+y=10;x-y=2") =>\nx = 6\ny = 4'
+    assert SOLVE.run("x^2+2x+1=0") == "x = -1"  # nonlinear, one root
+    assert SOLVE.run("x/4=(120-x)/5") == "x = 160/3"
+    assert default_sandbox()._process.is_alive()  # answered by the worker, not in this process
+
+
+@pytest.mark.parametrize(
+    "argument, reason",
+    [
+        ("__import__('os').system('touch /tmp/pwned')", "unexpected"),  # no Python is evaluated
+        ("exec('1')", "unexpected"),
+        ("9^9^9", "power too large"),  # right-associative: 9^(387420489)
+        ("((((2^512)^512)^512)^512)", "power too large"),
+        ("(" * 200 + "1" + ")" * 200, "longer than"),  # over MAX_CHARS
+        ("(" * 60 + "1" + ")" * 60, "nested too deeply"),
+        ("1" * 5000, "longer than"),
+        ("1/0", "not a finite number"),
+        ("exp(exp(exp(9)))", "not a finite number"),  # was 'inf' before
+    ],
+)
+def test_hostile_calculator_input_is_an_error_result(argument, reason):
+    call = CALC.call(argument)
+    assert call.answer == P.NO_RESULT and reason in call.error, call
+    assert call.line.endswith("=> 'No result.'")
+
+
+def test_a_solver_that_would_run_for_ever_is_stopped_and_the_worker_replaced(monkeypatch):
+    sandbox = default_sandbox()
+    monkeypatch.setattr(sandbox, "timeout_s", 1.0)
+    restarts = sandbox.restarts
+    for never_returns in ("x^500+x^3+1=0", "x^(1/3)+x^(1/5)+x^(1/7)=1"):  # sympy's solve does not return
+        call = SOLVE.call(never_returns)
+        assert call.answer == P.NO_RESULT and call.error == "took longer than 1 s"
+    assert sandbox.restarts == restarts + 2
+    assert SOLVE.run("3x+5=20") == "x = 5"  # a fresh worker answers the next command
+
+
+def test_command_parsing_is_linear_on_hostile_text_and_capped():
+    # The old pattern backtracked quadratically on a long word (~4 s for 20k characters).
+    started = time.perf_counter()
+    assert P.parse_commands("a" * 200_000) == []
+    assert P.parse_commands('Calculate("' + "1" * 200_000) == []
+    assert time.perf_counter() - started < 30  # a hang guard, not a speed figure
+    assert P.parse_commands(' Calculate("1+1") and Solve("x=2") Search("say \\"hi\\"")') == [
+        ("Calculate", "1+1"), ("Solve", "x=2"), ("Search", 'say \\"hi\\"')]
+    many = " ".join(f'Calculate("{i}+1")' for i in range(P.MAX_COMMANDS + 2))
+    calls = P.call_tools(many, {"calculator": CALC})
+    assert [c.answer for c in calls] == [str(i + 1) for i in range(P.MAX_COMMANDS)] + [P.NO_RESULT] * 2
+    assert calls[-1].error == f"more than {P.MAX_COMMANDS} commands in one turn"
+
+
+def test_commands_no_enabled_plugin_answers_get_an_error_result():
+    calls = P.call_tools('Calculate("2*3") Solve("x=1") Search("news")', {"calculator": CALC})
+    assert [c.line for c in calls] == ["Calculate(\"2*3\") => '6'", "Solve(\"x=1\") => 'No result.'", "Search(\"news\") => 'No result.'"]
+    assert calls[1].error == "no enabled plugin answers Solve"
+    # Data generation keeps its behaviour: only enabled built-ins, others skipped.
+    assert P.run_commands('Solve("x=1") Calculate("1+1")', enabled={"calculator"}) == ["Calculate(\"1+1\") => '2'"]
+
+
+# ----------------------------------------------------------------------------- configured backends
+def search_backend(query: str) -> list[str]:
+    """A callable backend (what --plugins web_search=test_chat_plugins:search_backend names)."""
+    if query == "boom":
+        raise RuntimeError("index offline")
+    if query == "slow":
+        time.sleep(3)
+    return [f"{query}: first hit", 'second "quoted" hit']
+
+
+def test_search_with_a_callable_backend_renders_numbered_results():
+    plugins = P.build_plugins("calculator,web_search=test_chat_plugins:search_backend", timeout_s=1.0)
+    assert set(plugins) == {"calculator", "web_search"}
+    call = plugins["web_search"].call("MOSS")
+    assert call.line == 'Search("MOSS") =>\n<|1|>: "MOSS: first hit"\n<|2|>: "second \\"quoted\\" hit"'
+    failed = plugins["web_search"].call("boom")
+    assert failed.answer == P.NO_RESULT and "index offline" in failed.error
+    slow = plugins["web_search"].call("slow")
+    assert slow.answer == P.NO_RESULT and "took longer than 1 s" in slow.error
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if request["input"] == "huge":
+            body = b"x" * (P.MAX_RESPONSE_BYTES + 10)
+        else:
+            body = json.dumps({"result": f"/images/{request['api']}/{request['input'].replace(' ', '_')}.png"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_text2image_with_an_http_endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/draw"
+        plugin = P.build_plugins([f"text2img={url}"], timeout_s=5.0)["text2img"]
+        assert plugin.call("a red cat").line == "Text2Image(\"a red cat\") => '/images/Text2Image/a_red_cat.png'"
+        huge = plugin.call("huge")
+        assert huge.answer == P.NO_RESULT and "larger than" in huge.error
+    finally:
+        server.shutdown()
+        server.server_close()
+    down = plugin.call("a red cat")  # the endpoint is gone: an error result, no exception
+    assert down.answer == P.NO_RESULT and url in down.error
+
+
+def test_the_registry_and_its_configuration_errors():
+    assert {"calculator", "equation_solver", "web_search", "text2img"} <= set(P.PLUGINS)
+    for spec, message in [("web_search", "needs a backend"), ("calculator=x:y", "takes no backend"), ("teleport", "unknown plugin"),
+                          ("text2img=ftp://host", "needs an http")]:
+        with pytest.raises(ValueError, match=message):
+            P.build_plugins(spec)
+    assert P.build_plugins("") == {}  # nothing is on by default
