@@ -18,10 +18,10 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
+from bench_report import publish
 from moss_train.chat.generate import generate_batch
 from moss_train.config import compose, to_object
 from moss_train.model.codegen import CodeGenForCausalLM
@@ -70,15 +70,11 @@ def main(argv=None) -> int:
             cached, full = statistics.median(runs[True]), statistics.median(runs[False])
             rows.append((name, params, batch, cached, full))
             print(f"{name} ({params / 1e6:.1f}M) batch {batch}: KV cache {cached:.1f} tok/s, no cache {full:.1f} tok/s, {cached / full:.2f}x", flush=True)
-    table = render(rows, args)
-    print(table)
-    if args.write:
-        with open(Path(__file__).with_name("RESULTS.md"), "a", encoding="utf-8") as f:
-            f.write("\n" + table)
+    publish(render(rows, args), args.write)
     return 0
 
 
-def render(rows, args) -> str:
+def render(rows, args) -> list[str]:
     command = "python bench/generate_speed.py " + " ".join(sys.argv[1:])
     lines = [
         f"### generate_speed — greedy decoding, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, fp32, "
@@ -92,7 +88,7 @@ def render(rows, args) -> str:
     ]
     for name, params, batch, cached, full in rows:
         lines.append(f"| {name} | {params / 1e6:.1f}M | {batch} | {cached:.1f} | {full:.1f} | {cached / full:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":
