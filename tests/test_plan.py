@@ -133,7 +133,7 @@ def test_activations_at_moss16b_scale():
 
 
 # ---------------------------------------------------------------------------- recipes
-@pytest.mark.parametrize("name, stage", [("moss16b_pretrain", "pretrain"), ("moss16b_sft", "sft")])
+@pytest.mark.parametrize("name, stage", [("moss16b_pretrain", "pretrain"), ("moss16b_sft", "sft"), ("moss16b_preference", "preference")])
 def test_moss16b_recipes_fit_their_cluster(name, stage):
     cfg = to_object(compose([], name))
     validate(cfg, world_size=cfg.cluster.nodes * cfg.cluster.gpus_per_node)
