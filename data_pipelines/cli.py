@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipelines.sft import add_parser as add_sft_parser  # moss-data sft (dialogues -> SFT shards)
 
     add_sft_parser(sub)
+    from data_pipelines.pairs import add_parser as add_pairs_parser  # moss-data pairs (preference pairs -> pair shards)
+
+    add_pairs_parser(sub)
     return parser
 
 

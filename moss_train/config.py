@@ -147,6 +147,27 @@ SFT_TRUNCATION = ("turns", "skip")
 
 
 @dataclass
+class PreferenceConfig:
+    """The preference-aware stages: reward, tag, preference (tag-conditioned SFT) and dpo."""
+
+    # reward: per pair -log sigmoid(r_chosen - r_rejected - margin_scale * margin), the margin
+    # from the pair data (a score difference); 0: plain Bradley-Terry.
+    margin_scale: float = 0.0
+    # dpo: the frozen reference model (null: stage.init_from), beta, and the loss variant.
+    reference: Optional[str] = None
+    beta: float = 0.1
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+    # tag: the reward model (a stage=reward checkpoint) scores every assistant turn of the
+    # dialogue files in tag_inputs (jsonl, moss003 / messages / alpaca); quality levels 1..levels
+    # by quantile thresholds over the first file's scores, applied to every file.
+    reward_model: Optional[str] = None
+    tag_inputs: List[str] = field(default_factory=list)
+    levels: int = 5
+    # How a tag enters the prompt: a line appended to the meta instruction ({level}, {levels}).
+    quality_template: str = "- Response quality: {level}/{levels}\n"
+
+
+@dataclass
 class ClusterConfig:
     """The machines a run is planned for (moss-plan) and launched on (launch/); recipes/cluster/.
 
@@ -188,6 +209,7 @@ class MossTrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -257,10 +279,11 @@ def validate(cfg: DictConfig | MossTrainConfig, world_size: Optional[int] = None
     world_size = world_size or world_size_from_env()
     validate_model_config(cfg.model, prefix="model")
     _validate_trainer(cfg.trainer, world_size)
-    _validate_data(cfg.data, cfg.model)
+    _validate_data(cfg.data, cfg.model, needs_shards=cfg.stage.name != "tag")  # tag reads preference.tag_inputs
     _validate_deepspeed(cfg.deepspeed)
     _validate_stage(cfg.stage)
     _validate_sft(cfg.sft)
+    _validate_preference(cfg.preference, cfg.stage)
     _validate_cluster(cfg.cluster)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 saves only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1 checkpoint")
@@ -300,7 +323,7 @@ def _validate_trainer(trainer: TrainerConfig, world_size: int) -> None:
         _check(torch.cuda.is_available(), "trainer.precision", "fp16 needs a CUDA GPU; use bf16-autocast or fp32 on CPU")
 
 
-def _validate_data(data: DataConfig, model: ModelConfig) -> None:
+def _validate_data(data: DataConfig, model: ModelConfig, needs_shards: bool = True) -> None:
     _check(data.seq_len > 0, "data.seq_len", "must be positive")
     _check(
         data.seq_len <= model.n_positions,
@@ -308,7 +331,7 @@ def _validate_data(data: DataConfig, model: ModelConfig) -> None:
         f"{data.seq_len} is longer than the model's n_positions ({model.n_positions})",
     )
     _check(
-        len(data.train_shards) > 0 or len(data.sources) > 0,
+        len(data.train_shards) > 0 or len(data.sources) > 0 or not needs_shards,
         "data.train_shards",
         "no training shards configured (data.train_shards, or data.sources for a weighted blend)",
     )
@@ -335,6 +358,30 @@ def _validate_cluster(cluster: ClusterConfig) -> None:
     _check(0 < cluster.mfu <= 1, "cluster.mfu", f"must be in (0, 1], got {cluster.mfu}")
     _check(cluster.reserve_gib >= 0, "cluster.reserve_gib", f"must be >= 0, got {cluster.reserve_gib}")
     _check(cluster.collective_timeout_s > 0, "cluster.collective_timeout_s", "must be positive (seconds)")
+
+
+def _validate_preference(pref: PreferenceConfig, stage: StageConfig) -> None:
+    _check(math.isfinite(pref.margin_scale) and pref.margin_scale >= 0, "preference.margin_scale", "must be >= 0 (0: plain Bradley-Terry)")
+    _check(math.isfinite(pref.beta) and pref.beta > 0, "preference.beta", f"must be positive, got {pref.beta}")
+    _check_choice(pref.dpo_loss, ("sigmoid", "ipo"), "preference.dpo_loss")
+    _check(pref.levels >= 2, "preference.levels", f"needs at least 2 quality levels, got {pref.levels}")
+    try:
+        line = pref.quality_template.format(level=1, levels=pref.levels)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError("preference.quality_template", f"must format with {{level}} and {{levels}} only: {error}") from None
+    _check(line.endswith("\n") and "{level}" in pref.quality_template, "preference.quality_template", "must hold {level} and end with a newline (a meta-instruction line)")
+    for key in ("reference", "reward_model"):
+        path = getattr(pref, key)
+        _check(path is None or Path(path).exists(), f"preference.{key}", f"no checkpoint or model directory at {path}")
+    if stage.name == "dpo":
+        _check(pref.reference is not None or stage.init_from is not None, "preference.reference", "stage=dpo needs a reference model (or stage.init_from)")
+    if stage.name == "tag":
+        _check(pref.reward_model is not None, "preference.reward_model", "stage=tag needs the reward model (a stage=reward checkpoint)")
+        _check(len(pref.tag_inputs) > 0, "preference.tag_inputs", "stage=tag needs dialogue files (jsonl) to tag")
+        for path in pref.tag_inputs:
+            _check(Path(path).is_file(), "preference.tag_inputs", f"no dialogue file at {path}")
+        names = [Path(p).name.split(".")[0] for p in pref.tag_inputs]
+        _check(len(set(names)) == len(names), "preference.tag_inputs", f"file names must differ before their first dot (they name the output splits): {names}")
 
 
 def _validate_sft(sft: SFTConfig) -> None:

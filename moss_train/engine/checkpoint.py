@@ -85,8 +85,11 @@ def verify_checkpoint(directory: Path, rank: int = 0, world_size: int = 1) -> li
 
 
 def verify_or_raise(directory: Path, rank: int = 0, world_size: int = 1) -> None:
-    """Verify a checkpoint, the work shared over the ranks; every rank raises the same error."""
-    problems = [p for share in all_gather_objects(verify_checkpoint(directory, rank, world_size)) for p in share]
+    """Verify a checkpoint, the work shared over the ranks; every rank raises the same error.
+    world_size 1: this process verifies every file alone (no collective: e.g. rank 0 checking
+    stage.init_from while the other ranks wait for its verdict)."""
+    mine = verify_checkpoint(directory, rank, world_size)
+    problems = [p for share in (all_gather_objects(mine) if world_size > 1 else [mine]) for p in share]
     if problems:
         raise CheckpointError(f"checkpoint {directory} is corrupt: " + "; ".join(problems))
 

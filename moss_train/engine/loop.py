@@ -13,6 +13,7 @@ import math
 import random
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,8 @@ class Trainer:
         tokenizer = stage.load_tokenizer(cfg)
         # stage.init_from: the checkpoint's architecture replaces the recipe's model shapes.
         self.cfg = cfg = initial_weights.adopt_model_config(cfg, tokenizer, self.dist)
+        if hasattr(stage, "use_frozen_models"):  # e.g. DPO's reference: built under the same ZeRO config
+            stage.use_frozen_models(partial(setup.frozen_model, cfg=cfg, tokenizer=tokenizer, dist=self.dist, ds_config=self.ds_config))
         self.data: StageData = stage.build_data(cfg, tokenizer)
         seed_everything(cfg.trainer.seed)  # identical initial weights on every rank and run
         with setup.model_construction_context(self.ds_config):
@@ -273,5 +276,8 @@ class Trainer:
 
 
 def train(cfg: MossTrainConfig, stage: Stage) -> list[dict]:
-    """Train `stage` as the recipe says; returns the per-step metric records (rank 0's view)."""
+    """Train `stage` as the recipe says; returns the per-step metric records (rank 0's view).
+    A stage that trains nothing (tag: it only runs a frozen model) has `run(cfg)` instead."""
+    if hasattr(stage, "run"):
+        return stage.run(cfg)
     return Trainer(cfg, stage).fit()

@@ -118,7 +118,10 @@ def build_optimizer(model: nn.Module, cfg: MossTrainConfig) -> torch.optim.Optim
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+    # fused: one pass over each parameter tensor for the whole update, on CPU (AVX512) as on
+    # CUDA; the default on CPU is a loop of ~10 elementwise passes. Measured on the 60M model's
+    # flat ZeRO partition (2 CPU cores): 0.88 s -> 0.15 s per step, parameters equal to 1e-7.
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
 class WarmupCosine:
@@ -156,6 +159,29 @@ def initialize_engine(model: nn.Module, cfg: MossTrainConfig, ds_config: dict):
         config=ds_config,
     )
     return engine, scheduler
+
+
+def frozen_model(build, init_from: str, *, cfg: MossTrainConfig, tokenizer, dist: DistInfo, ds_config: dict):
+    """A model a stage only runs forward (a DPO reference, the reward model that tags): built by
+    `build(cfg, tokenizer)` with init_from's architecture and weights, under the run's ZeRO
+    config (ZeRO-3: partitioned like the trained model, gathered layer by layer in forward), no
+    optimizer, in eval mode. Every rank must call it, and run its forwards, together."""
+    import dataclasses
+
+    import deepspeed
+
+    from moss_train.checkpoint import init as initial_weights
+
+    cfg = dataclasses.replace(cfg, stage=dataclasses.replace(cfg.stage, init_from=str(init_from)))
+    cfg = initial_weights.adopt_model_config(cfg, tokenizer, dist)
+    with model_construction_context(ds_config):
+        model = build(cfg, tokenizer)
+    initial_weights.load_initial_weights(model, cfg, tokenizer, dist)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
 
 
 def tune_cpu(cfg: MossTrainConfig, dist_info: DistInfo) -> None:

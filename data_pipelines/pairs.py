@@ -1,0 +1,422 @@
+"""``moss-data pairs``: preference pairs → pair shards; and judged pairs sampled from a model.
+
+    moss-data pairs --input FILES... --tokenizer DIR --out DIR [--valid-input FILES... | --valid-fraction F]
+                    [--meta-instruction TEXT|@FILE]
+    moss-data pairs --sample-from MODEL --dialogues train.jsonl --tokenizer DIR --out DIR
+                    [--samples 4] [--temperature 1.0] [--limit N] [--valid-dialogues valid.jsonl]
+
+Rendering: records in the formats of moss_train/data/pairs.py (prompt/chosen/rejected strings,
+message lists, HH-RLHF text, ranked lists) → ``DIR/shards/{train,valid}`` (each response one
+document of a mask-carrying shard, ``.pairs.npy`` the pairs), ``DIR/rejects.jsonl`` (every
+rejected record with its reason) and ``DIR/summary.json``; records in = groups written + rejected.
+
+Sampling (``--sample-from``): for each tool-use prompt of the demo dialogues, the model answers
+``--samples`` times, the MOSS two-pass way with its commands really run; a verifiable judge
+(:func:`judge`: right command and right result stated) scores each answer 0-2; prompts whose
+answers differ become ranked records (``DIR/pairs.jsonl``), rendered as above. Every answer is
+also written as a moss-003 dialogue with its ``judge`` score (``DIR/samples.jsonl``), the
+dialogue set that stage=tag scores and stage=preference trains on.
+
+``python -m data_pipelines.pairs compare`` prints the evidence: held-out prompts answered by
+the tag-conditioned model asked for the best vs the worst tag, and by a DPO model vs its SFT
+start, each scored by the judge and by the reward model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines.sft import _held_out, _install
+from moss_train.chat import format as fmt
+from moss_train.data import pairs as pairdata
+from moss_train.data import sft
+from moss_train.data.shards import ShardWriter, dtype_for_vocab
+from moss_train.tokenizer import load_tokenizer
+
+INVALID_JSON = "invalid_json"
+MAX_REJECT_RECORD_CHARS = 2000
+CHUNK = 128  # groups rendered per tokenizer batch
+
+
+# ----------------------------------------------------------------------------- rendering
+class _PairOutputs:
+    """One response shard + pair index per split, the rejects file, and the accounting."""
+
+    def __init__(self, tmp_dir: Path, tokenizer, provenance: dict, rejects_file):
+        self.tmp_dir, self.tokenizer, self.provenance, self.rejects_file = tmp_dir, tokenizer, provenance, rejects_file
+        self.writers: dict[str, ShardWriter] = {}
+        self.index: dict[str, list[tuple[int, int, float]]] = {}
+        self.records_in = 0
+        self.groups = 0
+        self.rejected: Counter = Counter()
+
+    def reject(self, where: tuple[str, int], reason: str, detail: str, raw: str) -> None:
+        self.rejected[reason] += 1
+        record = {"file": where[0], "line": where[1], "reason": reason, "detail": detail, "record": raw[:MAX_REJECT_RECORD_CHARS]}
+        self.rejects_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def write(self, split: str, group: pairdata.PairGroup, rendered: list) -> None:
+        if split not in self.writers:
+            self.writers[split] = ShardWriter(
+                self.tmp_dir / split, dtype_for_vocab(self.tokenizer.vocab_size), self.tokenizer.hash,
+                source="pairs", provenance=self.provenance, with_mask=True,
+            )
+            self.index[split] = []
+        writer = self.writers[split]
+        first = writer.n_docs
+        for ids, flags in rendered:
+            writer.add_document(ids, flags)
+        self.index[split].extend((first + a, first + b, margin) for a, b, margin in group.pairs)
+        self.groups += 1
+
+    def close(self) -> dict:
+        shards = {}
+        for split, writer in sorted(self.writers.items()):
+            manifest = writer.close()
+            np.save(pairdata.pairs_path(str(self.tmp_dir / split)), np.asarray(self.index[split], dtype=np.float64).reshape(-1, 3))
+            shards[split] = {"responses": manifest["n_docs"], "pairs": len(self.index[split]), "tokens": manifest["n_tokens"]}
+        return shards
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def render_pairs(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    *,
+    valid_inputs: Sequence[str | Path] = (),
+    valid_fraction: float = 0.0,
+    meta_instruction: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Render the pair records of `inputs` (and `valid_inputs`) into pair shards under `out`."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    started, out = time.time(), Path(out)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tmp_dir = out / "shards.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    provenance = {"inputs": [str(p) for p in inputs], "valid_inputs": [str(p) for p in valid_inputs], "tokenizer_dir": str(tokenizer_dir)}
+    rejects_path = out / "rejects.jsonl"
+    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
+    with open(rejects_tmp, "w", encoding="utf-8") as rejects_file:
+        outputs = _PairOutputs(tmp_dir, tokenizer, provenance, rejects_file)
+        try:
+            pending = []
+            for where, split, raw, record in _records(inputs, valid_inputs, valid_fraction, seed, outputs):
+                try:
+                    pending.append((split, pairdata.parse_pair_record(record, meta_instruction)))
+                except sft.RecordError as error:
+                    outputs.reject(where, error.reason, error.detail, raw)
+                if len(pending) >= CHUNK:
+                    _render_chunk(pending, outputs)
+                    pending = []
+            _render_chunk(pending, outputs)
+            shards = outputs.close()
+        except BaseException:
+            outputs.abort()
+            raise
+    _install(tmp_dir, out / "shards")
+    rejects_tmp.replace(rejects_path)
+    n_rejected = sum(outputs.rejected.values())
+    assert outputs.records_in == outputs.groups + n_rejected, "record accounting is broken"
+    summary = {
+        "out": str(out),
+        "records_in": outputs.records_in,
+        "groups_written": outputs.groups,
+        "rejected": n_rejected,
+        "rejected_by_reason": dict(sorted(outputs.rejected.items())),
+        "shards": shards,
+        "rejects_file": str(rejects_path),
+        "tokenizer_hash": tokenizer.hash,
+        "seconds": round(time.time() - started, 2),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    return summary
+
+
+def _records(inputs, valid_inputs, valid_fraction, seed, outputs):
+    files = [(Path(p), None) for p in inputs] + [(Path(p), "valid") for p in valid_inputs]
+    for path, fixed_split in files:
+        with open(path, encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                outputs.records_in += 1
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    outputs.reject((str(path), lineno), INVALID_JSON, str(error), line.rstrip("\n"))
+                    continue
+                split = fixed_split or ("valid" if _held_out(line, seed, valid_fraction) else "train")
+                yield (str(path), lineno), split, line.rstrip("\n"), record
+
+
+def _render_chunk(pending: list, outputs: _PairOutputs) -> None:
+    rendered = pairdata.render_groups(outputs.tokenizer, [group for _, group in pending])
+    for (split, group), responses in zip(pending, rendered):
+        outputs.write(split, group, responses)
+
+
+# -------------------------------------------------------------- sampled, judged responses
+def sample_turns(model, tokenizer, records: list[dict], temperature: float = 0.0, seed: int = 0, max_new_tokens=(80, 48)) -> list[dict]:
+    """Each record's first turn answered by `model`, the two-pass MOSS way: pass one writes the
+    inner thoughts and commands, the commands really run (enabled plugins only), pass two gets
+    the results and writes the reply. Returns the turn's fields (inner_thoughts, commands,
+    results, moss). temperature 0: greedy."""
+    from moss_train.chat.generate import generate_batch
+    from moss_train.chat.plugins import run_commands
+
+    end_commands, end_reply = (tokenizer.token_to_id(t) for t in (fmt.END_OF_COMMANDS, fmt.END_OF_REPLY))
+    dialogues = [sft.parse_record(r).dialogue for r in records]
+    enabled = [set(fmt.enabled_plugins(d.meta_instruction)) for d in dialogues]
+    prompts = [_encode(tokenizer, fmt.prompt_segments(d.meta_instruction, [], d.turns[0].human[1:])) for d in dialogues]
+    sample = dict(temperature=temperature, top_k=0, seed=seed)
+    first = generate_batch(model, prompts, max_new_tokens[0], (end_commands, end_reply), tokenizer.pad_id, **sample)
+    texts = [tokenizer.decode(ids) for ids in first]
+    turns = []
+    for text in texts:
+        thoughts, commands = fmt.field_body(text, fmt.INNER_THOUGHTS), fmt.field_body(text, fmt.COMMANDS)
+        turns.append({"inner_thoughts": _plain(thoughts), "commands": _plain(commands), "results": None, "moss": _plain(fmt.field_body(text, fmt.MOSS)) or ""})
+    tool_rows = [i for i, ids in enumerate(first) if ids and ids[-1] == end_commands]
+    if tool_rows:
+        results = {i: run_commands(turns[i]["commands"] or "", enabled[i]) for i in tool_rows}
+        second_prompts = [prompts[i] + first[i] + _encode(tokenizer, fmt.results_segments(results[i], 0)) for i in tool_rows]
+        for i, ids in zip(tool_rows, generate_batch(model, second_prompts, max_new_tokens[1], (end_reply,), tokenizer.pad_id, **sample)):
+            text = tokenizer.decode(ids)
+            turns[i]["results"] = results[i] or None
+            turns[i]["moss"] = _plain(fmt.field_body(text, fmt.MOSS)) or ""
+    return turns
+
+
+def _plain(body: str | None) -> str | None:
+    """A generated field body as plain text (its leading space dropped; " None" -> None)."""
+    if body is None or body == fmt.NONE_BODY:
+        return None
+    return body[1:] if body.startswith(" ") else body
+
+
+def _encode(tokenizer, segments) -> list[int]:
+    return [i for ids in fmt.encode_segments(tokenizer, segments) for i in ids]
+
+
+def judge(record: dict, turn: dict) -> int:
+    """The verifiable judge of the demo: 1 for the right command, 1 for the right result stated."""
+    from data_pipelines.demo_dialogues import check_reply
+
+    enabled = set(fmt.enabled_plugins(record["meta_instruction"]))
+    right_command, stated = check_reply(record["check"], turn["commands"] or "", turn["moss"] or "", enabled)
+    return int(right_command) + int(stated)
+
+
+def response_dialogue(record: dict, turn: dict, score: int) -> dict:
+    """A sampled answer as a one-turn moss-003 record (with the judge's score)."""
+    t = fmt.Turn.from_text(
+        human=_human(record), moss=turn["moss"], inner_thoughts=turn["inner_thoughts"], commands=turn["commands"], results=turn["results"]
+    )
+    return {
+        "conversation_id": record.get("conversation_id"),
+        "meta_instruction": record["meta_instruction"],
+        "num_turns": 1,
+        "chat": {"turn_1": {spec.key: spec.render(t.body(spec.role)) for spec in fmt.FIELDS}},
+        "category": record.get("category", "demo"),
+        "check": record["check"],
+        "judge": score,
+    }
+
+
+def _human(record: dict) -> str:
+    return sft.parse_record(record).dialogue.turns[0].human[1:]
+
+
+def sample_judged_pairs(model_dir, tokenizer_dir, dialogues: Path, out: Path, samples: int = 4, temperature: float = 1.0,
+                        limit: int = 0, seed: int = 0, batch_size: int = 64) -> dict:
+    """Write ``pairs.jsonl`` (ranked records) and ``samples.jsonl`` (every answer, judged)."""
+    from moss_train.chat.generate import load_model
+
+    model, tokenizer = load_model(model_dir), load_tokenizer(tokenizer_dir)
+    records = [json.loads(line) for line in Path(dialogues).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [r for r in records if "check" in r][: limit or None]
+    out.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    with open(out / "pairs.jsonl", "w", encoding="utf-8") as pair_file, open(out / "samples.jsonl", "w", encoding="utf-8") as sample_file:
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            answers = [sample_turns(model, tokenizer, batch, temperature, seed=seed * 1000 + start + k) for k in range(samples)]
+            for i, record in enumerate(batch):
+                turns = [answers[k][i] for k in range(samples)]
+                scores = [judge(record, t) for t in turns]
+                counts.update(prompts=1, answers=samples)
+                counts.update(f"judge_{s}" for s in scores)
+                for turn, score in zip(turns, scores):
+                    sample_file.write(json.dumps(response_dialogue(record, turn, score), ensure_ascii=False) + "\n")
+                if len(set(scores)) > 1:
+                    counts["ranked_prompts"] += 1
+                    pair = {"meta_instruction": record["meta_instruction"], "prompt": _human(record), "responses": turns, "scores": scores}
+                    pair_file.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    return dict(counts)
+
+
+# ------------------------------------------------------------------------------ evidence
+def score_turns(reward_model, tokenizer, records: list[dict], turns: list[dict], batch_size: int = 32) -> list[float]:
+    """Reward of each answer (as the last turn of its record's dialogue), read at its last token."""
+    import torch
+
+    conversations = [sft.parse_record(response_dialogue(r, t, 0)) for r, t in zip(records, turns)]
+    rendered = sft.render_many(tokenizer, conversations)
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(rendered), batch_size):
+            chunk = [ids for ids, _ in rendered[start : start + batch_size]]
+            longest = max(len(ids) for ids in chunk)
+            input_ids = torch.full((len(chunk), longest), tokenizer.pad_id, dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.from_numpy(ids)
+            read = torch.tensor([len(ids) - 1 for ids in chunk])
+            scores.extend(reward_model(input_ids, read_positions=read).float().tolist())
+    return scores
+
+
+def answer_figures(model, reward_model, tokenizer, records: list[dict], asked: list[dict] | None = None) -> dict:
+    """Greedy answers to each record's prompt: judge (right command and result) and mean reward.
+    `asked`: the records as put to the model (e.g. with a quality tag); the reward model scores
+    the answers in the plain records' dialogue, as it was trained."""
+    asked = asked or records
+    turns = []
+    for start in range(0, len(asked), 64):
+        turns.extend(sample_turns(model, tokenizer, asked[start : start + 64]))
+    scores = [judge(r, t) for r, t in zip(records, turns)]
+    rewards = score_turns(reward_model, tokenizer, records, turns)
+    return {
+        "prompts": len(records),
+        "right": sum(s == 2 for s in scores) / max(1, len(records)),
+        "judge_mean": float(np.mean(scores)) if scores else 0.0,
+        "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
+    }
+
+
+def conditioned(records: list[dict], level: int, levels: int, template: str) -> list[dict]:
+    """The records with the quality tag line in their meta instruction."""
+    return [{**r, "meta_instruction": fmt.with_quality(r["meta_instruction"], level, levels, template)} for r in records]
+
+
+def compare(args) -> int:
+    """Best vs worst tag (and DPO vs SFT) on held-out prompts, judged and scored."""
+    from moss_train.chat.generate import load_model
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    reward_model = _load_reward(args.reward_model)
+    records = [json.loads(line) for line in Path(args.dialogues).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [r for r in records if "check" in r][: args.limit or None]
+    result: dict = {}
+    if args.preference:
+        quality = json.loads((Path(args.preference) / "quality.json").read_text())
+        model = load_model(args.preference)
+        levels, template = quality["levels"], quality["template"]
+        result["best_tag"] = answer_figures(model, reward_model, tokenizer, records, conditioned(records, levels, levels, template))
+        result["worst_tag"] = answer_figures(model, reward_model, tokenizer, records, conditioned(records, 1, levels, template))
+    if args.dpo:
+        result["dpo"] = answer_figures(load_model(args.dpo), reward_model, tokenizer, records)
+    if args.sft:
+        result["sft"] = answer_figures(load_model(args.sft), reward_model, tokenizer, records)
+    print(f"held-out prompts: {len(records)} (greedy answers; right = right command and result stated; reward = the reward model)")
+    for name, figures in result.items():
+        print(f"  {name:<10} right {figures['right']:6.1%}   judge {figures['judge_mean']:.3f}/2   reward {figures['reward_mean']:+.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _load_reward(path):
+    """A reward model from a moss-train checkpoint (stage=reward) or a moss-export directory."""
+    from moss_train.checkpoint.sources import open_source
+    from moss_train.model.reward import RewardModel
+
+    source = open_source(path)
+    if "score.weight" not in source.names:
+        raise SystemExit(f"{path} is not a reward model (no score head)")
+    source.verify()
+    model = RewardModel(source.model_config)
+    model.load_state_dict({name: source.tensor(name).float() for name in source.names if not name.startswith("lm_head.")})
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------- CLI
+def cmd_pairs(args) -> int:
+    inputs, valid_inputs = list(args.input or []), list(args.valid_input or [])
+    out = Path(args.out)
+    if args.sample_from:
+        if not args.dialogues:
+            raise SystemExit("moss-data pairs: --sample-from needs --dialogues (demo dialogues with checks)")
+        counts = sample_judged_pairs(args.sample_from, args.tokenizer, Path(args.dialogues), out, args.samples, args.temperature, args.limit, args.seed)
+        print(f"pairs: sampled {counts.get('answers', 0)} answers to {counts.get('prompts', 0)} prompts; judge scores "
+              f"{ {k: v for k, v in sorted(counts.items()) if k.startswith('judge_')} }; {counts.get('ranked_prompts', 0)} prompts ranked")
+        inputs = [out / "pairs.jsonl", *inputs]
+        if args.valid_dialogues:
+            counts = sample_judged_pairs(args.sample_from, args.tokenizer, Path(args.valid_dialogues), out / "valid-samples",
+                                         args.samples, args.temperature, args.valid_limit, args.seed + 1)
+            valid_inputs = [out / "valid-samples" / "pairs.jsonl", *valid_inputs]
+    if not inputs:
+        raise SystemExit("moss-data pairs: give --input FILES (or --sample-from MODEL)")
+    meta = Path(args.meta_instruction[1:]).read_text(encoding="utf-8") if args.meta_instruction and args.meta_instruction.startswith("@") else args.meta_instruction
+    summary = render_pairs(inputs, args.tokenizer, out, valid_inputs=valid_inputs, valid_fraction=args.valid_fraction, meta_instruction=meta, seed=args.seed)
+    print(f"pairs: {summary['records_in']} records -> {summary['groups_written']} response groups, {summary['rejected']} rejected "
+          f"{summary['rejected_by_reason'] or ''} in {summary['seconds']}s")
+    for split, s in summary["shards"].items():
+        print(f"  {split:<8} {s['responses']:>7} responses {s['pairs']:>7} pairs {s['tokens']:>9} tokens")
+    print(f"  rejects: {summary['rejects_file']}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register ``moss-data pairs`` on the moss-data subcommand parser."""
+    p = sub.add_parser("pairs", help="render preference pairs into pair shards, or sample and judge pairs from a model")
+    p.add_argument("--input", nargs="+", help="jsonl files of pair records (chosen/rejected, messages, HH-RLHF, ranked)")
+    p.add_argument("--valid-input", nargs="+", help="jsonl files of held-out pair records")
+    p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this share of --input (by content hash)")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True, help="output directory (shards/, rejects.jsonl, summary.json)")
+    p.add_argument("--meta-instruction", help="meta instruction for records without one (text, or @FILE)")
+    p.add_argument("--sample-from", help="a model (moss-train checkpoint or HF dir) to answer --dialogues, judged")
+    p.add_argument("--dialogues", help="demo dialogues with checks (data/sft-demo/dialogues/train.jsonl)")
+    p.add_argument("--valid-dialogues", help="held-out demo dialogues, sampled and judged into the valid split")
+    p.add_argument("--samples", type=int, default=4, help="answers per prompt")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N tool-use prompts of --dialogues")
+    p.add_argument("--valid-limit", type=int, default=0, help="use only the first N tool-use prompts of --valid-dialogues")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_pairs)
+
+
+def main(argv=None) -> int:
+    """python -m data_pipelines.pairs compare --tokenizer DIR --reward-model RUN --dialogues valid.jsonl [--preference RUN] [--dpo RUN --sft RUN]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="preference evidence on held-out demo prompts")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compare")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--reward-model", required=True)
+    p.add_argument("--dialogues", required=True)
+    p.add_argument("--preference", help="a stage=preference run (asked for the best and the worst tag)")
+    p.add_argument("--dpo", help="a stage=dpo run")
+    p.add_argument("--sft", help="the SFT run DPO started from")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--out")
+    args = parser.parse_args(argv)
+    return compare(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

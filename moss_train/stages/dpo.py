@@ -1,0 +1,84 @@
+"""Stage `dpo`: direct preference optimisation on the same pair shards as stage=reward.
+
+The policy starts from ``stage.init_from`` (an SFT checkpoint); the frozen reference is
+``preference.reference`` (default: the same checkpoint). Reference log-probabilities are
+computed once, in a first pass before training: the reference is built under the run's ZeRO
+config (engine/setup.py: frozen_model), every rank scores its share of the pairs, the scores
+are gathered, and the reference is dropped before the policy exists — so a step costs one
+forward and backward of the policy, and memory never holds both models' activations.
+
+A response's log-probability sums over the tokens the model generates in the last turn
+(moss_train/data/pairs.py). Loss per pair: DPO ``-log sigmoid(beta * h)`` or IPO
+``(h - 1/(2 beta))^2`` (``preference.dpo_loss``), h the log-ratio difference; the mean is over
+all pairs of the global batch. Reported: ``accuracy`` (h > 0), ``margin`` (beta * h),
+``chosen_reward`` / ``rejected_reward`` (beta * the policy/reference log-ratio of each).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moss_train import losses
+from moss_train.data.pairs import PairDataset, sequence_logps
+from moss_train.stages import lm
+from moss_train.stages.base import LossTerms, StageData
+from moss_train.stages.reward import pair_data, score_sharded
+
+
+class DPOStage:
+    name = "dpo"
+
+    load_tokenizer = staticmethod(lm.load_tokenizer)
+    build_model = staticmethod(lm.build_causal_lm)
+
+    def __init__(self):
+        self.beta = 0.1
+        self.variant = "sigmoid"
+        self.frozen_model = None
+
+    def use_frozen_models(self, frozen_model) -> None:
+        self.frozen_model = frozen_model  # engine/setup.py: frozen_model(build, init_from)
+
+    def build_data(self, cfg, tokenizer) -> StageData:
+        self.beta, self.variant = cfg.preference.beta, cfg.preference.dpo_loss
+        data = pair_data(cfg, tokenizer, self.name)
+        reference = self.frozen_model(lm.build_causal_lm, cfg.preference.reference or cfg.stage.init_from)
+        for dataset in (data.train, data.eval):
+            if dataset is not None:
+                dataset.set_reference(reference_logps(reference, dataset, data.collate, cfg.trainer.micro_batch_size))
+        del reference
+        return data
+
+    def loss(self, model, batch: dict) -> LossTerms:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        policy_chosen, policy_rejected = sequence_logps(logits, batch["labels"]).chunk(2)
+        ref = batch["reference"].to(policy_chosen.device)
+        h = losses.log_ratio_difference(policy_chosen, policy_rejected, ref[:, 0], ref[:, 1])
+        per_pair = losses.dpo(h, self.beta, self.variant)
+        detached = h.detach().double()
+        return LossTerms(
+            loss_sum=per_pair.sum(),
+            num_targets=torch.tensor(len(h), device=h.device),
+            sums={
+                "accuracy": (detached > 0).sum().double(),
+                "margin": self.beta * detached.sum(),
+                "chosen_reward": self.beta * (policy_chosen.detach().double() - ref[:, 0]).sum(),
+                "rejected_reward": self.beta * (policy_rejected.detach().double() - ref[:, 1]).sum(),
+            },
+        )
+
+
+@torch.no_grad()
+def reference_logps(model, dataset: PairDataset, collate, micro_batch_size: int) -> np.ndarray:
+    """(pairs, 2) log-probabilities of each pair's chosen and rejected response under `model`,
+    computed over all ranks (stages/reward.py: score_sharded) and held by every rank."""
+    device = getattr(model, "device", torch.device("cpu"))
+
+    def score(indices: list[int]) -> list[tuple[float, float]]:
+        batch = collate([dataset[i] for i in indices])
+        logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
+        chosen, rejected = sequence_logps(logits, batch["labels"].to(device)).double().cpu().chunk(2)
+        return list(zip(chosen.tolist(), rejected.tolist()))
+
+    return np.array(score_sharded(len(dataset), micro_batch_size, score), dtype=np.float64).reshape(len(dataset), 2)

@@ -1,0 +1,200 @@
+"""Bradley-Terry, DPO and IPO losses and their gradients against hand computation; quantile
+tagging; the quality tag in the prompt; pair records in every format, rendered."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moss_train import losses
+from moss_train.chat import format as fmt
+from moss_train.data import pairs, sft
+from moss_train.stages.tag import conditioned_example, last_turn_only, quality_levels, quantile_thresholds
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_bradley_terry_value_and_gradient_by_hand():
+    chosen = torch.tensor([1.5, -0.2], requires_grad=True)
+    rejected = torch.tensor([0.5, 0.3], requires_grad=True)
+    margin = torch.tensor([0.0, 0.4])
+    loss = losses.bradley_terry(chosen, rejected, margin)
+    d = [1.5 - 0.5 - 0.0, -0.2 - 0.3 - 0.4]
+    assert loss.tolist() == pytest.approx([-math.log(sigmoid(x)) for x in d], rel=1e-6)
+    loss.sum().backward()
+    # d/dc -log sigmoid(c - r - m) = -(1 - sigmoid(c - r - m)); d/dr = +(1 - sigmoid(...))
+    assert chosen.grad.tolist() == pytest.approx([-(1 - sigmoid(x)) for x in d], rel=1e-6)
+    assert rejected.grad.tolist() == pytest.approx([1 - sigmoid(x) for x in d], rel=1e-6)
+    # A margin makes the same rewards cost more.
+    assert losses.bradley_terry(torch.tensor(1.0), torch.tensor(0.0), 0.5) > losses.bradley_terry(torch.tensor(1.0), torch.tensor(0.0))
+
+
+def test_dpo_and_ipo_values_and_gradients_by_hand():
+    pc, pr = torch.tensor([-10.0, -4.0], requires_grad=True), torch.tensor([-12.0, -3.0], requires_grad=True)
+    rc, rr = torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -3.5])
+    h = losses.log_ratio_difference(pc, pr, rc, rr)
+    expected_h = [(-10 + 11) - (-12 + 11.5), (-4 + 4.5) - (-3 + 3.5)]  # [1.5, 0.0]
+    assert h.tolist() == pytest.approx(expected_h)
+    beta = 0.2
+    dpo = losses.dpo(h, beta, "sigmoid")
+    assert dpo.tolist() == pytest.approx([-math.log(sigmoid(beta * x)) for x in expected_h], rel=1e-6)
+    dpo.sum().backward()
+    # d/d pc = -beta (1 - sigmoid(beta h)); d/d pr = +beta (1 - sigmoid(beta h))
+    assert pc.grad.tolist() == pytest.approx([-beta * (1 - sigmoid(beta * x)) for x in expected_h], rel=1e-6)
+    assert pr.grad.tolist() == pytest.approx([beta * (1 - sigmoid(beta * x)) for x in expected_h], rel=1e-6)
+
+    pc.grad = pr.grad = None
+    h = losses.log_ratio_difference(pc, pr, rc, rr)
+    ipo = losses.dpo(h, beta, "ipo")
+    target = 1 / (2 * beta)  # 2.5
+    assert ipo.tolist() == pytest.approx([(x - target) ** 2 for x in expected_h])
+    ipo.sum().backward()
+    assert pc.grad.tolist() == pytest.approx([2 * (x - target) for x in expected_h])
+    assert pr.grad.tolist() == pytest.approx([-2 * (x - target) for x in expected_h])
+    with pytest.raises(ValueError, match="unknown DPO loss"):
+        losses.dpo(h, beta, "hinge")
+
+
+def test_sequence_logps_sums_the_labelled_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    labels = torch.tensor([[3, -100, 5, -100], [-100, -100, -100, 1]])
+    logp = torch.log_softmax(logits, -1)
+    expected = [logp[0, 0, 3] + logp[0, 2, 5], logp[1, 3, 1]]
+    assert pairs.sequence_logps(logits, labels).tolist() == pytest.approx([float(x) for x in expected], rel=1e-6)
+
+
+def test_quantile_tagging():
+    scores = np.arange(100, dtype=float)  # 0..99
+    thresholds = quantile_thresholds(scores, 5)
+    assert thresholds == pytest.approx([19.8, 39.6, 59.4, 79.2])
+    levels = quality_levels(scores, thresholds)
+    assert [levels.count(k) for k in range(1, 6)] == [20, 20, 20, 20, 20]  # equal shares
+    assert quality_levels([-5.0, 19.8, 1000.0], thresholds) == [1, 2, 5]  # a cut point goes up
+    assert quality_levels([0.1, 0.9], quantile_thresholds([0.0, 1.0], 3)) == [1, 3]
+
+
+def test_the_quality_tag_enters_the_meta_instruction():
+    meta = fmt.meta_instruction(["calculator"], preamble=fmt.SHORT_PREAMBLE)
+    tagged = fmt.with_quality(meta, 5, 5)
+    assert tagged == meta + "- Response quality: 5/5\n"
+    assert fmt.enabled_plugins(tagged) == ["calculator"]  # the tools are still read right
+    assert fmt.quality_line(2, 3, "<quality {level} of {levels}>\n") == "<quality 2 of 3>\n"
+    with pytest.raises(ValueError):
+        fmt.quality_line(6, 5)
+
+
+def test_conditioned_example_trains_only_the_tagged_turn(tokenizer):
+    record = {"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+    ]}
+    conversation = sft.parse_record(record)
+    example = conditioned_example(conversation, 1, 2, 3, fmt.QUALITY_TEMPLATE)
+    assert example.dialogue.meta_instruction.endswith("- Response quality: 2/3\n")
+    ids, flags = sft.render(tokenizer, example)
+    kept = last_turn_only(flags)
+    second_turn = int(np.flatnonzero(flags & sft.TURN_START)[1])
+    assert (flags[:second_turn] & sft.LOSS_DEFAULT).any()  # the first reply had loss before
+    assert not (kept[:second_turn] & (sft.LOSS_DEFAULT | sft.LOSS_MOSS_REFERENCE)).any()
+    assert (kept[second_turn:] == flags[second_turn:]).all()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pretrain_data):
+    from moss_train.tokenizer import load_tokenizer
+
+    return load_tokenizer(pretrain_data / "tokenizer")
+
+
+def test_pair_records_in_every_format(tokenizer):
+    meta = fmt.meta_instruction()
+    strings = pairs.parse_pair_record({"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "margin": 2})
+    messages = pairs.parse_pair_record({
+        "chosen": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}],
+    })
+    hh = pairs.parse_pair_record({"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"})
+    for group in (strings, messages, hh):
+        assert [fmt.render(c.dialogue) for c in group.conversations] == [
+            fmt.render(fmt.Dialogue(meta, [fmt.Turn.from_text("What is 2+2?", answer)])) for answer in ("4", "5")
+        ]
+    assert strings.pairs == [(0, 1, 2.0)] and hh.pairs == [(0, 1, 0.0)]
+
+    ranked = pairs.parse_pair_record({"prompt": "Q", "responses": ["a", "b", "c"]})
+    assert ranked.pairs == [(0, 1, 1.0), (0, 2, 2.0), (1, 2, 1.0)]  # K=3 -> 3 pairs, best first
+    scored = pairs.parse_pair_record({"prompt": "Q", "responses": ["a", "b", "c"], "scores": [1, 2, 1]})
+    assert sorted(scored.pairs) == [(1, 0, 1.0), (1, 2, 1.0)]  # ties make no pair
+
+    multi = pairs.parse_pair_record({
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 4",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 22",
+    })
+    (c_ids, c_flags), (r_ids, r_flags) = pairs.render_groups(tokenizer, [multi])[0]
+    c_labels = pairs.response_labels(c_ids, c_flags)
+    # The DPO labels cover the last reply only, never the first turn's reply.
+    labelled = tokenizer.decode(c_ids[1:][c_labels[:-1] != -100].tolist())
+    assert "4" in labelled and "Hello" not in labelled
+    assert pairs.turn_ends(c_flags)[-1] == len(c_ids) - 1 and len(pairs.turn_ends(c_flags)) == 2
+
+    tool = pairs.parse_pair_record({
+        "meta_instruction": fmt.meta_instruction(["calculator"]), "prompt": "2*3?",
+        "responses": [{"inner_thoughts": "calc", "commands": 'Calculate("2*3")', "results": ["Calculate(\"2*3\") => '6'"], "moss": "6"},
+                      {"moss": "7"}],
+        "scores": [2, 0],
+    })
+    turn = tool.conversations[0].dialogue.turns[0]
+    assert turn.commands == ' Calculate("2*3")' and turn.results == "\nCalculate(\"2*3\") => '6'\n" and turn.human == " 2*3?"
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ([1, 2], sft.NOT_AN_OBJECT),
+        ({"prompt": "Q"}, sft.UNKNOWN_FORMAT),
+        ({"prompt": "Q", "chosen": "a", "rejected": "a"}, pairs.IDENTICAL_RESPONSES),
+        ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}, pairs.CONTEXTS_DIFFER),
+        ({"prompt": "Q", "responses": ["a", "b"], "scores": [1, 1]}, pairs.NO_PAIR),
+        ({"prompt": "Q", "responses": ["a", "b"], "scores": [1]}, pairs.BAD_SCORES),
+        ({"prompt": "Q", "responses": ["a"]}, pairs.NO_RESPONSES),
+        ({"prompt": "Q", "chosen": 3, "rejected": "a"}, sft.MALFORMED_FIELD),
+        ({"chosen": "Human: no leading newlines", "rejected": "x"}, sft.WRONG_ROLE_ORDER),  # no prompt at all
+    ],
+)
+def test_bad_pair_records_are_rejected_by_reason(record, reason):
+    with pytest.raises(sft.RecordError) as error:
+        pairs.parse_pair_record(record)
+    assert error.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["stage=dpo", "data=pairs_demo", "preference.dpo_loss=hinge"], "preference.dpo_loss"),
+        (["stage=dpo", "data=pairs_demo", "preference.beta=0"], "preference.beta"),
+        (["stage=dpo", "data=pairs_demo"], "preference.reference"),  # no reference, no init_from
+        (["stage=tag"], "preference.reward_model"),
+        (["stage=tag", "preference.reward_model=.", "preference.tag_inputs=[a,b]"], "preference.tag_inputs"),
+        (["stage=tag", "preference.levels=1"], "preference.levels"),
+        (["stage=preference", "data=preference_demo", "preference.quality_template='quality {grade}'"], "preference.quality_template"),
+        (["stage=reward", "data=pairs_demo", "preference.margin_scale=-1"], "preference.margin_scale"),
+    ],
+)
+def test_preference_recipes_are_validated_naming_the_key(overrides, key):
+    from moss_train.config import compose, to_object, validate
+    from moss_train.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        validate(to_object(compose(overrides)), world_size=1)
+    assert error.value.key == key, error.value
+
+
+def test_every_preference_stage_is_registered():
+    from moss_train.stages import get_stage
+
+    assert [get_stage(name).name for name in ("reward", "tag", "preference", "dpo")] == ["reward", "tag", "preference", "dpo"]

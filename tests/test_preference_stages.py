@@ -1,0 +1,224 @@
+"""The preference stages for real, each on two processes under ZeRO-3: moss-data pairs (every
+format, rejects counted), stage=reward learning a synthetic preference to > 90% held-out
+accuracy, stage=tag scoring dialogues with that reward model (sharded, gathered, tagged by
+quantile), stage=preference on the tagged data, stage=dpo with its frozen reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BIN, free_port, read_metrics, run_cli, train_losses, train_overrides
+
+WORDS = "apple river green stone quick blue table light music window paper cloud garden winter little bright".split()
+
+
+def reply(rng: random.Random, polite: bool) -> str:
+    """Random words; the preferred replies contain "please" somewhere, the others never do."""
+    words = rng.choices(WORDS, k=rng.randint(4, 9))
+    if polite:
+        words.insert(rng.randrange(len(words) + 1), "please")
+    return " ".join(words)
+
+
+def pair_records(n: int, seed: int) -> list[dict]:
+    """The same preference in the formats moss-data pairs reads, in turn."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        prompt = f"Tell me about the {rng.choice(WORDS)} {rng.choice(WORDS)}."
+        good, bad = reply(rng, True), reply(rng, False)
+        kind = i % 4
+        if kind == 0:
+            records.append({"prompt": prompt, "chosen": good, "rejected": bad})
+        elif kind == 1:
+            records.append({"chosen": f"\n\nHuman: {prompt}\n\nAssistant: {good}", "rejected": f"\n\nHuman: {prompt}\n\nAssistant: {bad}"})
+        elif kind == 2:
+            user = {"role": "user", "content": prompt}
+            records.append({"chosen": [user, {"role": "assistant", "content": good}], "rejected": [user, {"role": "assistant", "content": bad}]})
+        else:  # a ranked list of 3: two good ones above a bad one (1 tie -> 2 pairs)
+            records.append({"prompt": prompt, "responses": [good, reply(rng, False), reply(rng, True)], "scores": [1, 0, 1]})
+    return records
+
+
+SYSTEM = "You are an AI assistant whose name is MOSS.\n"  # short, so pairs fit in 128 tokens
+BAD_LINES = ['{"prompt": "Q", "chosen": "same", "rejected": "same"}', "{not json", '{"prompt": "Q", "responses": ["a", "b"], "scores": [2, 2]}']
+
+
+@pytest.fixture(scope="module")
+def pair_data(pretrain_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    for name, records, extra in (("train", pair_records(240, 0), BAD_LINES), ("valid", pair_records(48, 1), [])):
+        lines = [json.dumps(r) for r in records] + extra
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_cli(
+        ["pairs", "--input", str(root / "train.jsonl"), "--valid-input", str(root / "valid.jsonl"),
+         "--tokenizer", str(pretrain_data / "tokenizer"), "--out", str(root / "out"), "--meta-instruction", SYSTEM],
+        launcher=[str(BIN / "moss-data")],
+    )
+    assert "pairs: 291 records -> 288 response groups, 3 rejected" in result.stdout
+    return root / "out"
+
+
+def test_pairs_are_rendered_with_every_reject_counted(pair_data):
+    summary = json.loads((pair_data / "summary.json").read_text())
+    assert summary["rejected_by_reason"] == {"identical_responses": 1, "invalid_json": 1, "no_pair": 1}
+    assert summary["records_in"] == summary["groups_written"] + summary["rejected"]
+    rejects = [json.loads(line) for line in (pair_data / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"] for r in rejects) == ["identical_responses", "invalid_json", "no_pair"]
+    # 240 records: 180 single pairs + 60 ranked lists of 3 responses with 2 pairs each.
+    assert summary["shards"]["train"] == {**summary["shards"]["train"], "responses": 180 * 2 + 60 * 3, "pairs": 180 + 60 * 2}
+    index = np.load(pair_data / "shards" / "train.pairs.npy")
+    assert index.shape == (300, 3) and (index[:, 0] != index[:, 1]).all()
+
+
+def torchrun() -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
+
+
+def stage_overrides(pretrain_data, out, **extra) -> list[str]:
+    settings = {"deepspeed": "zero3", "data.tokenizer": str(pretrain_data / "tokenizer"), "data.seq_len": 128, "trainer.micro_batch_size": 4}
+    settings.update(extra)
+    return train_overrides(pretrain_data, out, **settings)
+
+
+@pytest.fixture(scope="module")
+def reward_run(pretrain_data, pair_data, tmp_path_factory):
+    """Two processes, ZeRO-3, from scratch: the reward model learns "please" is preferred."""
+    out = tmp_path_factory.mktemp("reward")
+    run_cli(
+        stage_overrides(pretrain_data, out, **{
+            "stage": "reward", "data": "pairs_demo", "data.root": str(pair_data),
+            "trainer.max_steps": 24, "trainer.global_batch_size": 16, "trainer.lr": 3e-3, "trainer.warmup_steps": 4,
+            "trainer.eval_samples": 48, "trainer.log_every": 8,
+        }),
+        launcher=torchrun(), timeout=400,
+    )
+    return out
+
+
+def test_reward_model_learns_a_preference_on_two_processes(reward_run):
+    records = train_losses(reward_run)
+    assert records[24]["loss"] < records[8]["loss"]
+    final = [r for r in read_metrics(reward_run) if "eval_accuracy" in r][-1]
+    assert final["eval_accuracy"] > 0.9, final  # held-out pairs ranked right
+    assert final["eval_margin"] > 0
+    report = json.loads((reward_run / "pair_data.json").read_text())
+    assert report["train"] == {"pairs": 300, "kept": 300, "skipped": {"too_long": 0}}
+
+
+def dialogues(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."}, {"role": "assistant", "content": reply(rng, i % 2 == 0)}]
+        if i % 5 == 0:  # a second turn, tagged on its own
+            messages += [{"role": "user", "content": "And more?"}, {"role": "assistant", "content": reply(rng, i % 2 == 1)}]
+        out.append({"messages": messages})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tag_run(pretrain_data, reward_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tag")
+    train, valid = root / "train.jsonl", root / "valid.jsonl"
+    train.write_text("\n".join(json.dumps(d) for d in dialogues(60, 3)) + '\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    valid.write_text("\n".join(json.dumps(d) for d in dialogues(12, 4)) + "\n")
+    out = root / "run"
+    run_cli(
+        stage_overrides(pretrain_data, out, **{
+            "stage": "tag", "preference.reward_model": str(reward_run), "preference.levels": 3, "data.seq_len": 256,
+            f"preference.tag_inputs": f"[{train},{valid}]",
+        }),
+        launcher=torchrun(), timeout=300,
+    )
+    return out
+
+
+def test_tag_scores_every_turn_with_the_reward_model_on_two_processes(tag_run, reward_run, pretrain_data):
+    summary = json.loads((tag_run / "thresholds.json").read_text())
+    assert summary["levels"] == 3 and len(summary["thresholds"]) == 2
+    train = summary["files"]["train"]
+    # 60 dialogues, 12 of them two turns; one record rejected (no user turn), and counted.
+    assert train["records_in"] == 61 and train["records_tagged"] == 60 and train["rejected"] == 1
+    assert train["turns_tagged"] == 72 and train["turns_untagged"] == 0
+    assert sum(train["per_level"].values()) == 72 and abs(train["per_level"]["1"] - 24) <= 1  # equal thirds
+    rejects = [json.loads(line) for line in (tag_run / "rejects.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejects] == ["wrong_role_order"]
+
+    tagged = [json.loads(line) for line in (tag_run / "tagged" / "train.jsonl").read_text().splitlines()]
+    assistant = [m for d in tagged for m in d["messages"] if m["role"] == "assistant"]
+    assert all(m["quality"] in (1, 2, 3) for m in assistant)
+    polite = [m["quality"] for m in assistant if "please" in m["content"].split()]
+    rude = [m["quality"] for m in assistant if "please" not in m["content"].split()]
+    assert np.mean(polite) > np.mean(rude) + 1  # the learned preference, as tags
+
+    # The sharded, gathered scores are the reward model's own, in the right order.
+    from data_pipelines.pairs import _load_reward
+    from moss_train.data import sft
+    from moss_train.tokenizer import load_tokenizer
+
+    model, tokenizer = _load_reward(reward_run), load_tokenizer(pretrain_data / "tokenizer")
+    for record in tagged[:3] + tagged[-3:]:
+        original = {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
+        ids, _ = sft.render(tokenizer, sft.parse_record(original))
+        with torch.no_grad():
+            last = float(model(torch.from_numpy(ids)[None])[0])
+        assert last == pytest.approx(record["messages"][-1]["reward"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def preference_run(pretrain_data, tag_run, tmp_path_factory):
+    """Tag-conditioned SFT (from scratch: the test is about the data path) on two processes."""
+    out = tmp_path_factory.mktemp("preference")
+    result = run_cli(
+        stage_overrides(pretrain_data, out, **{
+            "stage": "preference", "data": "preference_demo", "data.root": str(tag_run / "conditioned"),
+            "data.train_shards": "[shards/train.*]", "data.valid_shards": "[shards/valid.*]",
+            "trainer.max_steps": 3, "trainer.lr": 3e-3, "data.seq_len": 256,
+        }),
+        launcher=torchrun(), timeout=300,
+    )
+    return out, result.stdout
+
+
+def test_preference_trains_on_the_tagged_dialogues_on_two_processes(pretrain_data, tag_run, preference_run):
+    from moss_train.data.shards import open_shards
+    from moss_train.tokenizer import load_tokenizer
+
+    shards = open_shards(sorted(str(p)[: -len(".json")] for p in (tag_run / "conditioned" / "shards").glob("train.*.json")))
+    tokenizer = load_tokenizer(pretrain_data / "tokenizer")
+    assert sum(len(s) for s in shards) == 72  # one example per tagged turn
+    text = tokenizer.decode(shards[0].document(0).tolist())
+    assert "- Response quality: " in text and "/3" in text
+
+    out, stdout = preference_run
+    assert "sft train: 72/72 conversations" in stdout
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["levels"] == 3 and quality["template"] == "- Response quality: {level}/{levels}\n"
+    records = train_losses(out)
+    assert records[3]["loss"] < records[1]["loss"]
+
+
+def test_dpo_with_a_frozen_reference_on_two_processes(pretrain_data, pair_data, preference_run, tmp_path):
+    out = tmp_path / "dpo"
+    run_cli(
+        stage_overrides(pretrain_data, out, **{
+            "stage": "dpo", "data": "pairs_demo", "data.root": str(pair_data), "stage.init_from": str(preference_run[0]),
+            "trainer.max_steps": 3, "trainer.lr": 3e-3, "preference.beta": 0.5, "trainer.eval_samples": 16,
+        }),
+        launcher=torchrun(), timeout=300,
+    )
+    records = train_losses(out)
+    # Step 1: the policy IS the reference, so every pair's loss is -log sigmoid(0) = log 2 —
+    # the reference log-probs gathered from both ranks match the policy's own, pair by pair.
+    assert records[1]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert records[1]["margin"] == pytest.approx(0, abs=1e-3)
+    assert records[3]["loss"] < records[1]["loss"] and records[3]["accuracy"] > 0.5
+    final = [r for r in read_metrics(out) if "eval_loss" in r][-1]
+    assert math.isfinite(final["eval_loss"]) and 0 <= final["eval_accuracy"] <= 1
