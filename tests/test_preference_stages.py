@@ -205,6 +205,23 @@ def test_preference_trains_on_the_tagged_dialogues_on_two_processes(pretrain_dat
     assert records[3]["loss"] < records[1]["loss"]
 
 
+def test_the_tag_form_travels_to_the_export_and_moss_chat_asks_for_the_best(preference_run, tmp_path):
+    from moss_train.chat import format as fmt
+    from moss_train.chat.cli import choose_quality
+    from moss_train.checkpoint.export import export_checkpoint
+
+    out, _ = preference_run
+    step_dir = sorted((out / "checkpoints").glob("step_*"))[-1]
+    form = fmt.find_quality_form(step_dir)  # found two directories up, in the run
+    assert form == json.loads((out / "quality.json").read_text())
+    export_checkpoint(out, tmp_path / "hf")
+    assert fmt.find_quality_form(tmp_path / "hf") == form
+    assert choose_quality(None, form) == (3, 3) and choose_quality("worst", form) == (1, 3)
+    assert choose_quality("2/3", form) == (2, 3) and choose_quality(None, None) is None
+    with pytest.raises(SystemExit, match="not tag-conditioned"):
+        choose_quality("best", None)
+
+
 def test_dpo_with_a_frozen_reference_on_two_processes(pretrain_data, pair_data, preference_run, tmp_path):
     out = tmp_path / "dpo"
     run_cli(

@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "text2img=BACKEND (BACKEND: module:function or http(s)://url); default none")
     p.add_argument("--prompt", action="append", help="answer this and exit (repeat for a multi-turn script)")
     p.add_argument("--show-thoughts", action="store_true", help="also print inner thoughts, commands and tool results")
-    p.add_argument("--quality", help="N/K: ask a tag-conditioned model for quality level N of K (K best)")
+    p.add_argument("--quality", help="N/K, best or worst: the quality level to ask a tag-conditioned model for "
+                   "(default: best, when the model carries its tag form, quality.json)")
     p.add_argument("--preamble", default="moss", help="meta-instruction preamble: moss, short (the demo data's) or a file")
     p.add_argument("--meta-instruction", help="a file with the whole meta instruction (replaces --preamble and the plugin lines)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
@@ -40,6 +41,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tool-timeout", type=float, default=20.0, help="seconds for a configured web_search / text2img backend")
     return p.parse_args(argv)
+
+
+def choose_quality(text: str | None, form: dict | None) -> tuple[int, int] | None:
+    """(level, levels) to ask for: --quality as given, else the best level of a model that
+    carries its tag form; None for a model trained without tags."""
+    if text in (None, "best", "worst"):
+        if form is None:
+            if text:
+                raise SystemExit(f"moss-chat: --quality {text}: the model has no {fmt.QUALITY_FILE} (not tag-conditioned); pass N/K")
+            return None
+        levels = int(form["levels"])
+        return (1 if text == "worst" else levels), levels
+    return parse_quality(text)
 
 
 def parse_quality(text: str) -> tuple[int, int]:
@@ -85,9 +99,11 @@ def build_session(args: argparse.Namespace):
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    quality = parse_quality(args.quality) if args.quality else None
+    form = fmt.find_quality_form(args.model)
+    quality = choose_quality(args.quality, form)
+    template = form["template"] if form else fmt.QUALITY_TEMPLATE
     model, tokenizer = load_model(args.model), find_tokenizer(args.model, args.tokenizer)
-    return ChatSession(model, tokenizer, plugins, settings, meta=meta, preamble=preamble, quality=quality)
+    return ChatSession(model, tokenizer, plugins, settings, meta=meta, preamble=preamble, quality=quality, quality_template=template)
 
 
 def show(result, show_thoughts: bool, out=sys.stdout) -> None:

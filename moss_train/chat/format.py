@@ -131,6 +131,24 @@ def with_quality(meta: str, level: int, levels: int, template: str = QUALITY_TEM
     return (meta if not meta or meta.endswith("\n") else meta + "\n") + quality_line(level, levels, template)
 
 
+# The tag form a stage=preference run keeps beside its checkpoints and moss-export copies into
+# the HF directory: {"levels", "template", "thresholds"}.
+QUALITY_FILE = "quality.json"
+
+
+def find_quality_form(model_path) -> dict | None:
+    """The tag form of a tag-conditioned model: quality.json in `model_path` (a run or export
+    directory) or in the two directories above it (a run's checkpoints/step_N); None if absent."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_path).resolve()
+    for directory in [path, *path.parents][:3]:
+        if (directory / QUALITY_FILE).is_file():
+            return json.loads((directory / QUALITY_FILE).read_text(encoding="utf-8"))
+    return None
+
+
 def enabled_plugins(meta: str) -> list[str]:
     """Plugins a meta instruction enables (by its capability lines), in moss-003 order."""
     states = {label: state for label, state in _CAPABILITY_LINE.findall(meta.partition(CAPABILITIES_HEADER)[2])}

@@ -142,14 +142,15 @@ class ChatSession:
         meta: str | None = None,
         preamble: str = fmt.MOSS_PREAMBLE,
         quality: tuple[int, int] | None = None,
+        quality_template: str = fmt.QUALITY_TEMPLATE,
     ):
         """plugins: by name (default: none); meta: the whole meta instruction (default: the
         preamble + capability lines of `plugins`); quality: (level, levels) for a
-        tag-conditioned model, rendered by format.with_quality."""
+        tag-conditioned model, rendered by format.with_quality in the model's training form."""
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.plugins = dict(plugins or {})
         meta = fmt.meta_instruction(self.plugins, preamble=preamble) if meta is None else meta
-        self.meta = fmt.with_quality(meta, *quality) if quality else meta
+        self.meta = fmt.with_quality(meta, *quality, template=quality_template) if quality else meta
         self.history: list[fmt.Turn] = []
 
     def ask(self, human: str) -> TurnResult:

@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
+from moss_train.chat import format as fmt
 from moss_train.checkpoint.sources import MossTrainCheckpoint, _load_tokenizer, log, open_source
 from moss_train.engine.checkpoint import CheckpointError, ensure_free_space
 from moss_train.model.codegen import CodeGenForCausalLM
@@ -188,6 +189,7 @@ def export_checkpoint(
         write_generation_config(staging, tokenizer)
     tokenizer_state = write_tokenizer(staging, tokenizer)
     write_manifest(staging, source, kind, dtype, files, tokenizer)
+    _copy_quality_form(source.step_dir, staging)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.replace(out_dir)
@@ -209,6 +211,14 @@ def write_manifest(directory: Path, source: MossTrainCheckpoint, kind: str, dtyp
         "moss_train_model_config": asdict(source.model_config),
     }
     (directory / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _copy_quality_form(step_dir: Path, directory: Path) -> None:
+    """A tag-conditioned model's tag form (stage=preference's quality.json) travels with it, so
+    moss-chat asks the export for a tag the way training saw it."""
+    form = fmt.find_quality_form(step_dir)
+    if form is not None:
+        (directory / fmt.QUALITY_FILE).write_text(json.dumps(form, indent=1) + "\n")
 
 
 def _export_tokenizer(source: MossTrainCheckpoint, tokenizer_dir, cfg: ModelConfig):

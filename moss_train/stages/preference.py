@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from moss_train.chat import format as fmt
 from moss_train.errors import ConfigError
 from moss_train.stages.base import StageData
 from moss_train.stages.sft import SFTStage
@@ -29,7 +30,7 @@ class PreferenceStage(SFTStage):
         if not dist.is_initialized() or dist.get_rank() == 0:
             out = Path(cfg.run.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
+            (out / fmt.QUALITY_FILE).write_text(json.dumps(quality, indent=1) + "\n")
         return super().build_data(cfg, tokenizer)
 
     def _quality(self, cfg, tokenizer) -> dict:
