@@ -25,55 +25,38 @@ start, each scored by the judge and by the reward model.
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.sft import _held_out, _install
+from data_pipelines.render_common import ParsedRecord, RecordSource, ShardOutputs, render_records
 from moss_train.chat import format as fmt
 from moss_train.data import pairs as pairdata
 from moss_train.data import sft
-from moss_train.data.shards import ShardWriter, dtype_for_vocab
 from moss_train.tokenizer import load_tokenizer
 
-INVALID_JSON = "invalid_json"
-MAX_REJECT_RECORD_CHARS = 2000
 CHUNK = 128  # groups rendered per tokenizer batch
 
 
 # ----------------------------------------------------------------------------- rendering
-class _PairOutputs:
-    """One response shard + pair index per split, the rejects file, and the accounting."""
+class _PairOutputs(ShardOutputs):
+    """One response shard + pair index per split."""
 
-    def __init__(self, tmp_dir: Path, tokenizer, provenance: dict, rejects_file):
-        self.tmp_dir, self.tokenizer, self.provenance, self.rejects_file = tmp_dir, tokenizer, provenance, rejects_file
-        self.writers: dict[str, ShardWriter] = {}
+    written_key = "groups_written"
+
+    def __init__(self, *args):
+        super().__init__(*args)
         self.index: dict[str, list[tuple[int, int, float]]] = {}
-        self.records_in = 0
         self.groups = 0
-        self.rejected: Counter = Counter()
-
-    def reject(self, where: tuple[str, int], reason: str, detail: str, raw: str) -> None:
-        self.rejected[reason] += 1
-        record = {"file": where[0], "line": where[1], "reason": reason, "detail": detail, "record": raw[:MAX_REJECT_RECORD_CHARS]}
-        self.rejects_file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def write(self, split: str, group: pairdata.PairGroup, rendered: list) -> None:
-        if split not in self.writers:
-            self.writers[split] = ShardWriter(
-                self.tmp_dir / split, dtype_for_vocab(self.tokenizer.vocab_size), self.tokenizer.hash,
-                source="pairs", provenance=self.provenance, with_mask=True,
-            )
-            self.index[split] = []
-        writer = self.writers[split]
+        writer = self.writer(split, split, source="pairs")
         first = writer.n_docs
         for ids, flags in rendered:
             writer.add_document(ids, flags)
-        self.index[split].extend((first + a, first + b, margin) for a, b, margin in group.pairs)
+        self.index.setdefault(split, []).extend((first + a, first + b, margin) for a, b, margin in group.pairs)
         self.groups += 1
 
     def close(self) -> dict:
@@ -84,9 +67,8 @@ class _PairOutputs:
             shards[split] = {"responses": manifest["n_docs"], "pairs": len(self.index[split]), "tokens": manifest["n_tokens"]}
         return shards
 
-    def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
+    def count_written(self, shards: dict) -> int:
+        return self.groups
 
 
 def render_pairs(
@@ -100,73 +82,23 @@ def render_pairs(
     seed: int = 0,
 ) -> dict:
     """Render the pair records of `inputs` (and `valid_inputs`) into pair shards under `out`."""
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
-    started, out = time.time(), Path(out)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    tmp_dir = out / "shards.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
     provenance = {"inputs": [str(p) for p in inputs], "valid_inputs": [str(p) for p in valid_inputs], "tokenizer_dir": str(tokenizer_dir)}
-    rejects_path = out / "rejects.jsonl"
-    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
-    with open(rejects_tmp, "w", encoding="utf-8") as rejects_file:
-        outputs = _PairOutputs(tmp_dir, tokenizer, provenance, rejects_file)
-        try:
-            pending = []
-            for where, split, raw, record in _records(inputs, valid_inputs, valid_fraction, seed, outputs):
-                try:
-                    pending.append((split, pairdata.parse_pair_record(record, meta_instruction)))
-                except sft.RecordError as error:
-                    outputs.reject(where, error.reason, error.detail, raw)
-                if len(pending) >= CHUNK:
-                    _render_chunk(pending, outputs)
-                    pending = []
-            _render_chunk(pending, outputs)
-            shards = outputs.close()
-        except BaseException:
-            outputs.abort()
-            raise
-    _install(tmp_dir, out / "shards")
-    rejects_tmp.replace(rejects_path)
-    n_rejected = sum(outputs.rejected.values())
-    assert outputs.records_in == outputs.groups + n_rejected, "record accounting is broken"
-    summary = {
-        "out": str(out),
-        "records_in": outputs.records_in,
-        "groups_written": outputs.groups,
-        "rejected": n_rejected,
-        "rejected_by_reason": dict(sorted(outputs.rejected.items())),
-        "shards": shards,
-        "rejects_file": str(rejects_path),
-        "tokenizer_hash": tokenizer.hash,
-        "seconds": round(time.time() - started, 2),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-    return summary
+    return render_records(
+        RecordSource(inputs, valid_inputs, valid_fraction, seed),
+        tokenizer_dir,
+        out,
+        provenance=provenance,
+        make_outputs=_PairOutputs,
+        parse=lambda record: pairdata.parse_pair_record(record, meta_instruction),
+        render_chunk=_render_chunk,
+        chunk_size=CHUNK,
+    )
 
 
-def _records(inputs, valid_inputs, valid_fraction, seed, outputs):
-    files = [(Path(p), None) for p in inputs] + [(Path(p), "valid") for p in valid_inputs]
-    for path, fixed_split in files:
-        with open(path, encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                outputs.records_in += 1
-                try:
-                    record = json.loads(line)
-                except ValueError as error:
-                    outputs.reject((str(path), lineno), INVALID_JSON, str(error), line.rstrip("\n"))
-                    continue
-                split = fixed_split or ("valid" if _held_out(line, seed, valid_fraction) else "train")
-                yield (str(path), lineno), split, line.rstrip("\n"), record
-
-
-def _render_chunk(pending: list, outputs: _PairOutputs) -> None:
-    rendered = pairdata.render_groups(outputs.tokenizer, [group for _, group in pending])
-    for (split, group), responses in zip(pending, rendered):
-        outputs.write(split, group, responses)
+def _render_chunk(pending: list[ParsedRecord], outputs: _PairOutputs) -> None:
+    rendered = pairdata.render_groups(outputs.tokenizer, [record.parsed for record in pending])
+    for record, responses in zip(pending, rendered):
+        outputs.write(record.split, record.parsed, responses)
 
 
 # -------------------------------------------------------------- sampled, judged responses

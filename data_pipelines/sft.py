@@ -13,58 +13,31 @@ The shard directory is replaced as a whole, so no shard of an earlier run linger
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import shutil
-import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from data_pipelines.render_common import ParsedRecord, RecordSource, ShardOutputs, render_records
 from moss_train.chat import format as fmt
 from moss_train.data import sft
-from moss_train.data.shards import ShardWriter, dtype_for_vocab
-from moss_train.tokenizer import load_tokenizer
 
-log = logging.getLogger("moss-data")
-INVALID_JSON = "invalid_json"
-MAX_REJECT_RECORD_CHARS = 2000
 CHUNK = 256  # conversations rendered per tokenizer batch
 
 
-class _Outputs:
-    """Shard writers per (split, category), the rejects file, and the accounting."""
+class _Outputs(ShardOutputs):
+    """One shard per (split, category), and the truncation and loss-token counts."""
 
-    def __init__(self, tmp_dir: Path, tokenizer, provenance: dict, rejects_file):
-        self.tmp_dir = tmp_dir
-        self.tokenizer = tokenizer
-        self.provenance = provenance
-        self.rejects_file = rejects_file
-        self.writers: dict[tuple[str, str], ShardWriter] = {}
-        self.records_in = 0
-        self.rejected: Counter = Counter()
+    written_key = "conversations_written"
+
+    def __init__(self, *args):
+        super().__init__(*args)
         self.truncated = 0
         self.turns_dropped = 0
         self.loss_tokens: Counter = Counter()
 
-    def reject(self, where: tuple[str, int], reason: str, detail: str, raw: str) -> None:
-        self.rejected[reason] += 1
-        record = {"file": where[0], "line": where[1], "reason": reason, "detail": detail, "record": raw[:MAX_REJECT_RECORD_CHARS]}
-        self.rejects_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
     def write(self, split: str, conversation: sft.Conversation, ids, flags) -> None:
-        key = (split, conversation.category)
-        if key not in self.writers:
-            self.writers[key] = ShardWriter(
-                self.tmp_dir / f"{split}.{conversation.category}",
-                dtype_for_vocab(self.tokenizer.vocab_size),
-                self.tokenizer.hash,
-                source=conversation.category,
-                provenance=self.provenance,
-                with_mask=True,
-            )
-        self.writers[key].add_document(ids, flags)
+        category = conversation.category
+        self.writer((split, category), f"{split}.{category}", source=category).add_document(ids, flags)
         for name, bit in sft.LOSS_MASKS.items():
             self.loss_tokens[name] += int(((flags & bit) > 0).sum())
 
@@ -75,9 +48,11 @@ class _Outputs:
             shards[f"{split}.{category}"] = {"conversations": manifest["n_docs"], "tokens": manifest["n_tokens"]}
         return shards
 
-    def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
+    def count_written(self, shards: dict) -> int:
+        return sum(s["conversations"] for s in shards.values())
+
+    def extra_counts(self) -> dict:
+        return {"truncated": self.truncated, "turns_dropped": self.turns_dropped, "loss_tokens": dict(self.loss_tokens)}
 
 
 def render_sft(
@@ -94,14 +69,6 @@ def render_sft(
     seed: int = 0,
 ) -> dict:
     """Render the records of `inputs` (and `valid_inputs`) into SFT shards under `out`; the summary."""
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
-    started = time.time()
-    out = Path(out)
-    tokenizer = load_tokenizer(tokenizer_dir)  # a MOSS or any HF tokenizer directory
-    tmp_dir = out / "shards.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
     provenance = {
         "inputs": [str(p) for p in inputs],
         "valid_inputs": [str(p) for p in valid_inputs],
@@ -110,78 +77,20 @@ def render_sft(
         "max_length": max_length,
         "mask_bits": {"loss_default": sft.LOSS_DEFAULT, "loss_moss_reference": sft.LOSS_MOSS_REFERENCE, "turn_start": sft.TURN_START},
     }
-    rejects_path = out / "rejects.jsonl"
-    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
-    with open(rejects_tmp, "w", encoding="utf-8") as rejects_file:
-        outputs = _Outputs(tmp_dir, tokenizer, provenance, rejects_file)
-        try:
-            pending = []
-            for item in _records(inputs, valid_inputs, valid_fraction, seed, outputs):
-                where, split, raw, record = item
-                try:
-                    pending.append((where, split, raw, sft.parse_record(record, format, meta_instruction, category_from)))
-                except sft.RecordError as error:
-                    outputs.reject(where, error.reason, error.detail, raw)
-                if len(pending) >= CHUNK:
-                    _render_chunk(pending, outputs, max_length)
-                    pending = []
-            _render_chunk(pending, outputs, max_length)
-            shards = outputs.close()
-        except BaseException:
-            outputs.abort()
-            raise
-    _install(tmp_dir, out / "shards")
-    rejects_tmp.replace(rejects_path)
-    written = sum(s["conversations"] for s in shards.values())
-    n_rejected = sum(outputs.rejected.values())
-    assert outputs.records_in == written + n_rejected, "record accounting is broken"
-    summary = {
-        "out": str(out),
-        "records_in": outputs.records_in,
-        "conversations_written": written,
-        "rejected": n_rejected,
-        "rejected_by_reason": dict(sorted(outputs.rejected.items())),
-        "truncated": outputs.truncated,
-        "turns_dropped": outputs.turns_dropped,
-        "loss_tokens": dict(outputs.loss_tokens),
-        "shards": shards,
-        "rejects_file": str(rejects_path),
-        "tokenizer_hash": tokenizer.hash,
-        "seconds": round(time.time() - started, 2),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-    return summary
+    return render_records(
+        RecordSource(inputs, valid_inputs, valid_fraction, seed),
+        tokenizer_dir,
+        out,
+        provenance=provenance,
+        make_outputs=_Outputs,
+        parse=lambda record: sft.parse_record(record, format, meta_instruction, category_from),
+        render_chunk=lambda pending, outputs: _render_chunk(pending, outputs, max_length),
+        chunk_size=CHUNK,
+    )
 
 
-def _records(inputs, valid_inputs, valid_fraction, seed, outputs: _Outputs) -> Iterator[tuple]:
-    """(where, split, raw line, parsed JSON) for every non-blank line; bad JSON is rejected here."""
-    files = [(Path(p), None) for p in inputs] + [(Path(p), "valid") for p in valid_inputs]
-    for path, fixed_split in files:
-        with open(path, encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                outputs.records_in += 1
-                where = (str(path), lineno)
-                try:
-                    record = json.loads(line)
-                except ValueError as error:
-                    outputs.reject(where, INVALID_JSON, str(error), line.rstrip("\n"))
-                    continue
-                split = fixed_split or ("valid" if _held_out(line, seed, valid_fraction) else "train")
-                yield where, split, line.rstrip("\n"), record
-
-
-def _held_out(line: str, seed: int, fraction: float) -> bool:
-    """A deterministic split by content: the same record always lands in the same split."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.sha256(f"{seed}\0{line.strip()}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def _render_chunk(pending: list, outputs: _Outputs, max_length: int) -> None:
-    rendered = sft.render_many(outputs.tokenizer, [conversation for *_, conversation in pending])
+def _render_chunk(pending: list[ParsedRecord], outputs: _Outputs, max_length: int) -> None:
+    rendered = sft.render_many(outputs.tokenizer, [record.parsed for record in pending])
     for (where, split, raw, conversation), (ids, flags) in zip(pending, rendered):
         if max_length and len(ids) > max_length:
             kept = sft.kept_length(flags, max_length)
@@ -192,16 +101,6 @@ def _render_chunk(pending: list, outputs: _Outputs, max_length: int) -> None:
             outputs.turns_dropped += int(((flags[kept:] & sft.TURN_START) > 0).sum())
             ids, flags = ids[:kept], flags[:kept]
         outputs.write(split, conversation, ids, flags)
-
-
-def _install(new: Path, final: Path) -> None:
-    """Replace the shard directory as a whole (old one moved aside first, then removed)."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------- CLI
