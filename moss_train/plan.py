@@ -164,30 +164,33 @@ def deepspeed_estimate(counts: ParameterCounts, layout: Layout) -> Optional[tupl
 
 def layer_saved_bytes_per_token(model: ModelConfig, seq_len: int) -> float:
     """What autograd keeps for one CodeGen block's backward, per token, in 16-bit:
-    the block input and ln_1's output (2 x h), q, k, v (3h), the attention output (h),
-    fc_in's output and the GELU's (2 x inner); fp32 LayerNorm statistics (8 bytes) and the
-    attention's fp32 log-sum-exp per head; and the packed-document mask, which SDPA turns into
-    a 16-bit bias of seq_len per token in every layer."""
+    the block input and ln_1's output (2 x h), q, k, v (3h), the attention output twice (as
+    SDPA returned it, kept for its backward, and out_proj's contiguous input: 2h), fc_in's output
+    and the GELU's (2 x inner); fp32 LayerNorm statistics (8 bytes) and the attention's fp32
+    log-sum-exp per head. Packed documents cost nothing extra: each is its own causal attention
+    call, with no mask (codegen.document_attention_layout). `seq_len` is kept for the callers;
+    the per-token figure does not depend on it."""
     h = model.n_embd
-    return 2 * (6 * h + 2 * inner_dim(model)) + 8 + 4 * model.n_head + 2 * seq_len
+    return 2 * (7 * h + 2 * inner_dim(model)) + 8 + 4 * model.n_head
 
 
 def head_saved_bytes_per_token(model: ModelConfig) -> float:
     """Outside the blocks: token ids (int64), ln_f's input and output (16-bit), its statistics,
-    and the fp32 log-probabilities cross-entropy keeps over the (padded) vocabulary."""
-    return 8 + 4 * model.n_embd + 8 + 4 * model_vocab_size(model)
+    the 16-bit logits over the (padded) vocabulary, which the training loss keeps instead of
+    fp32 log-probabilities (stages/lm.py: token_cross_entropy), and its fp32 log-sum-exp."""
+    return 8 + 4 * model.n_embd + 8 + 2 * model_vocab_size(model) + 4
 
 
 def head_backward_bytes_per_token(model: ModelConfig) -> float:
-    """Transient at the start of backward: the fp32 gradients of the log-probabilities and of
-    the logits, and the 16-bit cast of the latter (4 + 4 + 2 bytes per vocabulary entry)."""
-    return 10 * model_vocab_size(model)
+    """Transient at the start of backward: the logits' 16-bit gradient, which the loss writes
+    straight into one buffer (its fp32 work is done in cache-sized chunks)."""
+    return 2 * model_vocab_size(model)
 
 
 def checkpointed_bytes_per_token(model: ModelConfig, seq_len: int) -> float:
     """With activation checkpointing the blocks keep only their inputs: each block's hidden
-    state (16-bit), and the boolean document mask once (shared by all blocks)."""
-    return model.n_layer * 2 * model.n_embd + seq_len
+    state (16-bit); packed documents add no mask (see layer_saved_bytes_per_token)."""
+    return model.n_layer * 2 * model.n_embd
 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, checkpointing: bool) -> float:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moss_train.data.sft import (
     IGNORE_INDEX,
@@ -115,8 +114,8 @@ class SFTStage:
         )
         labels = batch["labels"].flatten()
         targets = labels != IGNORE_INDEX
-        token_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        correct = (logits.flatten(0, 1).argmax(dim=-1) == labels) & targets
+        token_loss, predicted = lm.token_cross_entropy(logits.flatten(0, 1), labels)
+        correct = (predicted == labels) & targets
         sums = {"accuracy": correct.sum().to(torch.float64)}
         counts: dict[str, torch.Tensor] = {}
         if self.per_category and "category_ids" in batch:

@@ -1,0 +1,181 @@
+"""Performance changes keep the numerics: the chunked cross-entropy, fused AdamW, the whole
+engine step against a plain torch reference; and the CPU matmul peak behind MFU."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, cli_env
+from moss_train.engine import metrics
+from moss_train.stages.lm import IGNORE_INDEX, token_cross_entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_cross_entropy_equals_torch(dtype, monkeypatch):
+    # Small chunks, so several chunks (and a ragged last one) are exercised.
+    monkeypatch.setattr("moss_train.stages.lm.CHUNK_BYTES", 4 * 300 * 7)
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(50, 300, generator=generator)).to(dtype)
+    labels = torch.randint(0, 300, (50,), generator=generator)
+    labels[::4] = IGNORE_INDEX
+    weights = torch.rand(50, generator=generator)  # a non-uniform upstream gradient per token
+
+    ours = logits.clone().requires_grad_()
+    token_loss, predicted = token_cross_entropy(ours, labels)
+    (token_loss * weights).sum().backward()
+
+    ref = logits.clone().requires_grad_()
+    ref_loss = F.cross_entropy(ref.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    (ref_loss * weights).sum().backward()
+
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert token_loss.dtype == torch.float32
+    torch.testing.assert_close(token_loss, ref_loss, rtol=1e-6, atol=1e-5)
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(ours.grad.float(), ref.grad.float(), rtol=tol, atol=1e-6)
+    assert torch.equal(predicted, logits.float().argmax(-1))
+    assert (token_loss[labels == IGNORE_INDEX] == 0).all() and (ours.grad[labels == IGNORE_INDEX] == 0).all()
+
+
+def test_fused_adamw_matches_default_adamw():
+    from moss_train.config import MossTrainConfig
+    from moss_train.engine.setup import build_optimizer, optimizer_param_groups
+
+    cfg = MossTrainConfig()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    twin.load_state_dict(model.state_dict())
+    ours = build_optimizer(model, cfg)
+    assert ours.defaults["fused"] is True
+    t = cfg.trainer
+    reference = torch.optim.AdamW(
+        optimizer_param_groups(twin, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, foreach=False
+    )
+    x = torch.randn(8, 16)
+    for _ in range(5):
+        for net, opt in ((model, ours), (twin, reference)):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+ENGINE_VS_TORCH = textwrap.dedent(
+    """
+    import json, math
+    from dataclasses import replace
+    import torch
+    import torch.nn.functional as F
+    from moss_train.config import MossTrainConfig
+    from moss_train.data.packed import collate_packed
+    from moss_train.engine import setup
+    from moss_train.engine.loop import Trainer
+    from moss_train.model.codegen import CodeGenForCausalLM
+    from moss_train.model.config import ModelConfig
+    from moss_train.stages.base import StageData
+    from moss_train.stages.lm import causal_lm_loss, count_label_targets
+
+    model_cfg = ModelConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    labels = torch.cat([ids[:, 1:], torch.full((4, 1), -100)], dim=1)
+    labels[0, :10] = -100  # uneven targets per row: the token mean is over the whole batch
+
+    class Fixed:
+        name = "fixed"
+        loss = staticmethod(causal_lm_loss)
+        def load_tokenizer(self, cfg): return None
+        def build_model(self, cfg, tok): return CodeGenForCausalLM(cfg.model)
+        def build_data(self, cfg, tok):
+            samples = [{"input_ids": ids[i], "labels": labels[i]} for i in range(4)]
+            return StageData(train=samples, eval=None, collate=collate_packed, count_targets=count_label_targets,
+                             tokens_per_sample=32, shuffle=False)
+
+    cfg = MossTrainConfig()
+    cfg.model = model_cfg
+    cfg.trainer = replace(cfg.trainer, micro_batch_size=2, global_batch_size=4, precision="fp32", warmup_steps=2, max_steps=4)
+    cfg.deepspeed = replace(cfg.deepspeed, zero_stage=3)
+    trainer = Trainer(cfg, Fixed())
+    engine = [trainer.train_step() for _ in range(4)]
+
+    # The reference: plain torch, F.cross_entropy, AdamW's default (unfused) loop, same schedule.
+    torch.manual_seed(cfg.trainer.seed)
+    model = CodeGenForCausalLM(model_cfg)
+    t = cfg.trainer
+    opt = torch.optim.AdamW(setup.optimizer_param_groups(model, t.weight_decay), lr=t.lr,
+                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, foreach=False)
+    sched = setup.scheduler_factory(cfg)(opt)
+    reference = []
+    for _ in range(4):
+        logits = model(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step(); sched.step(); opt.zero_grad()
+        reference.append({"loss": loss.item(), "grad_norm": norm.item()})
+    print("RESULT " + json.dumps({"engine": engine, "reference": reference}))
+    """
+)
+
+
+def test_engine_step_equals_plain_torch_reference(tmp_path):
+    """Through the real DeepSpeed engine (ZeRO-3, two micro-batches), with the chunked loss and
+    fused AdamW, four steps give the losses and gradient norms of a plain torch loop with
+    F.cross_entropy and the default AdamW."""
+    import subprocess
+
+    script = tmp_path / "engine_vs_torch.py"
+    script.write_text(ENGINE_VS_TORCH)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=cli_env(PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    for step, (ours, ref) in enumerate(zip(result["engine"], result["reference"])):
+        assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-5), step
+        assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), step
+    assert result["reference"][-1]["loss"] < result["reference"][0]["loss"]  # it trained
+
+
+def test_cpu_peak_is_the_best_of_this_run_and_the_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "peak.json"
+    monkeypatch.setattr(metrics, "measure_cpu_peak_tflops", lambda precision: 0.2)
+
+    peak, line = metrics.cpu_peak_tflops("fp32", cache_file=cache)
+    assert peak == 0.2 and "measured now" in line
+    (key,) = json.loads(cache.read_text())
+    assert "fp32" in key and f"{torch.get_num_threads()} threads" in key
+
+    # A later, loaded run measures less: the cached peak stays the denominator.
+    monkeypatch.setattr(metrics, "measure_cpu_peak_tflops", lambda precision: 0.05)
+    peak, line = metrics.cpu_peak_tflops("fp32", cache_file=cache)
+    assert peak == 0.2 and "best cached 0.200" in line
+    assert json.loads(cache.read_text()) == {key: 0.2}
+
+    # A quieter run measures more: it becomes the peak and the cache.
+    monkeypatch.setattr(metrics, "measure_cpu_peak_tflops", lambda precision: 0.3)
+    assert metrics.cpu_peak_tflops("fp32", cache_file=cache)[0] == 0.3
+    assert json.loads(cache.read_text()) == {key: 0.3}
+
+    # bf16 has its own entry; a corrupt cache file is measured over, not fatal.
+    assert metrics.cpu_peak_tflops("bf16-autocast", cache_file=cache)[0] == 0.3
+    assert len(json.loads(cache.read_text())) == 2
+    cache.write_text("{not json")
+    assert metrics.cpu_peak_tflops("fp32", cache_file=cache)[0] == 0.3
+
+
+def test_peak_used_for_mfu_is_printed_and_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    peak = metrics.peak_tflops(None, "fp32", torch.device("cpu"))
+    assert peak > 0 and f"fp32 matmul peak {peak:.3f} TFLOP/s" in capsys.readouterr().out
+    cached = json.loads((tmp_path / "moss-train" / "cpu_matmul_peak.json").read_text())
+    assert list(cached.values()) == [peak]
+    assert metrics.peak_tflops(2.5, "fp32", torch.device("cpu")) == 2.5
+    assert "from logging.peak_tflops" in capsys.readouterr().out
