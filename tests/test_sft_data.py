@@ -4,6 +4,7 @@ packing and padding, the mask stream in shards."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from moss_train.stages.lm import build_causal_lm
 from moss_train.stages.sft import SFTStage
 from moss_train.tokenizer import MossTokenizer
 
-SAMPLE = REPO.parent / "shared" / "data" / "moss-003-sft-sample" / "conversations.jsonl"
+# The workspace's shared data sits beside the checkout; MOSS_SHARED_DIR points elsewhere.
+SHARED = Path(os.environ.get("MOSS_SHARED_DIR", REPO.parent / "shared"))
+SAMPLE = SHARED / "data" / "moss-003-sft-sample" / "conversations.jsonl"
 FIELD_KEYS = [spec.key for spec in fmt.FIELDS]
 CATEGORIES = {"plain", "calculator", "equation_solver", "web_search", "text2img", "mix"}
 
@@ -31,7 +34,7 @@ CATEGORIES = {"plain", "calculator", "equation_solver", "web_search", "text2img"
 @pytest.fixture(scope="module")
 def sample_records() -> list[dict]:
     if not SAMPLE.is_file():
-        pytest.skip(f"the shared moss-003 sample is not at {SAMPLE}")
+        pytest.skip(f"the shared moss-003 sample is not at {SAMPLE} (set MOSS_SHARED_DIR)")
     return [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
