@@ -11,7 +11,6 @@ max_memory_allocated on a GPU), alternating round by round; the figure is the me
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,8 +39,7 @@ def main(argv=None) -> int:
         f"### activation_checkpointing — {config} ({tt.num_parameters(tt.CONFIGS[config]) / 1e6:.0f}M), {precision}, "
         f"batch {batch_size} x seq {seq_len}, ZeRO-{args.zero_stage}, {base['device']}, each variant in its own subprocess, alternating",
         "",
-        f"`{tt.command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
-        f"{load_before} before / {tt.load_line()[len('1-min load average '):]} after)",
+        tt.run_line(argv, load_before),
         "",
         "| variant | median step s | step time vs none | peak memory GB | memory vs none | first loss |",
         "|---|---|---|---|---|---|",

@@ -122,8 +122,7 @@ def main(argv=None) -> int:
         f"### engine_overhead — {config} ({tt.num_parameters(tt.CONFIGS[config]) / 1e6:.0f}M), {precision}, "
         f"batch {batch_size} x seq {seq_len}, {pooled['bare torch']['device']}, {how}",
         "",
-        f"`{tt.command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
-        f"{load_before} before / {tt.load_line()[len('1-min load average '):]} after)",
+        tt.run_line(argv, load_before),
         "",
         "| step | median s | all timed steps (s) | overhead vs bare torch | first loss | peak memory GB |",
         "|---|---|---|---|---|---|",

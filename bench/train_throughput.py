@@ -247,6 +247,14 @@ def command_line(argv) -> str:
     return "python " + os.path.relpath(sys.argv[0], REPO) + " " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
+def run_line(argv, load_before: str) -> str:
+    """How a table was made: the command, when, the torch version, the machine's load around it."""
+    return (
+        f"`{command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
+        f"{load_before} before / {load_line()[len('1-min load average '):]} after)"
+    )
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="small", help=f"comma-separated: {', '.join(CONFIGS)}")
@@ -304,8 +312,7 @@ def throughput_table(rows, peaks: dict, device: str, argv, load_before: str, zer
     lines = [
         f"### train_throughput — {where}, moss-train ZeRO-{zero_stage}, each side in its own subprocess, alternating",
         "",
-        f"`{command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
-        f"{load_before} before / {load_line()[len('1-min load average '):]} after); matmul peak used for MFU: "
+        run_line(argv, load_before) + "; matmul peak used for MFU: "
         + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()),
         "",
         "| model | precision | batch x seq | trainer | step s (median) | tokens/s | vs transformers | "
