@@ -102,7 +102,8 @@ def _render_chunk(pending: list[ParsedRecord], outputs: _PairOutputs) -> None:
 
 
 # -------------------------------------------------------------- sampled, judged responses
-def sample_turns(model, tokenizer, records: list[dict], temperature: float = 0.0, seed: int = 0, max_new_tokens=(80, 48)) -> list[dict]:
+def sample_turns(model, tokenizer, records: list[dict], temperature: float = 0.0, seed: int = 0, max_new_tokens=(80, 48),
+                 top_p: float = 1.0) -> list[dict]:
     """Each record's first turn answered by `model`, the two-pass MOSS way: pass one writes the
     inner thoughts and commands, the commands really run (enabled plugins only), pass two gets
     the results and writes the reply. Returns the turn's fields (inner_thoughts, commands,
@@ -114,7 +115,7 @@ def sample_turns(model, tokenizer, records: list[dict], temperature: float = 0.0
     dialogues = [sft.parse_record(r).dialogue for r in records]
     enabled = [set(fmt.enabled_plugins(d.meta_instruction)) for d in dialogues]
     prompts = [_encode(tokenizer, fmt.prompt_segments(d.meta_instruction, [], d.turns[0].human[1:])) for d in dialogues]
-    sample = dict(temperature=temperature, top_k=0, seed=seed)
+    sample = dict(temperature=temperature, top_k=0, top_p=top_p, seed=seed, vocab_size=tokenizer.vocab_size)
     first = generate_batch(model, prompts, max_new_tokens[0], (end_commands, end_reply), tokenizer.pad_id, **sample)
     texts = [tokenizer.decode(ids) for ids in first]
     turns = []
@@ -220,19 +221,24 @@ def score_turns(reward_model, tokenizer, records: list[dict], turns: list[dict],
     return scores
 
 
-def answer_figures(model, reward_model, tokenizer, records: list[dict], asked: list[dict] | None = None) -> dict:
-    """Greedy answers to each record's prompt: judge (right command and result) and mean reward.
-    `asked`: the records as put to the model (e.g. with a quality tag); the reward model scores
-    the answers in the plain records' dialogue, as it was trained."""
+def answer_figures(model, reward_model, tokenizer, records: list[dict], asked: list[dict] | None = None,
+                   samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
+    """`samples` answers to each record's prompt (greedy at temperature 0): the judge's verdict
+    (right command and result) and the mean reward. `asked`: the records as put to the model
+    (e.g. with a quality tag); the reward model scores the answers in the plain records'
+    dialogue, as it was trained. The same seeds serve every model compared."""
     asked = asked or records
-    turns = []
-    for start in range(0, len(asked), 64):
-        turns.extend(sample_turns(model, tokenizer, asked[start : start + 64]))
-    scores = [judge(r, t) for r, t in zip(records, turns)]
-    rewards = score_turns(reward_model, tokenizer, records, turns)
+    scores, rewards = [], []
+    for k in range(samples):
+        for start in range(0, len(asked), 64):
+            plain = records[start : start + 64]
+            turns = sample_turns(model, tokenizer, asked[start : start + 64], temperature, seed=seed + 1000 * k + start, top_p=top_p)
+            scores.extend(judge(r, t) for r, t in zip(plain, turns))
+            rewards.extend(score_turns(reward_model, tokenizer, plain, turns))
     return {
         "prompts": len(records),
-        "right": sum(s == 2 for s in scores) / max(1, len(records)),
+        "answers": len(scores),
+        "right": sum(s == 2 for s in scores) / max(1, len(scores)),
         "judge_mean": float(np.mean(scores)) if scores else 0.0,
         "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
     }
@@ -251,20 +257,24 @@ def compare(args) -> int:
     reward_model = _load_reward(args.reward_model)
     records = [json.loads(line) for line in Path(args.dialogues).read_text(encoding="utf-8").splitlines() if line.strip()]
     records = [r for r in records if "check" in r][: args.limit or None]
-    result: dict = {}
+    sampling = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    figures = lambda model, asked=None: answer_figures(model, reward_model, tokenizer, records, asked, **sampling)  # noqa: E731
+    result: dict = {"sampling": sampling}
     if args.preference:
         quality = json.loads((Path(args.preference) / "quality.json").read_text())
         model = load_model(args.preference)
         levels, template = quality["levels"], quality["template"]
-        result["best_tag"] = answer_figures(model, reward_model, tokenizer, records, conditioned(records, levels, levels, template))
-        result["worst_tag"] = answer_figures(model, reward_model, tokenizer, records, conditioned(records, 1, levels, template))
+        result["best_tag"] = figures(model, conditioned(records, levels, levels, template))
+        result["worst_tag"] = figures(model, conditioned(records, 1, levels, template))
     if args.dpo:
-        result["dpo"] = answer_figures(load_model(args.dpo), reward_model, tokenizer, records)
+        result["dpo"] = figures(load_model(args.dpo))
     if args.sft:
-        result["sft"] = answer_figures(load_model(args.sft), reward_model, tokenizer, records)
-    print(f"held-out prompts: {len(records)} (greedy answers; right = right command and result stated; reward = the reward model)")
-    for name, figures in result.items():
-        print(f"  {name:<10} right {figures['right']:6.1%}   judge {figures['judge_mean']:.3f}/2   reward {figures['reward_mean']:+.3f}")
+        result["sft"] = figures(load_model(args.sft))
+    how = "greedy" if args.temperature <= 0 else f"{args.samples} sampled at temperature {args.temperature}, top_p {args.top_p}"
+    print(f"held-out prompts: {len(records)}, answers {how}; right = right command and result stated; reward = the reward model")
+    for name, row in result.items():
+        if name != "sampling":
+            print(f"  {name:<10} right {row['right']:6.1%}   judge {row['judge_mean']:.3f}/2   reward {row['reward_mean']:+.3f}   ({row['answers']} answers)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
@@ -345,6 +355,12 @@ def main(argv=None) -> int:
     p.add_argument("--dpo", help="a stage=dpo run")
     p.add_argument("--sft", help="the SFT run DPO started from")
     p.add_argument("--limit", type=int, default=0)
+    # MOSS 003's recommended sampling, several answers per prompt: greedy answers hide how the
+    # tag shifts the distribution the model samples from.
+    p.add_argument("--samples", type=int, default=4, help="answers per prompt (1 with --temperature 0)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
     args = parser.parse_args(argv)
     return compare(args)

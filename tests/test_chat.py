@@ -133,16 +133,30 @@ def test_sampling_follows_the_distribution_and_the_seed():
         generate_batch(model, prompts[:1], 4, temperature=1.0, top_p=0.0)
 
 
+def test_ids_beyond_the_tokenizer_vocabulary_are_never_generated():
+    """An embedding padded past the tokenizer's vocabulary: its extra ids decode to nothing, so
+    neither sampling nor greedy decoding may pick them, however likely the model makes them."""
+    model = random_model(1)
+    vocab = model.lm_head.out_features
+    with torch.no_grad():
+        model.lm_head.bias[vocab // 2 :] += 50.0  # the padding rows now dominate every step
+    prompts = [[3, 4, 5]] * 16
+    assert min(min(row) for row in generate_batch(model, prompts, 6, temperature=1.0, seed=0)) >= vocab // 2
+    for options in ({"temperature": 1.0, "seed": 0}, {"temperature": 0.0}, {"temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.2}):
+        rows = generate_batch(model, prompts, 6, vocab_size=vocab // 2, **options)
+        assert max(max(row) for row in rows) < vocab // 2, options
+
+
 # ----------------------------------------------------------------------------- the protocol
 class ScriptedSettings(Settings):
     """A scripted decoder: answers each pass with fixed text and records the prompts it got."""
 
-    def __init__(self, tokenizer, first: str, second: str):
+    def __init__(self, first: str, second: str):
         super().__init__()
-        object.__setattr__(self, "script", (tokenizer, first, second, []))
+        object.__setattr__(self, "script", (first, second, []))
 
-    def generate(self, model, prompts, max_new_tokens, stop_ids, pad_id):
-        tokenizer, first, second, seen = self.script
+    def generate(self, model, tokenizer, prompts, max_new_tokens, stop_ids):
+        first, second, seen = self.script
         seen.append((list(prompts), tuple(stop_ids)))
         return [tokenizer.encode(first if len(seen) == 1 else second) for _ in prompts]
 
@@ -159,13 +173,13 @@ class FixedSearch(Plugin):
 def test_two_pass_builds_the_sft_rendering_and_runs_the_enabled_plugins(pretrain_data):
     tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
     thoughts, commands = " I need the calculator and a search.", ' Calculate("24*15") Solve("3x+5=20") Search("MOSS")'
-    script = ScriptedSettings(tokenizer, f"<|Inner Thoughts|>:{thoughts}<eot>\n<|Commands|>:{commands}<eoc>", "<|MOSS|>: It is 360.<eom>")
+    script = ScriptedSettings(f"<|Inner Thoughts|>:{thoughts}<eot>\n<|Commands|>:{commands}<eoc>", "<|MOSS|>: It is 360.<eom>")
     plugins = {**build_plugins("calculator,equation_solver"), "web_search": FixedSearch()}
     meta = fmt.meta_instruction(["calculator", "web_search"])  # the solver is not enabled here
     history = [fmt.Turn.from_text("hi", "Hello!")]
     [result] = two_pass(None, tokenizer, [TurnRequest(meta, history, "What is 24*15?")], plugins, script)
 
-    (first_prompts, first_stops), (second_prompts, second_stops) = script.script[3]
+    (first_prompts, first_stops), (second_prompts, second_stops) = script.script[2]
     ends = [tokenizer.token_to_id(t) for t in ("<eoc>", "<eom>")]
     assert first_stops == tuple(ends) and second_stops == (ends[1],)
     assert first_prompts[0] == encode(tokenizer, fmt.prompt_segments(meta, history, "What is 24*15?"))
@@ -181,7 +195,7 @@ def test_two_pass_builds_the_sft_rendering_and_runs_the_enabled_plugins(pretrain
 
 def test_a_reply_in_pass_one_skips_the_tools_and_sessions_keep_history(pretrain_data):
     tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
-    script = ScriptedSettings(tokenizer, "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>", "<|MOSS|>: Hi there!<eom>")
+    script = ScriptedSettings("<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>", "<|MOSS|>: Hi there!<eom>")
     model = random_model(n_positions=2048)  # only its n_positions is read: the script decodes
     session = ChatSession(model, tokenizer, build_plugins("calculator"), script, preamble=fmt.SHORT_PREAMBLE, quality=(3, 3))
     assert "- Calculator: enabled. API: Calculate(expression)\n" in session.meta and "- Web search: disabled.\n" in session.meta
@@ -190,7 +204,7 @@ def test_a_reply_in_pass_one_skips_the_tools_and_sessions_keep_history(pretrain_
     assert session.history[0].results == fmt.NONE_BODY  # no command: the "None" results field
     object.__setattr__(script, "script", (tokenizer, "<|Inner Thoughts|>: None<eot>\n<|MOSS|>: Bye.<eom>", "", []))
     result = session.ask("bye")
-    assert result.reply == "Bye." and result.tool_calls == [] and len(script.script[3]) == 1  # one pass only
+    assert result.reply == "Bye." and result.tool_calls == [] and len(script.script[2]) == 1  # one pass only
     assert len(session.history) == 2
     session.model = random_model(n_positions=600)  # no room for the history and 2 x 256 new tokens
     session.ask("again")

@@ -1,7 +1,10 @@
 """The preference stages for real, each on two processes under ZeRO-3: moss-data pairs (every
 format, rejects counted), stage=reward learning a synthetic preference to > 90% held-out
 accuracy, stage=tag scoring dialogues with that reward model (sharded, gathered, tagged by
-quantile), stage=preference on the tagged data, stage=dpo with its frozen reference."""
+quantile), stage=preference on the tagged data, stage=dpo with its frozen reference. And the
+evidence that the stages do what they are for: asked for the best tag, the tag-conditioned model
+answers as the reward model prefers (and more than asked for the worst); so does the DPO model,
+against its start."""
 
 from __future__ import annotations
 
@@ -174,13 +177,14 @@ def test_tag_scores_every_turn_with_the_reward_model_on_two_processes(tag_run, r
 
 @pytest.fixture(scope="module")
 def preference_run(pretrain_data, tag_run, tmp_path_factory):
-    """Tag-conditioned SFT (from scratch: the test is about the data path) on two processes."""
+    """Tag-conditioned SFT on two processes, from scratch, long enough (200 steps) to learn what
+    the tag asks for."""
     out = tmp_path_factory.mktemp("preference")
     result = run_cli(
         stage_overrides(pretrain_data, out, **{
             "stage": "preference", "data": "preference_demo", "data.root": str(tag_run / "conditioned"),
             "data.train_shards": "[shards/train.*]", "data.valid_shards": "[shards/valid.*]",
-            "trainer.max_steps": 3, "trainer.lr": 3e-3, "data.seq_len": 256,
+            "trainer.max_steps": 200, "trainer.lr": 3e-3, "data.seq_len": 256,
         }),
         launcher=torchrun(), timeout=300,
     )
@@ -222,12 +226,59 @@ def test_the_tag_form_travels_to_the_export_and_moss_chat_asks_for_the_best(pref
         choose_quality("best", None)
 
 
-def test_dpo_with_a_frozen_reference_on_two_processes(pretrain_data, pair_data, preference_run, tmp_path):
+# ------------------------------------------------------------------ the evidence of item 6
+def sampled_replies(model, tokenizer, meta: str, prompts: list[str], samples: int = 4) -> list[tuple[str, str]]:
+    """(prompt, reply) for `samples` sampled answers (temperature 1) to each prompt, generated the
+    way moss-chat does (the two-pass protocol, no plugins)."""
+    from moss_train.chat.protocol import Settings, TurnRequest, two_pass
+
+    requests = [TurnRequest(meta, [], prompt) for prompt in prompts]
+    out = []
+    for seed in range(samples):
+        settings = Settings(max_new_tokens=24, temperature=1.0, seed=seed)
+        out += [(r.human, r.reply) for r in two_pass(model, tokenizer, requests, {}, settings)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def answer_figures(pretrain_data, reward_run):
+    """figures(model_dir, meta) -> (share of sampled replies with "please", their mean reward
+    under the reward model), over one prompt per word."""
+    from data_pipelines.pairs import _load_reward
+    from moss_train.chat.generate import load_model
+    from moss_train.data import sft
+    from moss_train.tokenizer import load_tokenizer
+
+    tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), _load_reward(reward_run)
+    prompts = [f"Tell me about the {word}." for word in WORDS]
+
+    def figures(model_dir, meta: str) -> tuple[float, float]:
+        answers = sampled_replies(load_model(model_dir), tokenizer, meta, prompts)
+        rewards = []
+        for prompt, text in answers:
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
+            ids, _ = sft.render(tokenizer, sft.parse_record({"messages": messages}))
+            with torch.no_grad():
+                rewards.append(float(reward_model(torch.from_numpy(ids)[None])[0]))
+        return float(np.mean(["please" in text.split() for _, text in answers])), float(np.mean(rewards))
+
+    return figures
+
+
+def test_asked_for_the_best_tag_the_model_answers_as_the_reward_model_prefers(preference_run, answer_figures):
+    from moss_train.chat import format as fmt
+
+    best = answer_figures(preference_run[0], fmt.with_quality(SYSTEM, 3, 3))
+    worst = answer_figures(preference_run[0], fmt.with_quality(SYSTEM, 1, 3))
+    assert best[0] > worst[0] + 0.2 and best[1] > worst[1] + 1.0, (best, worst)
+
+
+def test_dpo_with_a_frozen_reference_on_two_processes(pretrain_data, pair_data, preference_run, answer_figures, tmp_path):
     out = tmp_path / "dpo"
     run_cli(
         stage_overrides(pretrain_data, out, **{
             "stage": "dpo", "data": "pairs_demo", "data.root": str(pair_data), "stage.init_from": str(preference_run[0]),
-            "trainer.max_steps": 3, "trainer.lr": 3e-3, "preference.beta": 0.5, "trainer.eval_samples": 16,
+            "trainer.max_steps": 40, "trainer.lr": 3e-4, "preference.beta": 0.5, "trainer.eval_samples": 16,
         }),
         launcher=torchrun(), timeout=300,
     )
@@ -236,6 +287,12 @@ def test_dpo_with_a_frozen_reference_on_two_processes(pretrain_data, pair_data, 
     # the reference log-probs gathered from both ranks match the policy's own, pair by pair.
     assert records[1]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert records[1]["margin"] == pytest.approx(0, abs=1e-3)
-    assert records[3]["loss"] < records[1]["loss"] and records[3]["accuracy"] > 0.5
+    last = [records[step] for step in range(31, 41)]
+    assert np.mean([r["loss"] for r in last]) < 0.5 and np.mean([r["accuracy"] for r in last]) > 0.75
     final = [r for r in read_metrics(out) if "eval_loss" in r][-1]
     assert math.isfinite(final["eval_loss"]) and 0 <= final["eval_accuracy"] <= 1
+
+    # The evidence: asked the same prompts (no tag), the DPO model answers "please" more often
+    # than its start, and its answers score higher under the reward model.
+    start, tuned = answer_figures(preference_run[0], SYSTEM), answer_figures(out, SYSTEM)
+    assert tuned[0] > start[0] + 0.2 and tuned[1] > start[1] + 0.5, (start, tuned)

@@ -204,11 +204,14 @@ def generate_batch(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt, up to and including the first stop id (or max_new_tokens).
 
     temperature 0: greedy; else sampling (see the module docstring), from a generator seeded
     with `seed`. use_cache=False recomputes the whole sequence each step (same tokens, slower).
+    vocab_size: the tokenizer's; ids at or beyond it (the rows that padding the embedding to a
+    multiple of 64 adds, which no tokenizer can decode) are never chosen.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -227,7 +230,10 @@ def generate_batch(
     logits = decoder.logits
     active = torch.arange(len(prompts))  # rows still generating
     for step in range(max_new_tokens):
-        chosen = choose(process_logits(logits.float(), seen, sampling), sampling, generator)
+        logits = logits.float()
+        if vocab_size is not None and vocab_size < vocab:
+            logits[:, vocab_size:] = float("-inf")
+        chosen = choose(process_logits(logits, seen, sampling), sampling, generator)
         for r, token in zip(active.tolist(), chosen.tolist()):
             outputs[r].append(token)
         going = ~torch.isin(chosen, stops)

@@ -35,10 +35,10 @@ class Settings:
     repetition_penalty: float = 1.0
     seed: int = 0
 
-    def generate(self, model, prompts, max_new_tokens, stop_ids, pad_id) -> list[list[int]]:
+    def generate(self, model, tokenizer, prompts, max_new_tokens, stop_ids) -> list[list[int]]:
         return generate_batch(
-            model, prompts, max_new_tokens, stop_ids, pad_id, self.temperature, self.top_k, self.seed,
-            top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+            model, prompts, max_new_tokens, stop_ids, tokenizer.pad_id, self.temperature, self.top_k, self.seed,
+            top_p=self.top_p, repetition_penalty=self.repetition_penalty, vocab_size=tokenizer.vocab_size,
         )
 
 
@@ -105,7 +105,7 @@ def two_pass(
     first_max, second_max = max_new_tokens or (settings.max_new_tokens, settings.max_new_tokens)
     end_commands, end_reply = (tokenizer.token_to_id(t) for t in (fmt.END_OF_COMMANDS, fmt.END_OF_REPLY))
     prompts = [encode(tokenizer, fmt.prompt_segments(r.meta, r.history, r.human)) for r in requests]
-    first = settings.generate(model, prompts, first_max, (end_commands, end_reply), tokenizer.pad_id)
+    first = settings.generate(model, tokenizer, prompts, first_max, (end_commands, end_reply))
     results, second_rows, second_prompts = [], [], []
     for i, (request, ids) in enumerate(zip(requests, first)):
         text = tokenizer.decode(ids)
@@ -122,7 +122,7 @@ def two_pass(
             second_prompts.append(prompts[i] + ids + encode(tokenizer, fmt.results_segments(result.results, len(request.history))))
         # else: pass one was cut off by max_new_tokens; the turn has no reply
     if second_prompts:
-        for i, ids in zip(second_rows, settings.generate(model, second_prompts, second_max, (end_reply,), tokenizer.pad_id)):
+        for i, ids in zip(second_rows, settings.generate(model, tokenizer, second_prompts, second_max, (end_reply,))):
             text = tokenizer.decode(ids)
             reply = _text_after(text, fmt.MOSS)
             results[i].reply = (text if reply is None else reply).strip()
