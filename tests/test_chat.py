@@ -202,7 +202,7 @@ def test_a_reply_in_pass_one_skips_the_tools_and_sessions_keep_history(pretrain_
     assert session.meta.endswith(fmt.quality_line(3, 3))
     assert session.ask("hello").reply == "Hi there!"
     assert session.history[0].results == fmt.NONE_BODY  # no command: the "None" results field
-    object.__setattr__(script, "script", (tokenizer, "<|Inner Thoughts|>: None<eot>\n<|MOSS|>: Bye.<eom>", "", []))
+    object.__setattr__(script, "script", ("<|Inner Thoughts|>: None<eot>\n<|MOSS|>: Bye.<eom>", "", []))
     result = session.ask("bye")
     assert result.reply == "Bye." and result.tool_calls == [] and len(script.script[2]) == 1  # one pass only
     assert len(session.history) == 2
