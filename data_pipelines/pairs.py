@@ -203,15 +203,17 @@ def sample_judged_pairs(model_dir, tokenizer_dir, dialogues: Path, out: Path, sa
 
 # ------------------------------------------------------------------------------ evidence
 def score_turns(reward_model, tokenizer, records: list[dict], turns: list[dict], batch_size: int = 32) -> list[float]:
-    """Reward of each answer (as the last turn of its record's dialogue), read at its last token."""
+    """Reward of each answer (as the last turn of its record's dialogue), read at its last token.
+    A dialogue longer than the model's context keeps its last n_positions tokens (the answer)."""
     import torch
 
     conversations = [sft.parse_record(response_dialogue(r, t, 0)) for r, t in zip(records, turns)]
-    rendered = sft.render_many(tokenizer, conversations)
+    context = reward_model.config.n_positions
+    rendered = [ids[-context:] for ids, _ in sft.render_many(tokenizer, conversations)]
     scores = []
     with torch.no_grad():
         for start in range(0, len(rendered), batch_size):
-            chunk = [ids for ids, _ in rendered[start : start + batch_size]]
+            chunk = rendered[start : start + batch_size]
             longest = max(len(ids) for ids in chunk)
             input_ids = torch.full((len(chunk), longest), tokenizer.pad_id, dtype=torch.long)
             for row, ids in enumerate(chunk):

@@ -38,7 +38,8 @@ rm -rf "$sft_dir"
 # level (5 levels, by quantiles); the SFT model is fine-tuned on them with the tag in its meta
 # instruction;
 # DPO runs on the same pairs. Then held-out prompts, asked for the best vs the worst tag (and DPO
-# vs its SFT start), are answered greedily and scored by the judge and the reward model.
+# vs its SFT start), are answered 4 times each at MOSS's sampling settings and scored by the judge
+# and the reward model.
 "$bin/moss-data" pairs --sample-from "$sft_dir" --tokenizer data/pretrain-demo/tokenizer \
   --dialogues data/sft-demo/dialogues/train.jsonl --valid-dialogues data/sft-demo/dialogues/valid.jsonl \
   --samples 4 --limit "${PAIRS_PROMPTS:-320}" --valid-limit 64 --out data/pairs-demo

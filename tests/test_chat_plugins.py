@@ -25,6 +25,13 @@ def test_calculator_and_solver_plugins_answer_through_the_sandbox():
     assert default_sandbox()._process.is_alive()  # answered by the worker, not in this process
 
 
+def test_long_integers_are_shown_as_a_calculator_shows_them():
+    assert P.calculate("123456789012345") == "123456789012345"  # 15 digits: exact
+    assert P.calculate("2^64") == f"{2**64:.10g}" == "1.844674407e+19"
+    assert P.calculate("-(99999999999^2)") == "-1e+22"  # rounding carries into the exponent
+    assert P.calculate("2444^294") == "1.264018009e+996"  # not 997 digits in the model's context
+
+
 @pytest.mark.parametrize(
     "argument, reason",
     [

@@ -176,11 +176,21 @@ def parse_expression(text: str, variables: bool = False):
     return _Parser(_tokens(text), variables).parse()
 
 
+MAX_INTEGER_DIGITS = 15
+
+
 def format_number(value) -> str:
-    """An exact integer as digits, anything else as a decimal with up to 10 significant digits."""
+    """An exact integer as digits (up to 15; a longer one, e.g. 2444^294, as a calculator shows
+    it: 10 significant digits and an exponent, not a thousand digits in the model's context),
+    anything else as a decimal with up to 10 significant digits."""
     value = sympy.nsimplify(value) if isinstance(value, sympy.Float) and value == int(value) else value
     if value.is_Integer:
-        return str(int(value))
+        digits = str(abs(int(value)))
+        if len(digits) <= MAX_INTEGER_DIGITS:
+            return str(int(value))
+        mantissa = f"{int(digits[:11]) / 10**10:.10g}"  # 10 significant digits, rounded
+        exponent = len(digits) - 1 + (mantissa == "10")
+        return f"{'-' if value < 0 else ''}{'1' if mantissa == '10' else mantissa}e+{exponent}"
     if not value.is_finite:
         raise ExpressionError("not a finite number")
     number = complex(sympy.N(value, 15))
