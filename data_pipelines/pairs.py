@@ -259,8 +259,12 @@ def compare(args) -> int:
     reward_model = _load_reward(args.reward_model)
     records = [json.loads(line) for line in Path(args.dialogues).read_text(encoding="utf-8").splitlines() if line.strip()]
     records = [r for r in records if "check" in r][: args.limit or None]
-    sampling = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    figures = lambda model, asked=None: answer_figures(model, reward_model, tokenizer, records, asked, **sampling)  # noqa: E731
+    greedy = args.temperature <= 0  # one answer per prompt: greedy answers repeat
+    sampling = dict(samples=1 if greedy else args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+    def figures(model, asked=None) -> dict:
+        return answer_figures(model, reward_model, tokenizer, records, asked, **sampling)
+
     result: dict = {"sampling": sampling}
     if args.preference:
         quality = json.loads((Path(args.preference) / "quality.json").read_text())
@@ -272,7 +276,7 @@ def compare(args) -> int:
         result["dpo"] = figures(load_model(args.dpo))
     if args.sft:
         result["sft"] = figures(load_model(args.sft))
-    how = "greedy" if args.temperature <= 0 else f"{args.samples} sampled at temperature {args.temperature}, top_p {args.top_p}"
+    how = "greedy" if greedy else f"{args.samples} sampled at temperature {args.temperature}, top_p {args.top_p}"
     print(f"held-out prompts: {len(records)}, answers {how}; right = right command and result stated; reward = the reward model")
     for name, row in result.items():
         if name != "sampling":
@@ -359,7 +363,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0)
     # MOSS 003's recommended sampling, several answers per prompt: greedy answers hide how the
     # tag shifts the distribution the model samples from.
-    p.add_argument("--samples", type=int, default=4, help="answers per prompt (1 with --temperature 0)")
+    p.add_argument("--samples", type=int, default=4, help="answers per prompt (sampling only)")
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
