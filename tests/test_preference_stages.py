@@ -273,23 +273,25 @@ def test_asked_for_the_best_tag_the_model_answers_as_the_reward_model_prefers(pr
     assert best[0] > worst[0] + 0.2 and best[1] > worst[1] + 1.0, (best, worst)
 
 
-def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data, reward_run, preference_run, tmp_path):
+def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data, reward_run, preference_run, tmp_path, capsys):
     """The quickstart's comparison command, on tool-use demo prompts: sampled answers (the same
     seeds for every model), judged and scored; greedy gives one answer per prompt."""
+    from data_pipelines import pairs
     from data_pipelines.demo_dialogues import write_demo_dialogues
 
     valid = write_demo_dialogues(tmp_path, n_train=20, n_valid=30, seed=5)["valid"]
-    base = ["-m", "data_pipelines.pairs", "compare", "--tokenizer", str(pretrain_data / "tokenizer"), "--reward-model", str(reward_run),
-            "--dialogues", str(valid), "--preference", str(preference_run[0]), "--sft", str(preference_run[0]), "--limit", "6"]
-    for extra, answers in ((["--samples", "2"], 12), (["--temperature", "0"], 6)):
+    base = ["compare", "--tokenizer", str(pretrain_data / "tokenizer"), "--reward-model", str(reward_run),
+            "--dialogues", str(valid), "--preference", str(preference_run[0]), "--sft", str(preference_run[0]), "--limit", "4"]
+    for extra, answers in ((["--samples", "2"], 8), (["--temperature", "0"], 4)):
         out = tmp_path / "comparison.json"
-        result = run_cli(base + extra + ["--out", str(out)], launcher=[str(BIN / "python")])
+        assert pairs.main(base + extra + ["--out", str(out)]) == 0
+        printed = capsys.readouterr().out
         figures = json.loads(out.read_text())
         assert sorted(figures) == ["best_tag", "sampling", "sft", "worst_tag"]
         for name in ("best_tag", "worst_tag", "sft"):
             row = figures[name]
-            assert row["prompts"] == 6 and row["answers"] == answers and 0 <= row["right"] <= 1 and 0 <= row["judge_mean"] <= 2
-            assert f"{name:<10} right" in result.stdout and math.isfinite(row["reward_mean"])
+            assert row["prompts"] == 4 and row["answers"] == answers and 0 <= row["right"] <= 1 and 0 <= row["judge_mean"] <= 2
+            assert f"{name:<10} right" in printed and math.isfinite(row["reward_mean"])
     assert figures["sampling"] == {"samples": 1, "temperature": 0.0, "top_p": 0.8, "seed": 0}
 
 
