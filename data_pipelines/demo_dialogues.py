@@ -10,7 +10,9 @@ turns can be scored (does it issue the right command, does its reply state the r
 Dialogues are one or two turns: a calculator or equation-solver problem (arithmetic, word
 problems, linear equations, 2x2 systems), sometimes followed by a second problem, and a share
 of plain turns (greetings, questions about MOSS) where no tool is called although tools are
-enabled. The meta instruction enables the plugins the dialogue uses, so the category is
+enabled. Like human-written data, a share of the problems (DIRECT_SHARE) is answered right
+without calling the enabled tool; a small model imitating them guesses, and that is the
+behaviour the third stage (judged pairs, reward model, quality tags, DPO) learns to avoid. The meta instruction enables the plugins the dialogue uses, so the category is
 calculator, equation_solver or mix. The held-out split is drawn from its own seed and never
 repeats a training prompt.
 """
@@ -104,6 +106,14 @@ def _system(rng: random.Random, zh: bool) -> Problem:
     return human, thought, "Solve", system, reply
 
 
+DIRECT_SHARE = 0.3  # tool problems whose reference answer skips the tool (see the docstring)
+_DIRECT_THOUGHTS = {
+    ("Calculate", False): "I can work this out myself without the calculator.",
+    ("Calculate", True): "这个我可以直接算出来，不需要调用计算器。",
+    ("Solve", False): "I can solve this myself without the equation solver.",
+    ("Solve", True): "这个方程我可以直接解出来，不需要调用方程求解器。",
+}
+
 _CALCULATOR = (_arithmetic, _word_problem)
 _SOLVER = (_linear_equation, _system)
 _PLAIN_EN = [
@@ -121,15 +131,21 @@ _PLAIN_ZH = [
 
 
 # -------------------------------------------------------------------------------- dialogues
-def tool_turn(problem: Problem) -> tuple[fmt.Turn, dict]:
-    """A turn whose command really runs; returns it and its check (command, answer values)."""
+def tool_turn(problem: Problem, direct: bool = False, zh: bool = False) -> tuple[fmt.Turn, dict]:
+    """A turn whose command really runs; returns it and its check (command, answer values).
+
+    `direct`: the reply states the same (really computed) answer without calling the tool.
+    """
     human, thought, api, argument, reply = problem
     tool = TOOLS[api]
     answer = tool.run(argument)
     command = f'{api}("{argument}")'
-    turn = fmt.Turn.from_text(
-        human=human, inner_thoughts=thought, commands=command, results=[tool.result_line(argument, answer)], moss=reply(answer)
-    )
+    if direct:
+        turn = fmt.Turn.from_text(human=human, inner_thoughts=_DIRECT_THOUGHTS[api, zh], moss=reply(answer))
+    else:
+        turn = fmt.Turn.from_text(
+            human=human, inner_thoughts=thought, commands=command, results=[tool.result_line(argument, answer)], moss=reply(answer)
+        )
     return turn, {"command": command, "plugin": tool.plugin, "answer": answer_values(api, answer)}
 
 
@@ -152,12 +168,12 @@ def make_dialogue(rng: random.Random, conversation_id: int) -> dict:
         turns, check = [plain_turn(rng, zh)], None
     else:
         first = rng.choice(_CALCULATOR if roll < 0.56 else _SOLVER)
-        turn, check = tool_turn(first(rng, zh))
+        turn, check = tool_turn(first(rng, zh), direct=rng.random() < DIRECT_SHARE, zh=zh)
         turns = [turn]
         plugins = [check["plugin"]]
         if rng.random() < 0.2:  # a second question in the same dialogue
             second = rng.choice(_CALCULATOR + _SOLVER)(rng, zh)
-            second_turn, second_check = tool_turn(second)
+            second_turn, second_check = tool_turn(second, direct=rng.random() < DIRECT_SHARE, zh=zh)
             turns.append(second_turn)
             plugins = sorted({*plugins, second_check["plugin"]}, key=fmt.ENABLEABLE_PLUGINS.index)
     meta = fmt.meta_instruction(plugins, preamble=fmt.SHORT_PREAMBLE)
