@@ -39,9 +39,11 @@ _OPS = {"+": ("plus", "加"), "-": ("minus", "减"), "*": ("times", "乘以"), "
 
 def _arithmetic(rng: random.Random, zh: bool) -> Problem:
     op = rng.choice(list(_OPS))
-    a, b = rng.randint(10, 999), rng.randint(2, 99)
+    # Two-digit operands: copying them into the command is within reach of the tiny demo model
+    # (with three-digit ones it almost never issued the right calculator command).
+    a, b = rng.randint(10, 99), rng.randint(2, 30)
     if op == "/":
-        a = b * rng.randint(2, 99)
+        a = b * rng.randint(2, 30)
     if op == "-" and a < b:
         a, b = b, a
     expr = f"{a}{op}{b}"
@@ -59,7 +61,7 @@ def _arithmetic(rng: random.Random, zh: bool) -> Problem:
 
 def _word_problem(rng: random.Random, zh: bool) -> Problem:
     kind = rng.randrange(4)
-    a, b = rng.randint(3, 99), rng.randint(2, 60)
+    a, b = rng.randint(3, 40), rng.randint(2, 30)
     if kind == 0:
         expr = f"{a}*{b}"
         human = f"一箱有{a}个苹果，{b}箱一共有多少个苹果？" if zh else f"A box holds {a} apples. How many apples are in {b} boxes?"
@@ -232,11 +234,21 @@ def check_reply(check: dict, commands_text: str, reply_text: str, enabled: set[s
     contains every reference answer value.
     """
     commands = parse_commands(commands_text)
-    api = check["command"].split("(", 1)[0]
+    api = _reference_api(check)
     reference = TOOLS[api].run(check["command"][len(api) + 2 : -2])
     right_command = any(name == api and TOOLS[name].plugin in enabled and TOOLS[name].run(arg) == reference for name, arg in commands)
     stated = bool(reply_text) and all(_states(value, reply_text) for value in check["answer"])
     return right_command, stated
+
+
+def calls_reference_tool(check: dict, commands_text: str, enabled: set[str]) -> bool:
+    """Whether the commands call the reference's tool (enabled), whatever its argument."""
+    api = _reference_api(check)
+    return any(name == api and TOOLS[name].plugin in enabled for name, _ in parse_commands(commands_text))
+
+
+def _reference_api(check: dict) -> str:
+    return check["command"].split("(", 1)[0]
 
 
 def _states(value: str, text: str) -> bool:

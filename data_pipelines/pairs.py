@@ -12,7 +12,8 @@ rejected record with its reason) and ``DIR/summary.json``; records in = groups w
 
 Sampling (``--sample-from``): for each tool-use prompt of the demo dialogues, the model answers
 ``--samples`` times, the MOSS two-pass way with its commands really run; a verifiable judge
-(:func:`judge`: right command and right result stated) scores each answer 0-2; prompts whose
+(:func:`judge`: the right tool called, the right command, the right result stated) scores each
+answer 0-3; prompts whose
 answers differ become ranked records (``DIR/pairs.jsonl``), rendered as above. Every answer is
 also written as a moss-003 dialogue with its ``judge`` score (``DIR/samples.jsonl``), the
 dialogue set that stage=tag scores and stage=preference trains on.
@@ -144,13 +145,20 @@ def _encode(tokenizer, segments) -> list[int]:
     return [i for ids in fmt.encode_segments(tokenizer, segments) for i in ids]
 
 
+JUDGE_MAX = 3  # a right answer: the right tool, the right command, the right result stated
+
+
 def judge(record: dict, turn: dict) -> int:
-    """The verifiable judge of the demo: 1 for the right command, 1 for the right result stated."""
-    from data_pipelines.demo_dialogues import check_reply
+    """The verifiable judge of the demo, 0..JUDGE_MAX: 1 for calling the problem's tool, 1 for
+    the right command (its real output is the reference's), 1 for the right result stated.
+    Calling the tool is credited on its own because it is the step a small model can learn to
+    take: an answer without it is a guess (a guess that states the right result gets 1)."""
+    from data_pipelines.demo_dialogues import calls_reference_tool, check_reply
 
     enabled = set(fmt.enabled_plugins(record["meta_instruction"]))
-    right_command, stated = check_reply(record["check"], turn["commands"] or "", turn["moss"] or "", enabled)
-    return int(right_command) + int(stated)
+    commands = turn["commands"] or ""
+    right_command, stated = check_reply(record["check"], commands, turn["moss"] or "", enabled)
+    return int(calls_reference_tool(record["check"], commands, enabled)) + int(right_command) + int(stated)
 
 
 def response_dialogue(record: dict, turn: dict, score: int) -> dict:
@@ -226,22 +234,25 @@ def score_turns(reward_model, tokenizer, records: list[dict], turns: list[dict],
 def answer_figures(model, reward_model, tokenizer, records: list[dict], asked: list[dict] | None = None,
                    samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
     """`samples` answers to each record's prompt (greedy at temperature 0): the judge's verdict
-    (right command and result) and the mean reward. `asked`: the records as put to the model
+    (right command and result), the share that called a tool at all, and the mean reward.
+    `asked`: the records as put to the model
     (e.g. with a quality tag); the reward model scores the answers in the plain records'
     dialogue, as it was trained. The same seeds serve every model compared."""
     asked = asked or records
-    scores, rewards = [], []
+    scores, rewards, called = [], [], []
     for k in range(samples):
         for start in range(0, len(asked), 64):
             plain = records[start : start + 64]
             turns = sample_turns(model, tokenizer, asked[start : start + 64], temperature, seed=seed + 1000 * k + start, top_p=top_p)
             scores.extend(judge(r, t) for r, t in zip(plain, turns))
+            called.extend(t["commands"] is not None for t in turns)
             rewards.extend(score_turns(reward_model, tokenizer, plain, turns))
     return {
         "prompts": len(records),
         "answers": len(scores),
-        "right": sum(s == 2 for s in scores) / max(1, len(scores)),
+        "right": sum(s == JUDGE_MAX for s in scores) / max(1, len(scores)),
         "judge_mean": float(np.mean(scores)) if scores else 0.0,
+        "tool_called": sum(called) / max(1, len(called)),
         "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
     }
 
@@ -280,7 +291,8 @@ def compare(args) -> int:
     print(f"held-out prompts: {len(records)}, answers {how}; right = right command and result stated; reward = the reward model")
     for name, row in result.items():
         if name != "sampling":
-            print(f"  {name:<10} right {row['right']:6.1%}   judge {row['judge_mean']:.3f}/2   reward {row['reward_mean']:+.3f}   ({row['answers']} answers)")
+            print(f"  {name:<10} right {row['right']:6.1%}   judge {row['judge_mean']:.3f}/{JUDGE_MAX}   tool called {row['tool_called']:6.1%}   "
+                  f"reward {row['reward_mean']:+.3f}   ({row['answers']} answers)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -33,13 +33,12 @@ rm -rf "$sft_dir"
   --out "$sft_dir/tool_use.json"
 
 # The third stage: preference-aware training. The SFT model answers each training prompt 4 times
-# (sampled, tools really run); the verifiable judge (right command, right result) ranks the
-# answers into pairs; a reward model learns them; it tags every sampled answer with a quality
-# level (5 levels, by quantiles); the SFT model is fine-tuned on them with the tag in its meta
-# instruction;
-# DPO runs on the same pairs. Then held-out prompts, asked for the best vs the worst tag (and DPO
-# vs its SFT start), are answered 4 times each at MOSS's sampling settings and scored by the judge
-# and the reward model.
+# (sampled, tools really run); the verifiable judge (the right tool called, the right command, the
+# right result stated) ranks the answers into pairs; a reward model learns them; as in MOSS, it
+# tags every assistant turn of the SFT dialogues with a quality level (5 levels, by quantiles) and
+# the SFT model is fine-tuned on them with the tag in its meta instruction; DPO runs on the same
+# pairs. Then held-out prompts, asked for the best vs the worst tag (and DPO vs its SFT start), are
+# answered 4 times each at MOSS's sampling settings and scored by the judge and the reward model.
 "$bin/moss-data" pairs --sample-from "$sft_dir" --tokenizer data/pretrain-demo/tokenizer \
   --dialogues data/sft-demo/dialogues/train.jsonl --valid-dialogues data/sft-demo/dialogues/valid.jsonl \
   --samples 4 --limit "${PAIRS_PROMPTS:-320}" --valid-limit 64 --out data/pairs-demo
@@ -47,10 +46,10 @@ for stage in reward tag preference dpo; do rm -rf "runs/quickstart-$stage"; done
 common=(model=tiny deepspeed=zero3 trainer.global_batch_size=16 trainer.micro_batch_size=8 trainer.warmup_steps=10)
 "$bin/moss-train" stage=reward data=pairs_demo stage.init_from="$sft_dir" "${common[@]}" \
   run.name=quickstart-reward trainer.max_steps=150 trainer.lr=5e-4 trainer.eval_samples=512
-"$bin/moss-train" stage=tag data=pairs_demo preference.reward_model=runs/quickstart-reward \
-  "preference.tag_inputs=[data/pairs-demo/samples.jsonl]" run.name=quickstart-tag "${common[@]}"
+"$bin/moss-train" stage=tag data=pairs_demo preference.reward_model=runs/quickstart-reward run.name=quickstart-tag "${common[@]}" \
+  "preference.tag_inputs=[data/sft-demo/dialogues/train.jsonl,data/sft-demo/dialogues/valid.jsonl]"
 "$bin/moss-train" stage=preference data=preference_demo stage.init_from="$sft_dir" "${common[@]}" \
-  run.name=quickstart-preference trainer.max_steps=150 trainer.lr=5e-4
+  run.name=quickstart-preference trainer.max_steps=300 trainer.lr=2e-3 trainer.eval_every=100
 "$bin/moss-train" stage=dpo data=pairs_demo stage.init_from="$sft_dir" "${common[@]}" \
   run.name=quickstart-dpo trainer.max_steps=60 trainer.lr=2e-5
 "$bin/python" -m data_pipelines.pairs compare --tokenizer data/pretrain-demo/tokenizer \

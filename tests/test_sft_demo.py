@@ -97,6 +97,22 @@ def test_check_reply_is_strict_about_command_and_result():
     assert check_reply(check, ' Calculate("24*15")', "It is 360.", set()) == (False, True)  # tool not enabled
 
 
+def test_the_demo_judge_credits_the_tool_the_command_and_the_result():
+    from data_pipelines.pairs import JUDGE_MAX, judge
+
+    record = {"meta_instruction": fmt.meta_instruction(["calculator"]), "check": {"command": 'Calculate("24*15")', "plugin": "calculator", "answer": ["360"]}}
+
+    def score(commands, reply):
+        return judge(record, {"commands": commands, "moss": reply})
+
+    assert score('Calculate("15*24")', "It is 360.") == JUDGE_MAX == 3
+    assert score('Calculate("24*15")', "I do not know.") == 2  # right command, result not stated
+    assert score('Calculate("24*16")', "It is 384.") == 1  # the right tool, a digit copied wrong
+    assert score(None, "It is 350.") == 0  # a guess without the tool
+    assert score(None, "It is 360.") == 1  # a lucky guess states the result
+    assert score('Solve("x=360")', "It is 360.") == 1  # the solver is not enabled here: only the result counts
+
+
 def test_batched_generation_equals_one_prompt_at_a_time():
     torch.manual_seed(0)
     model = CodeGenForCausalLM(ModelConfig(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)).eval()
