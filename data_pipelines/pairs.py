@@ -13,10 +13,11 @@ rejected record with its reason) and ``DIR/summary.json``; records in = groups w
 Sampling (``--sample-from``): for each tool-use prompt of the demo dialogues, the model answers
 ``--samples`` times, the MOSS two-pass way with its commands really run; a verifiable judge
 (:func:`judge`: the right tool called, the right command, the right result stated) scores each
-answer 0-3; prompts whose
-answers differ become ranked records (``DIR/pairs.jsonl``), rendered as above. Every answer is
-also written as a moss-003 dialogue with its ``judge`` score (``DIR/samples.jsonl``), the
-dialogue set that stage=tag scores and stage=preference trains on.
+answer 0-3; prompts whose answers differ become ranked records (``DIR/pairs.jsonl``), rendered
+as above. Every answer is also written as a moss-003 dialogue with its ``judge`` score
+(``DIR/samples.jsonl``), a dialogue set stage=tag can score (the quickstart tags the SFT
+dialogues, as MOSS did: tag-conditioned SFT on a small model's own, mostly wrong, answers
+makes it worse).
 
 ``python -m data_pipelines.pairs compare`` prints the evidence: held-out prompts answered by
 the tag-conditioned model asked for the best vs the worst tag, and by a DPO model vs its SFT
