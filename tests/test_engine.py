@@ -59,8 +59,9 @@ def test_pretraining_cli_end_to_end(pretrain_data, tmp_path):
 
 
 def test_zero3_one_process_equals_two_processes(pretrain_data, tmp_path):
-    """Same global batch, split 1x4 micro-batches or 2 ranks x 2: the same losses, step by step."""
-    steps = {"trainer.max_steps": 4, "checkpoint.save_final": "false", "deepspeed": "zero3"}
+    """Same global batch, split 1x4 micro-batches or 2 ranks x 2: the same losses, step by step;
+    the same held-out loss over 14 samples (2 ranks: a last pass where one rank has none)."""
+    steps = {"trainer.max_steps": 4, "checkpoint.save_final": "false", "deepspeed": "zero3", "trainer.eval_samples": 14}
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(train_overrides(pretrain_data, one, **steps))
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]

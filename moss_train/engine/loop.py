@@ -173,17 +173,22 @@ class Trainer:
         dataset = self.data.eval
         micro, world = self.cfg.trainer.micro_batch_size, self.dist.world_size
         samples = min(self.cfg.trainer.eval_samples, len(dataset) if dataset is not None else 0)
-        # Every rank runs the same number of forward passes (ZeRO-3 gathers are collective).
-        passes = samples // (micro * world)
-        if passes == 0:
+        if samples == 0:
             return {}
+        # Every sample counts, so the figure does not depend on the world size. Every rank runs
+        # the same number of forward passes (ZeRO-3 gathers are collective): in the last, partial
+        # pass a rank left without samples runs sample 0 and drops its sums.
+        passes = -(-samples // (micro * world))
         self.engine.eval()
         sums = MetricSums()
         for p in range(passes):
             start = (p * world + self.dist.rank) * micro
-            batch = _to_device(self.data.collate([dataset[i] for i in range(start, start + micro)]), self.dist.device)
+            indices = range(start, min(start + micro, samples))
+            batch = _to_device(self.data.collate([dataset[i] for i in (indices or range(1))]), self.dist.device)
             with setup.autocast_context(self.precision, self.dist.device):
-                sums.add(self.stage.loss(self.engine, batch))
+                terms = self.stage.loss(self.engine, batch)
+            if indices:
+                sums.add(terms)
         self.engine.train()
         result = {f"eval_{name}": value for name, value in sums.reduce(self.dist.device).items()}
         result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
