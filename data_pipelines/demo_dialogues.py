@@ -12,8 +12,9 @@ problems, linear equations, 2x2 systems), sometimes followed by a second problem
 of plain turns (greetings, questions about MOSS) where no tool is called although tools are
 enabled. Like human-written data, a share of the problems (DIRECT_SHARE) is answered right
 without calling the enabled tool; a small model imitating them guesses, and that is the
-behaviour the third stage (judged pairs, reward model, quality tags, DPO) learns to avoid. The meta instruction enables the plugins the dialogue uses, so the category is
-calculator, equation_solver or mix. The held-out split is drawn from its own seed and never
+behaviour the third stage (judged pairs, reward model, quality tags, DPO) learns to avoid. The
+meta instruction enables the plugins the dialogue uses, so the category is calculator,
+equation_solver or mix. The held-out split is drawn from its own seed and never
 repeats a training prompt.
 """
 

@@ -236,9 +236,8 @@ def answer_figures(model, reward_model, tokenizer, records: list[dict], asked: l
                    samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
     """`samples` answers to each record's prompt (greedy at temperature 0): the judge's verdict
     (right command and result), the share that called a tool at all, and the mean reward.
-    `asked`: the records as put to the model
-    (e.g. with a quality tag); the reward model scores the answers in the plain records'
-    dialogue, as it was trained. The same seeds serve every model compared."""
+    `asked`: the records as put to the model (e.g. with a quality tag); the reward model scores
+    the answers in the plain records' dialogue, as it was trained. The same seeds serve every model compared."""
     asked = asked or records
     scores, rewards, called = [], [], []
     for k in range(samples):
