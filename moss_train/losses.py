@@ -1,4 +1,10 @@
-"""Pairwise preference losses, per pair (the stages sum them; the engine divides by the global
+"""The losses of every stage.
+
+Token losses: :func:`token_cross_entropy`, the per-token cross-entropy (and argmax) of the
+language-modelling stages, computed chunk by chunk so no second vocabulary-sized fp32 buffer
+exists; :func:`sequence_logps`, a response's summed log-probability (DPO) through it.
+
+Pairwise preference losses, per pair (the stages sum them; the engine divides by the global
 pair count, so the optimizer sees the mean over every pair of the global batch).
 
 - Bradley-Terry (reward model): ``-log sigmoid(r_chosen - r_rejected - margin)``; with a margin
@@ -18,6 +24,78 @@ import torch
 import torch.nn.functional as F
 
 DPO_VARIANTS = ("sigmoid", "ipo")
+IGNORE_INDEX = -100  # a label that carries no loss
+
+
+# Rows of logits per chunk in token_cross_entropy: ~32 MiB of fp32 (256 rows of a 32k
+# vocabulary), enough rows for ATen's softmax kernels to use every thread, while the fp32
+# temporaries stay a small fraction of the N x V logits.
+CHUNK_BYTES = 2**25
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy and argmax of (N, V) logits, in fp32 whatever the logits' dtype.
+
+    F.cross_entropy keeps its fp32 log-softmax output (N x V) for backward, and nll_loss's
+    backward fills another dense N x V gradient before log-softmax's backward makes a third;
+    the accuracy metric's argmax reads the logits once more. Here the forward keeps only one
+    fp32 log-sum-exp per row (the logits themselves are kept, in their own dtype, not copied),
+    finds the argmax chunk by chunk while the chunk is in cache, and the backward computes
+    softmax - one-hot chunk by chunk into the one gradient buffer: one N x V buffer fewer at
+    the loss's peak.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
+        rows = max(1, CHUNK_BYTES // (4 * logits.shape[1]))
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        predicted = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            chunk = logits[start : start + rows].float()
+            # ATen's vectorised log-softmax kernel, on a chunk in cache: lse = x - log_softmax(x).
+            lse[start : start + rows] = chunk[:, 0] - torch.log_softmax(chunk, dim=-1)[:, 0]
+            predicted[start : start + rows] = chunk.argmax(dim=-1)
+        valid = labels != IGNORE_INDEX
+        target_logits = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1).float()
+        token_loss = torch.where(valid, lse - target_logits, 0.0)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.mark_non_differentiable(predicted)
+        return token_loss, predicted
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_predicted):
+        logits, labels, lse = ctx.saved_tensors
+        scale = torch.where(labels != IGNORE_INDEX, grad_loss.float(), 0.0)[:, None]
+        targets = labels.clamp(min=0)[:, None]
+        grad = torch.empty_like(logits)
+        rows = max(1, CHUNK_BYTES // (4 * logits.shape[1]))
+        for start in range(0, logits.shape[0], rows):
+            stop = start + rows
+            probs = torch.softmax(logits[start:stop].float(), dim=-1)
+            probs.mul_(scale[start:stop]).scatter_add_(1, targets[start:stop], -scale[start:stop])
+            grad[start:stop] = probs
+        return grad, None
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits, (N,) labels -> per-token fp32 loss (0 where the label is -100) and the
+    argmax prediction per token; equal to F.cross_entropy(logits.float(), labels,
+    reduction="none") and logits.argmax(-1)."""
+    return _TokenCrossEntropy.apply(logits.contiguous(), labels.contiguous())
+
+
+def summed_per_row(token_values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) values of the N True positions of the (B, T) mask `targets` -> (B,) sums per row."""
+    rows = targets.nonzero()[:, 0]
+    return torch.zeros(targets.shape[0], dtype=token_values.dtype, device=token_values.device).index_add(0, rows, token_values)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) labels -> per row the summed log-probability of the labelled
+    tokens (labels != -100), in fp32 (only the labelled rows of the logits are read)."""
+    targets = labels != IGNORE_INDEX
+    token_loss, _ = token_cross_entropy(logits[targets], labels[targets])
+    return -summed_per_row(token_loss, targets)
 
 
 def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 from conftest import REPO, cli_env
 from moss_train.engine import metrics
-from moss_train.stages.lm import IGNORE_INDEX, token_cross_entropy
+from moss_train.losses import IGNORE_INDEX, token_cross_entropy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_cross_entropy_equals_torch(dtype, monkeypatch):
     # Small chunks, so several chunks (and a ragged last one) are exercised.
-    monkeypatch.setattr("moss_train.stages.lm.CHUNK_BYTES", 4 * 300 * 7)
+    monkeypatch.setattr("moss_train.losses.CHUNK_BYTES", 4 * 300 * 7)
     generator = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(50, 300, generator=generator)).to(dtype)
     labels = torch.randint(0, 300, (50,), generator=generator)

@@ -66,7 +66,7 @@ def test_sequence_logps_sums_the_labelled_tokens():
     labels = torch.tensor([[3, -100, 5, -100], [-100, -100, -100, 1]])
     logp = torch.log_softmax(logits, -1)
     expected = [logp[0, 0, 3] + logp[0, 2, 5], logp[1, 3, 1]]
-    assert pairs.sequence_logps(logits, labels).tolist() == pytest.approx([float(x) for x in expected], rel=1e-6)
+    assert losses.sequence_logps(logits, labels).tolist() == pytest.approx([float(x) for x in expected], rel=1e-6)
 
 
 def test_quantile_tagging():

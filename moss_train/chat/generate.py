@@ -157,7 +157,9 @@ class _CachedDecoder:
     def __init__(self, model, ids, positions, segments, max_new_tokens: int):
         self.model, self.positions = model, positions[:, -1:]
         self.cache = KVCache(model, ids.shape[0], ids.shape[1] + max_new_tokens)
-        self.logits = model(ids, position_ids=positions, segment_ids=segments, cache=self.cache)[:, -1]
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[:, -1] = True  # only the last prompt token's logits are needed
+        self.logits = model(ids, position_ids=positions, segment_ids=segments, cache=self.cache, logits_at=last)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.positions = self.positions + 1

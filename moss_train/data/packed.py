@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from moss_train.data.shards import TokenShard
+from moss_train.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 class _ShardStream:

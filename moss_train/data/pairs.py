@@ -307,10 +307,3 @@ def collate_pairs(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]
 
 def count_pairs(batch: dict) -> int:
     return int(batch["margin"].numel())
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row: the summed log-probability of the labelled tokens (labels != -100), in fp32."""
-    targets = labels != sft.IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * targets).sum(dim=-1)

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 from moss_train.chat import format as fmt
+from moss_train.losses import IGNORE_INDEX
 
 LOSS_DEFAULT = 1
 LOSS_MOSS_REFERENCE = 2
 TURN_START = 4
 LOSS_MASKS = {"default": LOSS_DEFAULT, "moss_reference": LOSS_MOSS_REFERENCE}
 FORMATS = ("moss003", "messages", "alpaca")
-IGNORE_INDEX = -100
 
 # Reasons a record is skipped (counted, and written to the rejects file by moss-data sft).
 NOT_AN_OBJECT = "not_an_object"

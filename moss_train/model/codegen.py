@@ -282,9 +282,19 @@ class CodeGenForCausalLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
         cache=None,
+        logits_at: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Logits (B, T, padded vocab) in the compute dtype."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, segment_ids, cache))
+        """Logits (B, T, padded vocab) in the compute dtype.
+
+        logits_at: (B, T) bool; when given, only the logits of those positions, (N, padded
+            vocab) in row-major order. A loss needs logits only where it has targets (in SFT
+            about a third of the tokens), and the vocabulary projection is most of a small
+            model's FLOPs, so the rest are not computed.
+        """
+        hidden = self.hidden_states(input_ids, position_ids, segment_ids, cache)
+        if logits_at is not None:
+            hidden = hidden[logits_at]
+        return self.lm_head(hidden)
 
 
 # ----------------------------------------------------------------------------- HF / MOSS weights

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from moss_train import losses
-from moss_train.data.pairs import PairDataset, sequence_logps
+from moss_train.data.pairs import PairDataset
 from moss_train.stages import lm
 from moss_train.stages.base import LossTerms, StageData
 from moss_train.stages.reward import pair_data, score_sharded
@@ -51,8 +51,7 @@ class DPOStage:
         return data
 
     def loss(self, model, batch: dict) -> LossTerms:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
-        policy_chosen, policy_rejected = sequence_logps(logits, batch["labels"]).chunk(2)
+        policy_chosen, policy_rejected = lm.sequence_logps(model, batch).chunk(2)
         ref = batch["reference"].to(policy_chosen.device)
         h = losses.log_ratio_difference(policy_chosen, policy_rejected, ref[:, 0], ref[:, 1])
         per_pair = losses.dpo(h, self.beta, self.variant)
@@ -76,9 +75,8 @@ def reference_logps(model, dataset: PairDataset, collate, micro_batch_size: int)
     device = getattr(model, "device", torch.device("cpu"))
 
     def score(indices: list[int]) -> list[tuple[float, float]]:
-        batch = collate([dataset[i] for i in indices])
-        logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
-        chosen, rejected = sequence_logps(logits, batch["labels"].to(device)).double().cpu().chunk(2)
+        batch = {name: value.to(device) for name, value in collate([dataset[i] for i in indices]).items()}
+        chosen, rejected = lm.sequence_logps(model, batch).double().cpu().chunk(2)
         return list(zip(chosen.tolist(), rejected.tolist()))
 
     return np.array(score_sharded(len(dataset), micro_batch_size, score), dtype=np.float64).reshape(len(dataset), 2)

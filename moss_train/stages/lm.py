@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from moss_train.errors import ConfigError
+from moss_train.losses import IGNORE_INDEX, summed_per_row, token_cross_entropy
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import padded_vocab_size
 from moss_train.stages.base import LossTerms
 from moss_train.tokenizer import MossTokenizer
 from moss_train.tokenizer import load_tokenizer as load_any_tokenizer
 
-IGNORE_INDEX = -100
 
 
 def load_tokenizer(cfg) -> MossTokenizer:
@@ -57,61 +57,18 @@ def resolve_shards(root: str, patterns: list[str], key: str, prepare_hint: str =
     return prefixes
 
 
-# Rows of logits per chunk in token_cross_entropy: ~32 MiB of fp32 (256 rows of a 32k
-# vocabulary), enough rows for ATen's softmax kernels to use every thread, while the fp32
-# temporaries stay a small fraction of the N x V logits.
-CHUNK_BYTES = 2**25
-
-
-class _TokenCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy and argmax of (N, V) logits, in fp32 whatever the logits' dtype.
-
-    F.cross_entropy keeps its fp32 log-softmax output (N x V) for backward, and nll_loss's
-    backward fills another dense N x V gradient before log-softmax's backward makes a third;
-    the accuracy metric's argmax reads the logits once more. Here the forward keeps only one
-    fp32 log-sum-exp per row (the logits themselves are kept, in their own dtype, not copied),
-    finds the argmax chunk by chunk while the chunk is in cache, and the backward computes
-    softmax - one-hot chunk by chunk into the one gradient buffer: one N x V buffer fewer at
-    the loss's peak.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
-        rows = max(1, CHUNK_BYTES // (4 * logits.shape[1]))
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        predicted = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        for start in range(0, logits.shape[0], rows):
-            chunk = logits[start : start + rows].float()
-            # ATen's vectorised log-softmax kernel, on a chunk in cache: lse = x - log_softmax(x).
-            lse[start : start + rows] = chunk[:, 0] - torch.log_softmax(chunk, dim=-1)[:, 0]
-            predicted[start : start + rows] = chunk.argmax(dim=-1)
-        valid = labels != IGNORE_INDEX
-        target_logits = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1).float()
-        token_loss = torch.where(valid, lse - target_logits, 0.0)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.mark_non_differentiable(predicted)
-        return token_loss, predicted
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_predicted):
-        logits, labels, lse = ctx.saved_tensors
-        scale = torch.where(labels != IGNORE_INDEX, grad_loss.float(), 0.0)[:, None]
-        targets = labels.clamp(min=0)[:, None]
-        grad = torch.empty_like(logits)
-        rows = max(1, CHUNK_BYTES // (4 * logits.shape[1]))
-        for start in range(0, logits.shape[0], rows):
-            stop = start + rows
-            probs = torch.softmax(logits[start:stop].float(), dim=-1)
-            probs.mul_(scale[start:stop]).scatter_add_(1, targets[start:stop], -scale[start:stop])
-            grad[start:stop] = probs
-        return grad, None
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) logits, (N,) labels -> per-token fp32 loss (0 where the label is -100) and the
-    argmax prediction per token; equal to F.cross_entropy(logits.float(), labels,
-    reduction="none") and logits.argmax(-1)."""
-    return _TokenCrossEntropy.apply(logits.contiguous(), labels.contiguous())
+def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, targets): the logits (N, V) and labels (N,) of the N target positions
+    only (labels != -100), and the (B, T) target mask; no logits are computed elsewhere."""
+    labels = batch["labels"]
+    targets = labels != IGNORE_INDEX
+    logits = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch.get("position_ids"),
+        segment_ids=batch.get("segment_ids"),
+        logits_at=targets,
+    )
+    return logits, labels[targets], targets
 
 
 def causal_lm_loss(model, batch: dict, group_names: Sequence[str] = ()) -> LossTerms:
@@ -121,25 +78,26 @@ def causal_lm_loss(model, batch: dict, group_names: Sequence[str] = ()) -> LossT
     ``loss_<name>``: the loss summed over that group's targets, counted by them (reported as
     the per-source mean over all micro-batches and ranks).
     """
-    logits = model(
-        input_ids=batch["input_ids"],
-        position_ids=batch.get("position_ids"),
-        segment_ids=batch.get("segment_ids"),
-    )
-    labels = batch["labels"]
-    targets = labels != IGNORE_INDEX
-    token_loss, predicted = token_cross_entropy(logits.flatten(0, 1), labels.flatten())
-    token_loss, predicted = token_loss.view_as(labels), predicted.view_as(labels)
+    logits, labels, targets = target_logits(model, batch)
+    token_loss, predicted = token_cross_entropy(logits, labels)
     sums, counts = {}, {}
     if group_names:
-        groups = batch["source_ids"]
+        groups = batch["source_ids"][targets]
         for g, name in enumerate(group_names):
-            in_group = targets & (groups == g)
+            in_group = groups == g
             if in_group.any():
                 sums[f"loss_{name}"] = token_loss.detach()[in_group].sum().double()
                 counts[f"loss_{name}"] = in_group.sum()
-    sums["accuracy"] = ((predicted == labels) & targets).sum().to(torch.float64)
+    sums["accuracy"] = (predicted == labels).sum().to(torch.float64)
     return LossTerms(loss_sum=token_loss.sum(), num_targets=targets.sum(), sums=sums, counts=counts)
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Per row: the summed log-probability of its labelled tokens (labels != -100), in fp32,
+    from the target positions' logits only, through the memory-lean token_cross_entropy."""
+    logits, labels, targets = target_logits(model, batch)
+    token_loss, _ = token_cross_entropy(logits, labels)
+    return -summed_per_row(token_loss, targets)
 
 
 def count_label_targets(batch: dict) -> int:

@@ -107,24 +107,19 @@ class SFTStage:
         (out / "sft_data.json").write_text(json.dumps({"seq_len": cfg.data.seq_len, **report}, indent=1) + "\n")
 
     def loss(self, model, batch: dict) -> LossTerms:
-        logits = model(
-            input_ids=batch["input_ids"],
-            position_ids=batch.get("position_ids"),
-            segment_ids=batch.get("segment_ids"),
-        )
-        labels = batch["labels"].flatten()
-        targets = labels != IGNORE_INDEX
-        token_loss, predicted = lm.token_cross_entropy(logits.flatten(0, 1), labels)
-        correct = (predicted == labels) & targets
+        logits, labels, targets = lm.target_logits(model, batch)
+        token_loss, predicted = lm.token_cross_entropy(logits, labels)
+        correct = predicted == labels
         sums = {"accuracy": correct.sum().to(torch.float64)}
         counts: dict[str, torch.Tensor] = {}
         if self.per_category and "category_ids" in batch:
-            self._per_category(batch["category_ids"].flatten(), targets, token_loss, correct, sums, counts)
+            self._per_category(batch["category_ids"][targets], token_loss, correct, sums, counts)
         return LossTerms(loss_sum=token_loss.sum(), num_targets=targets.sum(), sums=sums, counts=counts)
 
-    def _per_category(self, category_ids, targets, token_loss, correct, sums, counts) -> None:
-        for c in torch.unique(category_ids[targets]).tolist():
-            chosen = targets & (category_ids == c)
+    def _per_category(self, category_ids, token_loss, correct, sums, counts) -> None:
+        """category_ids, token_loss, correct: per target token."""
+        for c in torch.unique(category_ids).tolist():
+            chosen = category_ids == c
             name = self.categories[c]
             sums[f"loss_cat_{name}"] = token_loss[chosen].sum().detach()
             sums[f"accuracy_cat_{name}"] = correct[chosen].sum().to(torch.float64)
