@@ -113,6 +113,8 @@ def step_tokenizer(
     if not weights:
         raise SystemExit(f"moss-data: none of the weighted sources has a corpus in {corpus} (found {sorted(sources)})")
     provenance = {"corpus_dir": str(corpus.resolve()), "corpus_manifest_sha256": _sha256(corpus_manifest) if corpus_manifest.is_file() else None}
+    if "chat" in weights:  # the tokenizer-only sample of rendered dialogues (--chat-sample)
+        provenance["chat_sample_sha256"] = _sha256(Path(sources["chat"][0]))
     if not force and tokenizer_is_complete(out):
         meta = json.loads((out / META_FILE).read_text())
         tr = meta.get("training", {})
@@ -122,7 +124,7 @@ def step_tokenizer(
             and tr.get("seed") == seed
             and tr.get("sample_bytes") == sample_bytes
             and tr.get("trainer_args", {}).get("character_coverage") == character_coverage
-            and (meta.get("provenance") or {}).get("corpus_manifest_sha256") == provenance["corpus_manifest_sha256"]
+            and all((meta.get("provenance") or {}).get(key) == value for key, value in provenance.items() if key.endswith("_sha256"))
         ):
             tok = MossTokenizer.load(out)
             if not (out / HF_TOKENIZER_FILE).is_file():  # made before the HF files existed
@@ -138,6 +140,27 @@ def step_tokenizer(
     )
     log.info("tokenizer: wrote %s (vocab %d, hash %s) in %.1fs", out, tok.vocab_size, tok.hash[:12], time.time() - t0)
     return tok
+
+
+def step_chat_sample(path: Path, dialogues: int) -> None:
+    """The tokenizer's sample of the MOSS turn format: the first `dialogues` demo training
+    dialogues (those ``moss-data sft --demo`` writes, from its seed), rendered as text. The
+    tokenizer learns the markers, meta-instruction lines and tool commands as whole pieces,
+    so a dialogue costs fewer tokens; the pretraining shards never contain them."""
+    from data_pipelines.demo_dialogues import TRAIN_SEED, make_split
+    from moss_train.chat import format as fmt
+    from moss_train.data.sft import parse_record
+
+    marker = path.with_name(path.name + ".count")
+    if path.is_file() and marker.is_file() and marker.read_text().strip() == str(dialogues):
+        log.info("tokenizer chat sample: %s is complete (%d dialogues), skipping", path, dialogues)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        for record in make_split(dialogues, TRAIN_SEED):
+            out.write(json.dumps({"text": fmt.render(parse_record(record).dialogue)}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    marker.write_text(f"{dialogues}\n")
 
 
 def tokenize_settings(args, source: str):
@@ -234,10 +257,16 @@ def cmd_prepare_pretrain_demo(args) -> int:
     manifest = step_corpus(corpus_dir, _budgets(args), args.valid_fraction, args.seed, args.force)
     times["corpus"] = time.time() - t0
 
+    weights = _weights(args.weights)
+    chat_file = corpus_dir / "chat.train.jsonl"
+    if args.chat_sample > 0:
+        step_chat_sample(chat_file, args.chat_sample)
+        weights.setdefault("chat", args.chat_weight)
+    else:
+        chat_file.unlink(missing_ok=True)
     t0 = time.time()
     tok = step_tokenizer(
-        corpus_dir, tok_dir, args.vocab_size, _weights(args.weights), int(args.sample_mb * MB), args.seed,
-        args.character_coverage, args.force,
+        corpus_dir, tok_dir, args.vocab_size, weights, int(args.sample_mb * MB), args.seed, args.character_coverage, args.force,
     )
     times["tokenizer"] = time.time() - t0
 
@@ -356,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo every step even if its outputs are complete")
+    p.add_argument("--chat-sample", type=int, default=0, help="also train the tokenizer on this many rendered demo "
+                   "training dialogues (the MOSS turn format; never in the pretraining shards)")
+    p.add_argument("--chat-weight", type=float, default=60.0, help="byte share of the chat sample in the tokenizer's sample")
     p.set_defaults(func=cmd_prepare_pretrain_demo)
 
     from data_pipelines.sft import add_parser as add_sft_parser  # moss-data sft (dialogues -> SFT shards)

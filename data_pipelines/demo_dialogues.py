@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import json
 import random
-import re
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from moss_train.chat import format as fmt
-from moss_train.chat.plugins import TOOLS, parse_commands
+from moss_train.chat.plugins import TOOLS
 
 # A problem: (human, inner thoughts, command api, command argument, reply from the tool's answer)
 Problem = tuple[str, str, str, str, Callable[[str], str]]
@@ -211,7 +209,10 @@ def first_prompt(record: dict) -> str:
     return record["chat"]["turn_1"]["Human"]
 
 
-def write_demo_dialogues(out_dir: str | Path, n_train: int = 4000, n_valid: int = 200, seed: int = 0) -> dict[str, Path]:
+TRAIN_SEED = 0  # the training split's seed (moss-data sft --demo); the held-out split's is TRAIN_SEED + 10_007
+
+
+def write_demo_dialogues(out_dir: str | Path, n_train: int = 4000, n_valid: int = 200, seed: int = TRAIN_SEED) -> dict[str, Path]:
     """Write ``train.jsonl`` and ``valid.jsonl`` (held-out: own seed, no repeated tool prompt)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,104 +226,3 @@ def write_demo_dialogues(out_dir: str | Path, n_train: int = 4000, n_valid: int 
         tmp.replace(path)
         paths[split] = path
     return paths
-
-
-def check_reply(check: dict, commands_text: str, reply_text: str, enabled: set[str]) -> tuple[bool, bool]:
-    """(right command, right result stated) for a model's first turn against the reference.
-
-    The command is right when it names the reference tool and its real output equals the
-    reference output (so ``15*24`` for ``24*15`` counts); the result is stated when the reply
-    contains every reference answer value.
-    """
-    commands = parse_commands(commands_text)
-    api = _reference_api(check)
-    reference = TOOLS[api].run(check["command"][len(api) + 2 : -2])
-    right_command = any(name == api and TOOLS[name].plugin in enabled and TOOLS[name].run(arg) == reference for name, arg in commands)
-    stated = bool(reply_text) and all(_states(value, reply_text) for value in check["answer"])
-    return right_command, stated
-
-
-def calls_reference_tool(check: dict, commands_text: str, enabled: set[str]) -> bool:
-    """Whether the commands call the reference's tool (enabled), whatever its argument."""
-    api = _reference_api(check)
-    return any(name == api and TOOLS[name].plugin in enabled for name, _ in parse_commands(commands_text))
-
-
-def _reference_api(check: dict) -> str:
-    return check["command"].split("(", 1)[0]
-
-
-def _states(value: str, text: str) -> bool:
-    """`value` appears in `text` as a whole number (360 is not stated by 3600)."""
-    return re.search(rf"(?<![\d.]){re.escape(value)}(?![\d])", text) is not None
-
-
-# ------------------------------------------------------------------------------ the figure
-def evaluate_tool_use(model, tokenizer, records: list[dict], max_new_tokens=(80, 48), batch_size: int = 64) -> dict:
-    """Score a model on the first turn of each held-out tool dialogue (see :func:`two_pass_replies`)."""
-    cases = [r for r in records if "check" in r]
-    totals, examples = Counter(), []
-    for start in range(0, len(cases), batch_size):
-        batch = cases[start : start + batch_size]
-        for record, (commands, reply, enabled) in zip(batch, two_pass_replies(model, tokenizer, batch, max_new_tokens)):
-            right_command, stated = check_reply(record["check"], commands, reply, enabled)
-            totals.update(prompts=1, right_command=right_command, result_stated=stated, both=right_command and stated)
-            totals.update({f"prompts_{record['check']['plugin']}": 1, f"both_{record['check']['plugin']}": right_command and stated})
-            if len(examples) < 6:
-                examples.append({"human": record["chat"]["turn_1"]["Human"], "commands": commands, "reply": reply, "check": record["check"]})
-    n = max(1, totals["prompts"])
-    by_tool = {k[len("prompts_"):]: totals["both_" + k[len("prompts_"):]] / v for k, v in totals.items() if k.startswith("prompts_")}
-    return {
-        "prompts": totals["prompts"],
-        **{k: totals[k] / n for k in ("right_command", "result_stated", "both")},
-        "both_by_tool": by_tool,
-        "examples": examples,
-    }
-
-
-def two_pass_replies(model, tokenizer, records: list[dict], max_new_tokens=(80, 48)) -> list[tuple[str, str, set]]:
-    """(commands, reply, enabled plugins) for each record's first turn, by the two-pass MOSS
-    protocol (moss_train/chat/protocol.py) with the built-in calculator and solver: pass one
-    to ``<eoc>``, the enabled commands really run, pass two writes the reply."""
-    from moss_train.chat.protocol import TurnRequest, builtin_plugins, two_pass
-    from moss_train.data.sft import parse_record
-
-    dialogues = [parse_record(r).dialogue for r in records]
-    requests = [TurnRequest(d.meta_instruction, [], d.turns[0].human[1:]) for d in dialogues]
-    results = two_pass(model, tokenizer, requests, builtin_plugins(), max_new_tokens=max_new_tokens)
-    return [(r.commands, r.reply, set(fmt.enabled_plugins(d.meta_instruction))) for r, d in zip(results, dialogues)]
-
-
-def main(argv=None) -> int:
-    """python -m data_pipelines.demo_dialogues --checkpoint DIR --tokenizer DIR --dialogues valid.jsonl"""
-    import argparse
-
-    from moss_train.chat.generate import load_model
-    from moss_train.tokenizer import load_tokenizer
-
-    parser = argparse.ArgumentParser(description="held-out tool use of a fine-tuned model on the demo dialogues")
-    parser.add_argument("--checkpoint", required=True, help="a moss-train run, checkpoints or step directory, or an HF model directory")
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--dialogues", required=True, help="held-out demo dialogues (valid.jsonl)")
-    parser.add_argument("--limit", type=int, default=0, help="score only the first N tool dialogues")
-    parser.add_argument("--out", help="also write the figures as JSON here")
-    args = parser.parse_args(argv)
-    model = load_model(args.checkpoint)
-    tokenizer = load_tokenizer(args.tokenizer)
-    records = [json.loads(line) for line in Path(args.dialogues).read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = [r for r in records if "check" in r][: args.limit or None]
-    result = evaluate_tool_use(model, tokenizer, records)
-    print(
-        f"held-out tool use ({result['prompts']} prompts): right command {result['right_command']:.1%}, "
-        f"result stated in the reply {result['result_stated']:.1%}, both {result['both']:.1%} "
-        f"({', '.join(f'{tool} {share:.1%}' for tool, share in sorted(result['both_by_tool'].items()))})"
-    )
-    for example in result["examples"][:3]:
-        print(f"  {example['human'].strip()}\n    commands: {example['commands'].strip()}\n    reply: {example['reply'].strip()}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

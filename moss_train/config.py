@@ -79,6 +79,7 @@ class TrainerConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     precision: str = "auto"  # one of PRECISIONS; auto: bf16 on GPU, bf16-autocast on AMX CPUs, else fp32
     eval_every: int = 0  # 0: evaluate only at the end
+    eval_at_start: bool = False  # also evaluate the initial weights (step 0) of a fresh run
     # Held-out samples per evaluation: the first N of the eval set, rounded down to a multiple of
     # micro_batch_size x ranks so any number of ranks evaluates the same samples.
     eval_samples: int = 64

@@ -162,11 +162,11 @@ def test_tag_scores_every_turn_with_the_reward_model_on_two_processes(tag_run, r
     assert np.mean(polite) > np.mean(rude) + 1  # the learned preference, as tags
 
     # The sharded, gathered scores are the reward model's own, in the right order.
-    from data_pipelines.pairs import _load_reward
+    from moss_train.checkpoint.export import load_reward_model
     from moss_train.data import sft
     from moss_train.tokenizer import load_tokenizer
 
-    model, tokenizer = _load_reward(reward_run), load_tokenizer(pretrain_data / "tokenizer")
+    model, tokenizer = load_reward_model(reward_run), load_tokenizer(pretrain_data / "tokenizer")
     for record in tagged[:3] + tagged[-3:]:
         original = {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
         ids, _ = sft.render(tokenizer, sft.parse_record(original))
@@ -244,12 +244,12 @@ def sampled_replies(model, tokenizer, meta: str, prompts: list[str], samples: in
 def answer_figures(pretrain_data, reward_run):
     """figures(model_dir, meta) -> (share of sampled replies with "please", their mean reward
     under the reward model), over one prompt per word."""
-    from data_pipelines.pairs import _load_reward
+    from moss_train.checkpoint.export import load_reward_model
     from moss_train.chat.generate import load_model
     from moss_train.data import sft
     from moss_train.tokenizer import load_tokenizer
 
-    tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), _load_reward(reward_run)
+    tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), load_reward_model(reward_run)
     prompts = [f"Tell me about the {word}." for word in WORDS]
 
     def figures(model_dir, meta: str) -> tuple[float, float]:
@@ -276,22 +276,24 @@ def test_asked_for_the_best_tag_the_model_answers_as_the_reward_model_prefers(pr
 def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data, reward_run, preference_run, tmp_path, capsys):
     """The quickstart's comparison command, on tool-use demo prompts: sampled answers (the same
     seeds for every model), judged and scored; greedy gives one answer per prompt."""
-    from data_pipelines import pairs
     from data_pipelines.demo_dialogues import write_demo_dialogues
+    from moss_train.eval import cli as moss_eval
+    from moss_train.eval.tool_use import JUDGE_MAX
 
     valid = write_demo_dialogues(tmp_path, n_train=20, n_valid=30, seed=5)["valid"]
     base = ["compare", "--tokenizer", str(pretrain_data / "tokenizer"), "--reward-model", str(reward_run),
             "--dialogues", str(valid), "--preference", str(preference_run[0]), "--sft", str(preference_run[0]), "--limit", "4"]
     for extra, answers in ((["--samples", "2"], 8), (["--temperature", "0"], 4)):
         out = tmp_path / "comparison.json"
-        assert pairs.main(base + extra + ["--out", str(out)]) == 0
+        assert moss_eval.main(base + extra + ["--out", str(out)]) == 0
         printed = capsys.readouterr().out
         figures = json.loads(out.read_text())
         assert sorted(figures) == ["best_tag", "sampling", "sft", "worst_tag"]
         for name in ("best_tag", "worst_tag", "sft"):
             row = figures[name]
-            assert row["prompts"] == 4 and row["answers"] == answers and 0 <= row["right"] <= 1 and 0 <= row["judge_mean"] <= pairs.JUDGE_MAX
-            assert row["right"] <= row["tool_called"] <= 1  # a right answer called the tool
+            right, called = row["right"], row["tool_called"]
+            assert row["prompts"] == 4 and row["answers"] == right["n"] == answers and 0 <= row["judge_mean"] <= JUDGE_MAX
+            assert 0 <= right["rate"] <= called["rate"] <= 1  # a right answer called the tool
             assert f"{name:<10} right" in printed and math.isfinite(row["reward_mean"])
     assert figures["sampling"] == {"samples": 1, "temperature": 0.0, "top_p": 0.8, "seed": 0}
 

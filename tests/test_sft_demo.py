@@ -9,11 +9,12 @@ from collections import Counter
 import pytest
 import torch
 
-from data_pipelines.demo_dialogues import check_reply, make_split, write_demo_dialogues
+from data_pipelines.demo_dialogues import make_split, write_demo_dialogues
 from moss_train.chat import format as fmt
 from moss_train.chat.generate import generate_batch
 from moss_train.chat.plugins import NO_RESULT, TOOLS, calculate, parse_commands, run_commands, solve
 from moss_train.data import sft
+from moss_train.eval.tool_use import JUDGE_MAX, check_reply, judge
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig
 
@@ -98,12 +99,10 @@ def test_check_reply_is_strict_about_command_and_result():
 
 
 def test_the_demo_judge_credits_the_tool_the_command_and_the_result():
-    from data_pipelines.pairs import JUDGE_MAX, judge
-
     record = {"meta_instruction": fmt.meta_instruction(["calculator"]), "check": {"command": 'Calculate("24*15")', "plugin": "calculator", "answer": ["360"]}}
 
     def score(commands, reply):
-        return judge(record, {"commands": commands, "moss": reply})
+        return judge(record, commands, reply)
 
     assert score('Calculate("15*24")', "It is 360.") == JUDGE_MAX == 3
     assert score('Calculate("24*15")', "I do not know.") == 2  # right command, result not stated

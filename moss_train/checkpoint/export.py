@@ -234,13 +234,15 @@ def _export_tokenizer(source: MossTrainCheckpoint, tokenizer_dir, cfg: ModelConf
     return tokenizer
 
 
-def load_reward_model(directory: str | Path) -> RewardModel:
-    """A reward model exported by moss-export (fp32 parameters, eval mode)."""
-    source = open_source(directory)
-    if "moss_reward" not in getattr(source, "config", {}):
-        raise CheckpointError(f"{directory} is not a moss-train reward model export (no moss_reward in config.json)")
+def load_reward_model(path: str | Path) -> RewardModel:
+    """A reward model (fp32 parameters, eval mode) from a moss-train checkpoint (a stage=reward
+    run, checkpoints or step directory; its checksums verified) or a moss-export directory."""
+    source = open_source(path)
+    if model_kind(source.names) != REWARD:
+        raise CheckpointError(f"{path} is not a reward model (no {SCORE_PREFIX}weight, or it has an lm_head)")
+    source.verify()
     cfg = source.model_config
-    model = RewardModel(cfg)
     check_names_and_shapes(source, expected_shapes(cfg, REWARD))
+    model = RewardModel(cfg)
     model.load_state_dict({n: source.tensor(n).float() for n in source.names})
     return model.eval()

@@ -192,6 +192,7 @@ class Trainer:
         self.engine.train()
         result = {f"eval_{name}": value for name, value in sums.reduce(self.dist.device).items()}
         result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
+        result["eval_samples"] = samples
         return result
 
     # ---- the loop ------------------------------------------------------------------------
@@ -214,6 +215,8 @@ class Trainer:
         tokens_per_step = cfg.trainer.global_batch_size * self.data.tokens_per_sample
         history = []
         started = time.perf_counter()
+        if cfg.trainer.eval_at_start and self.step == 0:  # the held-out curves start at the initial weights
+            self._log_eval(logger)
         since_log, window_start = 0, time.perf_counter()
         while self.step < cfg.trainer.max_steps:
             metrics = self.train_step()

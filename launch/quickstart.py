@@ -1,0 +1,261 @@
+"""The main job on CPU: one model through all three MOSS stages, then its figures and pictures.
+
+    python launch/quickstart.py [--out runs/quickstart] [--smoke]     (launch/quickstart.sh installs first)
+
+Every step is a command a user can run alone; each is printed before it runs, its output goes
+to the console and to OUT/logs/STEP.log, and it is timed:
+
+    data        real EN / ZH / code text -> tokenizer -> token shards; the tool-use demo dialogues
+    pretrain    moss-train stage=pretrain on the weighted EN / ZH / code blend (data=moss_mix)
+    sft         moss-train stage=sft on the bilingual tool-use dialogues
+    tool-use    moss-eval tool-use: held-out prompts, greedy, two-pass, the tools really run
+    pairs       moss-data pairs --sample-from: the SFT model's sampled answers, judged, ranked
+    reward      moss-train stage=reward (Bradley-Terry on the judged pairs)
+    tag         moss-train stage=tag: the reward model tags every assistant turn (5 levels)
+    preference  moss-train stage=preference: SFT with the quality tag in the meta instruction
+    dpo         moss-train stage=dpo on the same pairs, against the frozen SFT model
+    compare     moss-eval compare: every quality level, DPO and SFT on held-out prompts
+    export      moss-export of the tag-conditioned model to OUT/export (plain HF)
+
+At the end: a table (step, wall seconds, optimizer steps, tokens/s), OUT/summary.json (the
+README documents its fields) and OUT/report.png. --smoke runs a few steps per stage (the test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each stage runs; the full quickstart and the test's shrunken one."""
+
+    pretrain_steps: int = 200
+    sft_steps: int = 600
+    reward_steps: int = 150
+    preference_steps: int = 300
+    dpo_steps: int = 60
+    eval_every: int = 100
+    pair_prompts: int = 320  # training prompts answered `samples` times for the pairs
+    pair_valid_prompts: int = 64
+    samples: int = 4
+    tool_use_prompts: int = 0  # held-out prompts scored after SFT (0: all)
+    compare_prompts: int = 0  # held-out prompts of the comparison (0: all)
+    compare_samples: int = 4
+    corpus_mb: tuple[float, float, float] = (4.0, 4.0, 6.0)  # EN, ZH, code text for pretraining
+    demo_dialogues: tuple[int, int] = (4000, 200)  # tool-use dialogues: training, held-out
+    tokenizer: str = "--vocab-size 8000"  # moss-data train-tokenizer settings
+
+
+SMOKE = Plan(pretrain_steps=3, sft_steps=3, reward_steps=3, preference_steps=3, dpo_steps=3, eval_every=2,
+             pair_prompts=12, pair_valid_prompts=8, samples=2, tool_use_prompts=8, compare_prompts=4, compare_samples=1,
+             corpus_mb=(0.3, 0.3, 0.4), demo_dialogues=(200, 40), tokenizer="--vocab-size 1000 --sample-mb 1")
+
+# Shared by every training stage.
+MODEL = "model=tiny"
+COMMON = ["deepspeed=zero3", "trainer.global_batch_size=16", "trainer.micro_batch_size=8", "logging.progress_bar=false"]
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    run_dir: Path | None = None  # a training run's output directory (its metrics.jsonl)
+
+
+def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
+    def tool(name: str) -> str:
+        return str(venv_bin / name)
+
+    tokenizer = data / "pretrain-demo" / "tokenizer"
+    dialogues = data / "sft-demo" / "dialogues"
+    runs = {name: out / name for name in ("pretrain", "sft", "reward", "tag", "preference", "dpo")}
+
+    def train(stage: str, data_recipe: str, data_root: Path, *overrides: str) -> Step:
+        argv = [tool("moss-train"), f"stage={stage}", MODEL, f"data={data_recipe}", f"data.root={data_root}", f"data.tokenizer={tokenizer}",
+                *COMMON, f"run.name=quickstart-{stage}", f"run.output_dir={runs[stage]}", "trainer.resume=never", *overrides]
+        return Step(stage, argv, runs[stage])
+
+    every = f"trainer.eval_every={plan.eval_every}"
+    en, zh, code = plan.corpus_mb
+    n_train, n_valid = plan.demo_dialogues
+    return [
+        Step("data", ["bash", "-c", f"{tool('moss-data')} prepare-pretrain-demo --out {data / 'pretrain-demo'} "
+                      f"--en-mb {en} --zh-mb {zh} --code-mb {code} {plan.tokenizer} && {tool('moss-data')} sft --demo --tokenizer {tokenizer} "
+                      f"--demo-train {n_train} --demo-valid {n_valid} --out {data / 'sft-demo'}"]),
+        train("pretrain", "moss_mix", data / "pretrain-demo", f"trainer.max_steps={plan.pretrain_steps}", "trainer.lr=2e-3",
+              "trainer.warmup_steps=20", every, "trainer.eval_at_start=true", "trainer.eval_samples=96"),
+        train("sft", "sft_demo", data / "sft-demo", f"stage.init_from={runs['pretrain']}", f"trainer.max_steps={plan.sft_steps}",
+              "trainer.lr=2e-3", "trainer.warmup_steps=20", every, "trainer.eval_at_start=true"),
+        Step("tool-use", [tool("moss-eval"), "tool-use", str(runs["sft"]), "--dialogues", f"{dialogues}/valid.jsonl",
+                          "--limit", str(plan.tool_use_prompts), "--out", str(runs["sft"] / "tool_use.json")]),
+        Step("pairs", [tool("moss-data"), "pairs", "--sample-from", str(runs["sft"]), "--tokenizer", str(tokenizer),
+                       "--dialogues", f"{dialogues}/train.jsonl", "--valid-dialogues", f"{dialogues}/valid.jsonl",
+                       "--samples", str(plan.samples), "--limit", str(plan.pair_prompts), "--valid-limit", str(plan.pair_valid_prompts),
+                       "--out", str(data / "pairs-demo")]),
+        train("reward", "pairs_demo", data / "pairs-demo", f"stage.init_from={runs['sft']}", f"trainer.max_steps={plan.reward_steps}",
+              "trainer.lr=5e-4", "trainer.warmup_steps=10", "trainer.eval_samples=100000", every),
+        train("tag", "pairs_demo", data / "pairs-demo", f"preference.reward_model={runs['reward']}",
+              f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl]"),
+        train("preference", "preference_demo", runs["tag"] / "conditioned", f"stage.init_from={runs['sft']}",
+              f"trainer.max_steps={plan.preference_steps}", "trainer.lr=2e-3", "trainer.warmup_steps=10", every),
+        train("dpo", "pairs_demo", data / "pairs-demo", f"stage.init_from={runs['sft']}", f"trainer.max_steps={plan.dpo_steps}",
+              "trainer.lr=2e-5", "trainer.warmup_steps=10", every),
+        Step("compare", [tool("moss-eval"), "compare", "--dialogues", f"{dialogues}/valid.jsonl", "--reward-model", str(runs["reward"]),
+                         "--preference", str(runs["preference"]), "--dpo", str(runs["dpo"]), "--sft", str(runs["sft"]), "--all-levels",
+                         "--samples", str(plan.compare_samples), "--limit", str(plan.compare_prompts),
+                         "--out", str(out / "comparison.json")]),
+        Step("export", [tool("moss-export"), str(runs["preference"]), str(out / "export")]),
+    ]
+
+
+# ----------------------------------------------------------------------------- running
+def run_step(step: Step, log_dir: Path) -> float:
+    """Run one step, its output to the console and its log; returns its wall seconds."""
+    print(f"\n[quickstart] {step.name}: $ {shlex.join(step.argv)}", flush=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_dir / f"{step.name}.log", "w", encoding="utf-8") as log:
+        process = subprocess.Popen(step.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        code = process.wait()
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"[quickstart] step {step.name} failed (exit {code}) after {seconds:.0f}s; its log: {log_dir / (step.name + '.log')}")
+    return seconds
+
+
+def cpu_description() -> dict:
+    flags = ""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in flags.split(), "avx512_bf16": "avx512_bf16" in flags.split()}
+
+
+# ----------------------------------------------------------------------------- figures
+def stage_record(step: Step, seconds: float) -> dict:
+    """A step's row: wall seconds and, for a training run, optimizer steps, tokens/s, losses."""
+    from moss_train.eval.report import read_metrics
+
+    row: dict = {"name": step.name, "wall_s": round(seconds, 1)}
+    if step.run_dir is None:
+        return row
+    train, held_out = read_metrics(step.run_dir)
+    if train:
+        speeds = sorted(r["tokens_per_s"] for r in train if "tokens_per_s" in r)
+        row.update(steps=train[-1]["step"], tokens_per_s=round(speeds[len(speeds) // 2]) if speeds else None,
+                   loss_first=train[0]["loss"], loss_last=train[-1]["loss"])
+    if held_out:
+        row.update({k: v for k, v in held_out[-1].items() if k.startswith("eval_") and not k.startswith("eval_loss_cat_")})
+    return row
+
+
+def figures(out: Path, runs: dict[str, Path]) -> dict:
+    from moss_train.eval.report import read_metrics
+
+    result: dict = {}
+
+    def add(name: str, figure: dict) -> None:  # a rate with its count and standard error
+        result[name], result[f"{name}_n"], result[f"{name}_stderr"] = figure["rate"], figure["n"], figure["stderr"]
+
+    train, held_out = read_metrics(runs["pretrain"])
+    result["pretrain_loss_first"], result["pretrain_loss_last"] = train[0]["loss"], train[-1]["loss"]
+    first, last = held_out[0], held_out[-1]
+    for key in sorted(k for k in last if k.startswith("eval_loss")):
+        name = key[len("eval_loss"):].lstrip("_") or "all"
+        result[f"pretrain_eval_loss_{name}_first"], result[f"pretrain_eval_loss_{name}_last"] = first.get(key), last[key]
+    result["pretrain_eval_tokens"] = last["eval_samples"]  # held-out sequences of data.seq_len tokens
+
+    tool_use = json.loads((runs["sft"] / "tool_use.json").read_text())
+    add("tool_use_right", tool_use["both"])
+    result["tool_use_right_command"], result["tool_use_result_stated"] = tool_use["right_command"]["rate"], tool_use["result_stated"]["rate"]
+
+    _, reward_eval = read_metrics(runs["reward"])
+    accuracy, pairs = reward_eval[-1]["eval_accuracy"], reward_eval[-1]["eval_samples"]
+    add("reward_eval_accuracy", {"rate": accuracy, "n": pairs, "stderr": (accuracy * (1 - accuracy) / pairs) ** 0.5})
+
+    comparison = json.loads((out / "comparison.json").read_text())
+    for name, key in (("best_tag_right", "best_tag"), ("worst_tag_right", "worst_tag"), ("dpo_right", "dpo"), ("sft_right", "sft")):
+        add(name, comparison[key]["right"])
+    result["right_by_quality_level"] = {level: row["right"]["rate"] for level, row in comparison.get("by_level", {}).items()}
+    return result
+
+
+def print_table(stages: list[dict], total: float) -> None:
+    print(f"\n{'step':<12}{'wall s':>9}{'opt steps':>11}{'tokens/s':>10}")
+    for row in stages:
+        steps_done = row.get("steps", "")
+        speed = row.get("tokens_per_s") or ""
+        print(f"{row['name']:<12}{row['wall_s']:>9.0f}{steps_done:>11}{speed:>10}")
+    print(f"{'total':<12}{total:>9.0f}")
+
+
+def print_figures(f: dict) -> None:
+    def pm(name: str) -> str:
+        return f"{f[name]:.1%} ± {f[name + '_stderr']:.1%} (n={f[name + '_n']})"
+
+    print(f"\npretraining loss {f['pretrain_loss_first']:.2f} -> {f['pretrain_loss_last']:.2f}; held-out "
+          + ", ".join(f"{k[len('pretrain_eval_loss_'):-len('_last')]} {f[k[:-len('_last')] + '_first']:.2f} -> {f[k]:.2f}"
+                      for k in sorted(f) if k.startswith("pretrain_eval_loss_") and k.endswith("_last")))
+    print(f"SFT held-out tool use (greedy, right command and result): {pm('tool_use_right')}")
+    print(f"reward model held-out pair accuracy: {pm('reward_eval_accuracy')}")
+    print(f"asked for the best tag: {pm('best_tag_right')}; the worst tag: {pm('worst_tag_right')}")
+    print(f"DPO: {pm('dpo_right')}; its SFT start: {pm('sft_right')}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/quickstart")
+    parser.add_argument("--data", default="data", help="where the demo data is written (default data/)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps per stage (the test)")
+    parser.add_argument("--install-seconds", type=float, default=0.0, help="time the install took (launch/quickstart.sh)")
+    args = parser.parse_args(argv)
+    out, data = (ROOT / path if not Path(path).is_absolute() else Path(path) for path in (args.out, args.data))
+    started = time.perf_counter()
+    plan = SMOKE if args.smoke else Plan()
+    pipeline = steps(plan, out, data, Path(sys.executable).parent)
+    for step in pipeline:  # the quickstart always trains from scratch
+        if step.run_dir is not None:
+            subprocess.run(["rm", "-rf", str(step.run_dir)], check=True)
+    subprocess.run(["rm", "-rf", str(out / "export")], check=True)
+    stages = [{"name": "install", "wall_s": round(args.install_seconds, 1)}] if args.install_seconds else []
+    for step in pipeline:
+        stages.append(stage_record(step, run_step(step, out / "logs")))
+    summary = {"wall_s": 0.0, "cpu": cpu_description(), "smoke": args.smoke, "stages": stages}
+    summary["figures"] = figures(out, {s.name: s.run_dir for s in pipeline if s.run_dir is not None})
+
+    from moss_train.eval.report import draw_report
+
+    summary["wall_s"] = round(args.install_seconds + time.perf_counter() - started, 1)
+    comparison = json.loads((out / "comparison.json").read_text())
+    summary["report_panels"] = draw_report(summary, {s.name: s.run_dir for s in pipeline if s.run_dir is not None}, comparison, out / "report.png")
+    summary["wall_s"] = round(args.install_seconds + time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print_table(stages, summary["wall_s"])
+    print_figures(summary["figures"])
+    print(f"\n[quickstart] {summary['wall_s'] / 60:.1f} min; {out / 'summary.json'}, {out / 'report.png'}, export {out / 'export'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

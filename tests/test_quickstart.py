@@ -1,0 +1,64 @@
+"""The main job, shrunken: launch/quickstart.py --smoke runs every step of the real quickstart
+(a few optimizer steps each) and leaves the summary, the export and the pictures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO, cli_env
+
+STEPS = ["data", "pretrain", "sft", "tool-use", "pairs", "reward", "tag", "preference", "dpo", "compare", "export"]
+TRAINING = ["pretrain", "sft", "reward", "preference", "dpo"]
+RATES = ["tool_use_right", "reward_eval_accuracy", "best_tag_right", "worst_tag_right", "dpo_right", "sft_right"]
+
+
+def test_the_shrunken_quickstart_writes_summary_export_and_pictures(tmp_path):
+    out = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "launch/quickstart.py", "--smoke", "--out", str(out), "--data", str(tmp_path / "data")],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {row["name"]: row for row in summary["stages"]}
+    assert list(stages) == STEPS
+    assert all(row["wall_s"] > 0 for row in stages.values())
+    assert sum(row["wall_s"] for row in stages.values()) <= summary["wall_s"]
+    for name in TRAINING:  # three optimizer steps each, with their speed and losses
+        assert stages[name]["steps"] == 3 and stages[name]["tokens_per_s"] > 0 and math.isfinite(stages[name]["loss_last"])
+    figures = summary["figures"]
+    for name in RATES:
+        assert 0 <= figures[name] <= 1 and figures[f"{name}_n"] > 0 and figures[f"{name}_stderr"] >= 0
+    for language in ("en", "zh", "code"):  # the held-out loss per language, at the start and the end
+        assert figures[f"pretrain_eval_loss_{language}_first"] > figures[f"pretrain_eval_loss_{language}_last"] > 0
+    assert figures["pretrain_loss_first"] > figures["pretrain_loss_last"]
+    assert sorted(figures["right_by_quality_level"]) == ["1", "2", "3", "4", "5"]
+    assert summary["cpu"]["cores"] >= 1 and isinstance(summary["cpu"]["amx_bf16"], bool)
+    # The table is printed, one row per step.
+    printed = result.stdout
+    assert all(f"\n{name:<12}" in printed for name in STEPS)
+
+    # The export loads in plain transformers, with the tag-conditioned model's tag form.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    tokenizer = AutoTokenizer.from_pretrained(out / "export")
+    assert model.config.model_type == "codegen" and len(tokenizer) <= model.config.vocab_size
+    assert (out / "export" / "quality.json").is_file()
+
+    # The picture: a valid PNG, its panels drawn (not a blank canvas).
+    from matplotlib import image
+
+    pixels = image.imread(out / "report.png")
+    assert pixels.ndim == 3 and pixels.shape[0] > 400 and pixels.shape[1] > 800
+    ink = (pixels[..., :3] < 0.9).any(axis=-1).mean()
+    assert ink > 0.05, ink
+    panels = summary["report_panels"]
+    assert set(panels) == {*TRAINING, "quality", "time"} and all(count > 0 for count in panels.values()), panels
+    assert np.isfinite(pixels).all()
