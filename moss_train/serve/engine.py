@@ -25,6 +25,9 @@ from moss_train.chat.generate import DecodingBatch, Row
 
 log = logging.getLogger("moss_train.serve")
 _DONE = object()  # a row's last message: it stopped or was cancelled
+# What /health counts: turns admitted; rows that stopped / were cancelled (a client gone, a stop
+# string); tokens generated; decoding steps; the most rows in one step; the most turns waiting.
+COUNTS = ("requests", "finished", "cancelled", "tokens", "steps", "peak_rows", "peak_waiting")
 
 
 class EngineError(RuntimeError):
@@ -38,8 +41,7 @@ class Engine:
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.context = model.config.n_positions
         self.batch = DecodingBatch(model, tokenizer.pad_id, tokenizer.vocab_size)
-        # requests (turns admitted), finished / cancelled (rows), tokens, steps, peak_rows, peak_waiting
-        self.counts: Counter = Counter()
+        self.counts = Counter(dict.fromkeys(COUNTS, 0))
         self.active = self.waiting = 0  # turns holding a slot / waiting for one
         self._slots: asyncio.Semaphore | None = None
         self._incoming: list[tuple[Row, Callable]] = []

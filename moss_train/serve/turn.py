@@ -30,6 +30,7 @@ from moss_train.serve.engine import Engine
 # The fields a client is shown, by their name in the API's `moss` field (and `content`).
 THOUGHTS, COMMANDS, RESULTS, CONTENT = "inner_thoughts", "commands", "results", "content"
 _ROLE_OF = {THOUGHTS: fmt.INNER_THOUGHTS, COMMANDS: fmt.COMMANDS, CONTENT: fmt.MOSS}
+_END_TOKENS = tuple(spec.end for spec in fmt.FIELDS)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class _Shown:
     def update(self, field: str, body: str | None, complete: bool) -> Delta | None:
         if body is None:
             return None
+        if not complete:  # an end token ends what is shown of a field still being written
+            body = body[: min((body.find(end) for end in _END_TOKENS if end in body), default=len(body))]
         text = body.strip() if complete else body.lstrip()
         if field == CONTENT:
             text = self.cut(text)

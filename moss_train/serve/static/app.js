@@ -219,6 +219,7 @@ async function send(text) {
   }
   if (!view.moss.inner_thoughts) view.thoughts.textContent = "—";
   if (!view.moss.commands) view.commands.textContent = "—";
+  if (!view.moss.results.length) view.calls.replaceChildren(Object.assign(document.createElement("li"), { textContent: "no tool was called", className: "hint" }));
   if (failure) {
     element.dataset.state = "error";
     view.note.textContent = failure;
