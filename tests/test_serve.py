@@ -191,6 +191,19 @@ def test_a_history_with_its_moss_field_is_rendered_as_the_library_renders_it(ser
     assert moss_of(second.choices[0].message)["commands"] == expected.commands.strip()
 
 
+def test_stop_strings_end_the_reply_and_a_system_message_is_the_preamble(server):
+    client = server.client()
+    ask = dict(model="calc", temperature=0, max_tokens=64)
+    cut = client.chat.completions.create(messages=[{"role": "user", "content": QUESTION}], stop=[" is 3"], **ask)
+    assert cut.choices[0].message.content == "24*15" and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(messages=[{"role": "user", "content": QUESTION}], stop=" is 3", stream=True, **ask)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "24*15"
+    system = client.chat.completions.create(messages=[{"role": "system", "content": fmt.SHORT_PREAMBLE}, {"role": "user", "content": QUESTION}], **ask)
+    assert system.choices[0].message.content == "24*15 is 360."  # the same meta instruction as the server's --preamble short
+    other = client.chat.completions.create(messages=[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": QUESTION}], **ask)
+    assert other.usage.prompt_tokens != system.usage.prompt_tokens
+
+
 def test_sixteen_concurrent_streams_all_complete_batched(server, models):
     questions = ["What is 24*15?", "What is 125+389?", "Solve 3x+5=20", "Hello!"]
     client = server.client()
@@ -233,6 +246,7 @@ BAD_REQUESTS = {
     "plugin not loaded": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "plugins": ["web_search"]}, 400, "web_search not loaded"),
     "quality for an untagged model": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "quality": "best"}, 400, "not tag-conditioned"),
     "quality out of range": ({"model": "tagged", "messages": [{"role": "user", "content": "hi"}], "quality": "4/3"}, 400, "N/K"),
+    "n above 1": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n:"),
     "top_p 0": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
 }
 
