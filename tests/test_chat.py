@@ -20,7 +20,7 @@ import transformers
 
 from conftest import BIN, run_cli, train_overrides
 from moss_train.chat import format as fmt
-from moss_train.chat.generate import Sampling, generate_batch, load_model, process_logits
+from moss_train.chat.generate import DecodingBatch, Row, Sampling, generate_batch, load_model, process_logits
 from moss_train.chat.plugins import NO_RESULT, Plugin, build_plugins
 from moss_train.chat.protocol import ChatSession, Settings, TurnRequest, encode, two_pass
 from moss_train.checkpoint.export import export_checkpoint
@@ -95,6 +95,40 @@ def test_the_kv_cache_gives_the_tokens_of_full_recomputation(options):
     assert any(len(row) < 12 for row in cached)  # rows left the batch early (at the stop id)
     if not options.get("temperature"):  # greedy: each row is what its prompt gives alone
         assert cached == [generate_batch(model, [p], 12, stop_ids=(17,), **options)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(use_cache):
+    """Continuous batching (moss-serve): rows join between steps, are cancelled, or stop; each
+    row with its own generator gets exactly the tokens it gets decoded alone, greedy or sampled."""
+    model = random_model(n_positions=128)
+    prompts = [[5, 9, 11, 3, 7, 20, 21], [4, 4], list(range(30, 45)), [8, 2, 6]]
+    for sampling in (Sampling(), Sampling(1.0, 5, 0.9, 1.3)):
+        def row(i):
+            return Row(prompts[i], 10 + 3 * i, frozenset({17}), sampling, torch.Generator().manual_seed(i))
+
+        alone = []
+        for i in range(len(prompts)):
+            batch, single = DecodingBatch(model, use_cache=use_cache), row(i)
+            batch.add([single])
+            while batch.rows:
+                batch.step()
+            alone.append(single.tokens)
+        batch, rows = DecodingBatch(model, use_cache=use_cache), [row(i) for i in range(len(prompts))]
+        cancelled = row(1)
+        batch.add(rows[:1])
+        batch.step(), batch.step()
+        batch.add([rows[1], cancelled, rows[2]])
+        batch.step()
+        cancelled.cancelled = True
+        events = batch.step()
+        assert cancelled not in [r for r, _ in events] and cancelled not in batch.rows  # left without a token
+        batch.add(rows[3:])
+        while batch.rows:
+            batch.step()
+        assert [r.tokens for r in rows] == alone
+        assert len(cancelled.tokens) == 1 and not cancelled.stopped
+    assert sum(len(t) > 5 for t in alone) >= 2  # long enough to overlap in the batch
 
 
 def test_logits_processing_equals_hf_processors():

@@ -23,49 +23,40 @@ PREAMBLES = {"moss": fmt.MOSS_PREAMBLE, "short": fmt.SHORT_PREAMBLE}
 DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=0, repetition_penalty=1.02, max_new_tokens=256)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="moss-chat", description="chat with a MOSS-format model (two-pass tool use)")
-    p.add_argument("model", help="moss-train run/checkpoint directory or HF model directory")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that say what a model talks with (shared with moss-serve)."""
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's own or its recipe's)")
     p.add_argument("--plugins", default="", help="comma list: calculator, equation_solver, web_search=BACKEND, "
                    "text2img=BACKEND (BACKEND: module:function or http(s)://url); default none")
+    p.add_argument("--preamble", default="moss", help="meta-instruction preamble: moss, short (the demo data's) or a file")
+    p.add_argument("--tool-timeout", type=float, default=20.0, help="seconds for a configured web_search / text2img backend")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moss-chat", description="chat with a MOSS-format model (two-pass tool use)")
+    p.add_argument("model", help="moss-train run/checkpoint directory or HF model directory")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", help="answer this and exit (repeat for a multi-turn script)")
     p.add_argument("--show-thoughts", action="store_true", help="also print inner thoughts, commands and tool results")
     p.add_argument("--quality", help="N/K, best or worst: the quality level to ask a tag-conditioned model for "
                    "(default: best, when the model carries its tag form, quality.json)")
-    p.add_argument("--preamble", default="moss", help="meta-instruction preamble: moss, short (the demo data's) or a file")
     p.add_argument("--meta-instruction", help="a file with the whole meta instruction (replaces --preamble and the plugin lines)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
     for name, value in DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tool-timeout", type=float, default=20.0, help="seconds for a configured web_search / text2img backend")
     return p.parse_args(argv)
 
 
 def choose_quality(text: str | None, form: dict | None) -> tuple[int, int] | None:
-    """(level, levels) to ask for: --quality as given, else the best level of a model that
-    carries its tag form; None for a model trained without tags."""
-    if text in (None, "best", "worst"):
-        if form is None:
-            if text:
-                raise SystemExit(f"moss-chat: --quality {text}: the model has no {fmt.QUALITY_FILE} (not tag-conditioned); pass N/K")
-            return None
-        levels = int(form["levels"])
-        return (1 if text == "worst" else levels), levels
-    return parse_quality(text)
-
-
-def parse_quality(text: str) -> tuple[int, int]:
+    """--quality as (level, levels) (see format.choose_quality); a clear exit when it is wrong."""
     try:
-        level, levels = (int(part) for part in text.split("/"))
-        fmt.quality_line(level, levels)  # validates 1 <= level <= levels
-        return level, levels
-    except ValueError:
-        raise SystemExit(f"moss-chat: --quality wants N/K with 1 <= N <= K, got {text!r}") from None
+        return fmt.choose_quality(text, form)
+    except ValueError as error:
+        raise SystemExit(f"moss-chat: --quality {error}") from None
 
 
-def find_tokenizer(model_dir: str, explicit: str | None):
+def find_tokenizer(model_dir: str, explicit: str | None, prog: str = "moss-chat"):
     from moss_train.checkpoint.sources import MossTrainCheckpoint, open_source
     from moss_train.tokenizer import load_tokenizer
 
@@ -74,22 +65,31 @@ def find_tokenizer(model_dir: str, explicit: str | None):
     source = open_source(model_dir)
     directory = source.recipe_tokenizer() if isinstance(source, MossTrainCheckpoint) else Path(model_dir)
     if directory is None:
-        raise SystemExit(f"moss-chat: cannot find the tokenizer of {model_dir}; pass --tokenizer DIR")
+        raise SystemExit(f"{prog}: cannot find the tokenizer of {model_dir}; pass --tokenizer DIR")
     return load_tokenizer(directory)
+
+
+def load_plugins(args: argparse.Namespace, prog: str = "moss-chat") -> dict:
+    from moss_train.chat.plugins import build_plugins
+
+    try:
+        return build_plugins(args.plugins, timeout_s=args.tool_timeout)
+    except (ValueError, ImportError, AttributeError) as error:
+        raise SystemExit(f"{prog}: --plugins: {error}") from None
+
+
+def read_preamble(name: str) -> str:
+    """--preamble: a named one (moss, short) or the text of a file."""
+    preamble = PREAMBLES.get(name)
+    return preamble if preamble is not None else Path(name).read_text(encoding="utf-8")
 
 
 def build_session(args: argparse.Namespace):
     from moss_train.chat.generate import load_model
-    from moss_train.chat.plugins import build_plugins
     from moss_train.chat.protocol import ChatSession, Settings
 
-    try:
-        plugins = build_plugins(args.plugins, timeout_s=args.tool_timeout)
-    except (ValueError, ImportError, AttributeError) as error:
-        raise SystemExit(f"moss-chat: --plugins: {error}") from None
-    preamble = PREAMBLES.get(args.preamble)
-    if preamble is None:
-        preamble = Path(args.preamble).read_text(encoding="utf-8")
+    plugins = load_plugins(args)
+    preamble = read_preamble(args.preamble)
     meta = Path(args.meta_instruction).read_text(encoding="utf-8") if args.meta_instruction else None
     settings = Settings(
         max_new_tokens=args.max_new_tokens,

@@ -149,6 +149,25 @@ def find_quality_form(model_path) -> dict | None:
     return None
 
 
+def choose_quality(text: str | None, form: dict | None) -> tuple[int, int] | None:
+    """(level, levels) to ask a model for: "N/K" as given; "best" / "worst" (None: best) of a
+    model that carries its tag form (`form`, from :func:`find_quality_form`); None for a model
+    trained without tags when none is asked for. ValueError names what is wrong."""
+    if text in (None, "best", "worst"):
+        if form is None:
+            if text:
+                raise ValueError(f"{text}: the model has no {QUALITY_FILE} (not tag-conditioned); pass N/K")
+            return None
+        levels = int(form["levels"])
+        return (1 if text == "worst" else levels), levels
+    try:
+        level, levels = (int(part) for part in text.split("/"))
+        quality_line(level, levels)  # validates 1 <= level <= levels
+        return level, levels
+    except ValueError:
+        raise ValueError(f"wants N/K with 1 <= N <= K, got {text!r}") from None
+
+
 def enabled_plugins(meta: str) -> list[str]:
     """Plugins a meta instruction enables (by its capability lines), in moss-003 order."""
     states = {label: state for label, state in _CAPABILITY_LINE.findall(meta.partition(CAPABILITIES_HEADER)[2])}

@@ -19,12 +19,17 @@ left padding (HF counts the pad id as a seen token).
 The KV cache (:class:`KVCache`) is preallocated for prompt + max_new_tokens; the model takes it
 as ``forward(..., cache=...)``: each layer writes its new keys / values at the cache's current
 span and attends to everything cached so far.
+
+One decoding loop, :class:`DecodingBatch`, serves both callers: ``generate_batch`` (a fixed set
+of prompts, one generator for the batch) and moss-serve (continuous batching: a request's row
+joins the running batch between two steps, is prefilled on its own and appended to the cache,
+and leaves when it stops or its client goes away; each request samples from its own generator).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,6 +90,27 @@ class KVCache:
         for layer in self.layers:
             layer.keys, layer.values = layer.keys[rows], layer.values[rows]
         self.segments = self.segments[rows]
+
+    def join(self, other: KVCache, room: int) -> None:
+        """Append the rows of `other` (new rows, prefilled), both right-aligned to a common
+        length with `room` free columns after it. The leading columns that are padding in every
+        row of this cache (left by rows that have left) are dropped on the way."""
+        used = (self.segments[:, : self.length] != 0).any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else self.length
+        mine, theirs = self.length - start, other.length
+        length = max(mine, theirs)
+        rows = self.segments.shape[0] + other.segments.shape[0]
+        segments = torch.zeros((rows, length + room), dtype=self.segments.dtype, device=self.segments.device)
+        segments[: -other.segments.shape[0], length - mine : length] = self.segments[:, start : self.length]
+        segments[-other.segments.shape[0] :, length - theirs : length] = other.segments[:, :theirs]
+        for layer, new in zip(self.layers, other.layers):
+            for name in ("keys", "values"):
+                old, add = getattr(layer, name), getattr(new, name)
+                merged = old.new_zeros((rows, old.shape[1], length + room, old.shape[3]))
+                merged[: old.shape[0], :, length - mine : length] = old[:, :, start : self.length]
+                merged[old.shape[0] :, :, length - theirs : length] = add[:, :, :theirs]
+                setattr(layer, name, merged)
+        self.segments, self.capacity, self.length, self.span = segments, length + room, length, (length, length)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -154,12 +180,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 class _CachedDecoder:
     """Prefill the prompts once, then one token per row per step against the KV cache."""
 
-    def __init__(self, model, ids, positions, segments, max_new_tokens: int):
+    def __init__(self, model, ids, positions, segments, room: int):
         self.model, self.positions = model, positions[:, -1:]
-        self.cache = KVCache(model, ids.shape[0], ids.shape[1] + max_new_tokens)
+        self.cache = KVCache(model, ids.shape[0], ids.shape[1] + room)
         last = torch.zeros_like(ids, dtype=torch.bool)
         last[:, -1] = True  # only the last prompt token's logits are needed
         self.logits = model(ids, position_ids=positions, segment_ids=segments, cache=self.cache, logits_at=last)
+
+    def join(self, ids, positions, segments, room: int) -> torch.Tensor:
+        """Prefill new rows on their own, append them to the batch; their next-token logits."""
+        new = _CachedDecoder(self.model, ids, positions, segments, 0)
+        self.cache.join(new.cache, room)
+        self.positions = torch.cat([self.positions, new.positions])
+        return new.logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.positions = self.positions + 1
@@ -175,12 +208,18 @@ class _FullDecoder:
     """No cache: every step runs the whole sequence again (the baseline the cache is checked
     and benchmarked against)."""
 
-    def __init__(self, model, ids, positions, segments, max_new_tokens: int):
+    def __init__(self, model, ids, positions, segments, room: int):
         self.model, self.ids, self.positions, self.segments = model, ids, positions, segments
         self.logits = self._run()
 
     def _run(self) -> torch.Tensor:
         return self.model(self.ids, position_ids=self.positions, segment_ids=self.segments)[:, -1]
+
+    def join(self, ids, positions, segments, room: int) -> torch.Tensor:
+        width = max(self.ids.shape[1], ids.shape[1])
+        old, new = (_pad_left(t, width) for t in (self.ids, self.positions, self.segments)), (_pad_left(t, width) for t in (ids, positions, segments))
+        (self.ids, self.positions, self.segments) = (torch.cat(pair) for pair in zip(old, new))
+        return self._run()[-ids.shape[0]:]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
@@ -192,7 +231,128 @@ class _FullDecoder:
         self.ids, self.positions, self.segments = self.ids[rows], self.positions[rows], self.segments[rows]
 
 
-@torch.no_grad()
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (width - t.shape[1], 0))  # zeros: segment 0, padding
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt being continued: how it is sampled, when it stops, what it has generated.
+
+    `cancelled` may be set from any thread (a client went away): the row leaves the batch at
+    the next step without another token. Rows sharing one `generator` and one `sampling` draw
+    their tokens together, in row order (``generate_batch``'s batches); a row with a generator
+    of its own gets the tokens it would get alone, whoever it is batched with.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    sampling: Sampling = Sampling()
+    generator: torch.Generator | None = None  # None: seeded with 0
+    tokens: list[int] = field(default_factory=list)
+    stopped: bool = False  # by a stop id or max_new_tokens
+    cancelled: bool = False
+
+    def __post_init__(self):
+        if len(self.prompt) == 0:
+            raise ValueError("every prompt needs at least one token")
+        self.stop_ids = frozenset(self.stop_ids)
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(0)
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.tokens)
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.cancelled
+
+
+class DecodingBatch:
+    """Rows decoded together, one token per row per :meth:`step`, with continuous batching:
+    rows join with :meth:`add` between any two steps and leave as soon as they stop.
+
+    Rows are left-padded to a common length and kept apart by segment ids (see the module
+    docstring), so a row's tokens do not depend on the other rows. A joining row is prefilled
+    on its own and appended to the cache; the columns that no row uses any more are dropped then.
+    """
+
+    def __init__(self, model, pad_id: int = 0, vocab_size: int | None = None, use_cache: bool = True):
+        self.model, self.pad_id, self.use_cache = model, pad_id, use_cache
+        self.vocab = model.lm_head.out_features
+        self.vocab_size = vocab_size if vocab_size is not None and vocab_size < self.vocab else None
+        self.rows: list[Row] = []
+        self.decoder = None
+        self.logits: torch.Tensor | None = None  # (rows, vocab): each row's next-token logits
+        self.seen: torch.Tensor | None = None  # (rows, vocab) bool: prompt + generated, for the penalty
+
+    @torch.no_grad()
+    def add(self, rows: Sequence[Row]) -> None:
+        for row in rows:
+            row.stopped = row.stopped or row.remaining <= 0
+        rows = [row for row in rows if not row.done]
+        if not rows:
+            return
+        ids, positions, segments = left_pad([row.prompt for row in rows], self.pad_id)
+        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            seen[r, torch.as_tensor(list(row.prompt), dtype=torch.long)] = True
+        if self.decoder is None:
+            decoder = _CachedDecoder if self.use_cache else _FullDecoder
+            self.decoder = decoder(self.model, ids, positions, segments, max(row.remaining for row in rows))
+            self.rows, self.logits, self.seen = list(rows), self.decoder.logits, seen
+        else:
+            room = max(row.remaining for row in [*self.rows, *rows])
+            logits = self.decoder.join(ids, positions, segments, room)
+            self.rows += rows
+            self.logits, self.seen = torch.cat([self.logits, logits]), torch.cat([self.seen, seen])
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Row, int]]:
+        """One token for every row, as (row, token); rows that stop (or were cancelled) leave."""
+        self._leave([row.cancelled for row in self.rows])
+        if not self.rows:
+            return []
+        logits = self.logits.float()
+        if self.vocab_size is not None:
+            logits[:, self.vocab_size :] = float("-inf")
+        chosen = torch.empty(len(self.rows), dtype=torch.long)
+        for (sampling, generator), index in self._sampling_groups():
+            chosen[index] = choose(process_logits(logits[index], self.seen[index], sampling), sampling, generator)
+        tokens = chosen.tolist()
+        for row, token in zip(self.rows, tokens):
+            row.tokens.append(token)
+            row.stopped = token in row.stop_ids or row.remaining <= 0
+        self.seen[torch.arange(len(tokens)), chosen] = True
+        events = list(zip(self.rows, tokens))
+        going = torch.tensor([not row.stopped for row in self.rows])
+        self._leave([row.stopped for row in self.rows])
+        if self.rows:
+            self.logits = self.decoder.step(chosen[going])
+        return events
+
+    def _sampling_groups(self):
+        """Rows that draw together: same settings and generator (greedy rows need no generator)."""
+        groups: dict = {}
+        for r, row in enumerate(self.rows):
+            key = (row.sampling, None if row.sampling.greedy else id(row.generator))
+            groups.setdefault(key, ((row.sampling, row.generator), []))[1].append(r)
+        return [(settings, torch.tensor(index)) for settings, index in groups.values()]
+
+    def _leave(self, leaving: list[bool]) -> None:
+        if not any(leaving):
+            return
+        self.rows = [row for row, gone in zip(self.rows, leaving) if not gone]
+        if not self.rows:  # the next add() starts a fresh cache
+            self.decoder = self.logits = self.seen = None
+            return
+        keep = torch.tensor([not gone for gone in leaving]).nonzero()[:, 0]
+        self.decoder.keep(keep)
+        self.logits, self.seen = self.logits[keep], self.seen[keep]
+
+
 def generate_batch(
     model,
     prompts: Sequence[Sequence[int]],
@@ -210,45 +370,22 @@ def generate_batch(
 ) -> list[list[int]]:
     """New token ids per prompt, up to and including the first stop id (or max_new_tokens).
 
-    temperature 0: greedy; else sampling (see the module docstring), from a generator seeded
-    with `seed`. use_cache=False recomputes the whole sequence each step (same tokens, slower).
-    vocab_size: the tokenizer's; ids at or beyond it (the rows that padding the embedding to a
-    multiple of 64 adds, which no tokenizer can decode) are never chosen.
+    temperature 0: greedy; else sampling (see the module docstring), from one generator seeded
+    with `seed` for the whole batch. use_cache=False recomputes the whole sequence each step
+    (same tokens, slower). vocab_size: the tokenizer's; ids at or beyond it (the rows that
+    padding the embedding to a multiple of 64 adds, which no tokenizer can decode) are never
+    chosen.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not prompts:
         raise ValueError("every prompt needs at least one token")
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    if max_new_tokens <= 0:
-        return outputs
-    ids, positions, segments = left_pad(prompts, pad_id)
-    vocab = model.lm_head.out_features
-    seen = None
-    if sampling.repetition_penalty != 1.0:  # which tokens each row holds (padding excluded)
-        seen = torch.zeros((len(prompts), vocab), dtype=torch.bool).scatter_(1, ids, segments.bool())
     generator = torch.Generator().manual_seed(seed)
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-    decoder = (_CachedDecoder if use_cache else _FullDecoder)(model, ids, positions, segments, max_new_tokens)
-    logits = decoder.logits
-    active = torch.arange(len(prompts))  # rows still generating
-    for step in range(max_new_tokens):
-        logits = logits.float()
-        if vocab_size is not None and vocab_size < vocab:
-            logits[:, vocab_size:] = float("-inf")
-        chosen = choose(process_logits(logits, seen, sampling), sampling, generator)
-        for r, token in zip(active.tolist(), chosen.tolist()):
-            outputs[r].append(token)
-        going = ~torch.isin(chosen, stops)
-        if step == max_new_tokens - 1 or not bool(going.any()):
-            break
-        if seen is not None:
-            seen[torch.arange(len(chosen)), chosen] = True
-        if not bool(going.all()):
-            active, chosen = active[going], chosen[going]
-            decoder.keep(going.nonzero()[:, 0])
-            seen = None if seen is None else seen[going]
-        logits = decoder.step(chosen)
-    return outputs
+    rows = [Row(prompt, max_new_tokens, frozenset(stop_ids), sampling, generator) for prompt in prompts]
+    batch = DecodingBatch(model, pad_id, vocab_size, use_cache)
+    batch.add(rows)
+    while batch.rows:
+        batch.step()
+    return [row.tokens for row in rows]
 
 
 def load_model(path: str | Path) -> CodeGenForCausalLM:

@@ -79,14 +79,56 @@ def encode(tokenizer, segments) -> list[int]:
     return [i for ids in fmt.encode_segments(tokenizer, segments) for i in ids]
 
 
-def _text_after(text: str, role: str) -> str | None:
-    """The `role` field's body in generated text; if its end token never came (cut off), what
-    follows its marker; None without the marker."""
+def field_so_far(text: str, role: str) -> str | None:
+    """The `role` field's body in generated text; if its end token has not come (yet, or ever:
+    cut off), what follows its marker; None without the marker."""
     body = fmt.field_body(text, role)
     if body is not None:
         return body
     prefix = fmt.FIELD_BY_ROLE[role].prefix
     return text.split(prefix, 1)[1] if prefix in text else None
+
+
+# The steps of one turn, for a driver that generates each pass: two_pass below (a batch of
+# turns, one generate call per pass) and moss-serve (each turn streamed, continuously batched).
+def stop_ids(tokenizer) -> tuple[tuple[int, int], tuple[int]]:
+    """The stop ids of pass one (<eoc>, <eom>) and of pass two (<eom>)."""
+    end_commands, end_reply = (tokenizer.token_to_id(t) for t in (fmt.END_OF_COMMANDS, fmt.END_OF_REPLY))
+    return (end_commands, end_reply), (end_reply,)
+
+
+def first_prompt(tokenizer, request: TurnRequest) -> list[int]:
+    """Pass one's prompt: the dialogue so far and the new human field."""
+    return encode(tokenizer, fmt.prompt_segments(request.meta, request.history, request.human))
+
+
+def after_first_pass(
+    tokenizer, request: TurnRequest, prompt: list[int], ids: list[int], plugins: Mapping[str, Plugin]
+) -> tuple[TurnResult, list[int] | None]:
+    """The turn as pass one (`ids`) left it, and pass two's prompt: None when the model answered
+    at once or pass one was cut off by max_new_tokens (then the turn has no reply). The enabled
+    plugins run the commands here."""
+    (end_commands, end_reply), _ = stop_ids(tokenizer)
+    text = tokenizer.decode(ids)
+    result = TurnResult(request.human, field_so_far(text, fmt.INNER_THOUGHTS) or fmt.NONE_BODY)
+    if ids and ids[-1] == end_reply:  # answered in pass one: no tools
+        result.commands = fmt.field_body(text, fmt.COMMANDS) or fmt.NONE_BODY
+        result.reply, result.finished = (field_so_far(text, fmt.MOSS) or "").strip(), True
+    elif ids and ids[-1] == end_commands:
+        result.commands = fmt.field_body(text, fmt.COMMANDS) or fmt.NONE_BODY
+        enabled = {name: plugins[name] for name in fmt.enabled_plugins(request.meta) if name in plugins}
+        result.tool_calls = call_tools(result.commands, enabled)
+        results = fmt.results_segments(result.results, len(request.history))
+        return result, prompt + list(ids) + encode(tokenizer, results)
+    return result, None
+
+
+def read_reply(tokenizer, result: TurnResult, ids: list[int]) -> None:
+    """Pass two's output (`ids`) into the turn: the reply, and whether it ended with <eom>."""
+    text = tokenizer.decode(ids)
+    reply = field_so_far(text, fmt.MOSS)
+    result.reply = (text if reply is None else reply).strip()
+    result.finished = bool(ids) and ids[-1] == stop_ids(tokenizer)[1][0]
 
 
 def two_pass(
@@ -103,30 +145,19 @@ def two_pass(
     max_new_tokens: (pass one, pass two); default settings.max_new_tokens for both.
     """
     first_max, second_max = max_new_tokens or (settings.max_new_tokens, settings.max_new_tokens)
-    end_commands, end_reply = (tokenizer.token_to_id(t) for t in (fmt.END_OF_COMMANDS, fmt.END_OF_REPLY))
-    prompts = [encode(tokenizer, fmt.prompt_segments(r.meta, r.history, r.human)) for r in requests]
-    first = settings.generate(model, tokenizer, prompts, first_max, (end_commands, end_reply))
-    results, second_rows, second_prompts = [], [], []
-    for i, (request, ids) in enumerate(zip(requests, first)):
-        text = tokenizer.decode(ids)
-        result = TurnResult(request.human, _text_after(text, fmt.INNER_THOUGHTS) or fmt.NONE_BODY)
+    first_stops, second_stops = stop_ids(tokenizer)
+    prompts = [first_prompt(tokenizer, r) for r in requests]
+    first = settings.generate(model, tokenizer, prompts, first_max, first_stops)
+    results, second = [], []
+    for i, (request, prompt, ids) in enumerate(zip(requests, prompts, first)):
+        result, second_prompt = after_first_pass(tokenizer, request, prompt, ids, plugins)
         results.append(result)
-        if ids and ids[-1] == end_reply:  # answered in pass one: no tools
-            result.commands = fmt.field_body(text, fmt.COMMANDS) or fmt.NONE_BODY
-            result.reply, result.finished = (_text_after(text, fmt.MOSS) or "").strip(), True
-        elif ids and ids[-1] == end_commands:
-            result.commands = fmt.field_body(text, fmt.COMMANDS) or fmt.NONE_BODY
-            enabled = {name: plugins[name] for name in fmt.enabled_plugins(request.meta) if name in plugins}
-            result.tool_calls = call_tools(result.commands, enabled)
-            second_rows.append(i)
-            second_prompts.append(prompts[i] + ids + encode(tokenizer, fmt.results_segments(result.results, len(request.history))))
-        # else: pass one was cut off by max_new_tokens; the turn has no reply
-    if second_prompts:
-        for i, ids in zip(second_rows, settings.generate(model, tokenizer, second_prompts, second_max, (end_reply,))):
-            text = tokenizer.decode(ids)
-            reply = _text_after(text, fmt.MOSS)
-            results[i].reply = (text if reply is None else reply).strip()
-            results[i].finished = bool(ids) and ids[-1] == end_reply
+        if second_prompt is not None:
+            second.append((i, second_prompt))
+    if second:
+        replies = settings.generate(model, tokenizer, [p for _, p in second], second_max, second_stops)
+        for (i, _), ids in zip(second, replies):
+            read_reply(tokenizer, results[i], ids)
     return results
 
 
