@@ -103,10 +103,12 @@ def _render_chunk(pending: list[ParsedRecord], outputs: _PairOutputs) -> None:
 
 # -------------------------------------------------------------- sampled, judged responses
 def sample_judged_pairs(model_dir, tokenizer_dir, dialogues: Path, out: Path, samples: int = 4, temperature: float = 1.0,
-                        limit: int = 0, seed: int = 0) -> dict:
+                        limit: int = 0, seed: int = 0, with_reference: bool = False) -> dict:
     """Each checked prompt of `dialogues` answered `samples` times by the model (two-pass, tools
     really run; moss_train/eval/tool_use.py) and judged. Writes ``pairs.jsonl`` (a ranked
-    record per prompt whose answers differ) and ``samples.jsonl`` (every answer, judged)."""
+    record per prompt whose answers differ) and ``samples.jsonl`` (every answer, judged).
+    `with_reference`: the dialogue's own answer joins the ranking (judged like the samples), so a
+    prompt the model always gets wrong still gives pairs (a weak model's whole sample would tie)."""
     from moss_train.chat.generate import load_model
     from moss_train.chat.protocol import Settings
     from moss_train.eval import tool_use
@@ -128,9 +130,14 @@ def sample_judged_pairs(model_dir, tokenizer_dir, dialogues: Path, out: Path, sa
             counts.update(f"judge_{s}" for s in scores)
             for turn, score in zip(turns, scores):
                 sample_file.write(json.dumps(tool_use.answer_record(record, turn, score), ensure_ascii=False) + "\n")
+            responses = [tool_use.answer_fields(t) for t in turns]
+            if with_reference:
+                reference = tool_use.reference_answer(record)
+                responses.append(tool_use.answer_fields(reference))
+                scores.append(tool_use.judge_answer(record, reference))
+                counts["references"] += 1
             if len(set(scores)) > 1:
                 counts["ranked_prompts"] += 1
-                responses = [tool_use.answer_fields(t) for t in turns]
                 pair = {"meta_instruction": record["meta_instruction"], "prompt": tool_use.human_text(record), "responses": responses, "scores": scores}
                 pair_file.write(json.dumps(pair, ensure_ascii=False) + "\n")
     return dict(counts)
@@ -143,13 +150,14 @@ def cmd_pairs(args) -> int:
     if args.sample_from:
         if not args.dialogues:
             raise SystemExit("moss-data pairs: --sample-from needs --dialogues (demo dialogues with checks)")
-        counts = sample_judged_pairs(args.sample_from, args.tokenizer, Path(args.dialogues), out, args.samples, args.temperature, args.limit, args.seed)
+        counts = sample_judged_pairs(args.sample_from, args.tokenizer, Path(args.dialogues), out, args.samples, args.temperature, args.limit, args.seed,
+                                     args.with_reference)
         print(f"pairs: sampled {counts.get('answers', 0)} answers to {counts.get('prompts', 0)} prompts; judge scores "
               f"{ {k: v for k, v in sorted(counts.items()) if k.startswith('judge_')} }; {counts.get('ranked_prompts', 0)} prompts ranked")
         inputs = [out / "pairs.jsonl", *inputs]
         if args.valid_dialogues:
             counts = sample_judged_pairs(args.sample_from, args.tokenizer, Path(args.valid_dialogues), out / "valid-samples",
-                                         args.samples, args.temperature, args.valid_limit, args.seed + 1)
+                                         args.samples, args.temperature, args.valid_limit, args.seed + 1, args.with_reference)
             valid_inputs = [out / "valid-samples" / "pairs.jsonl", *valid_inputs]
     if not inputs:
         raise SystemExit("moss-data pairs: give --input FILES (or --sample-from MODEL)")
@@ -177,6 +185,7 @@ def add_parser(sub) -> None:
     p.add_argument("--valid-dialogues", help="held-out demo dialogues, sampled and judged into the valid split")
     p.add_argument("--samples", type=int, default=4, help="answers per prompt")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--with-reference", action="store_true", help="rank each dialogue's own answer with the sampled ones")
     p.add_argument("--limit", type=int, default=0, help="use only the first N tool-use prompts of --dialogues")
     p.add_argument("--valid-limit", type=int, default=0, help="use only the first N tool-use prompts of --valid-dialogues")
     p.add_argument("--seed", type=int, default=0)

@@ -102,7 +102,7 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
                           "--limit", str(plan.tool_use_prompts), "--out", str(runs["sft"] / "tool_use.json")]),
         Step("pairs", [tool("moss-data"), "pairs", "--sample-from", str(runs["sft"]), "--tokenizer", str(tokenizer),
                        "--dialogues", f"{dialogues}/train.jsonl", "--valid-dialogues", f"{dialogues}/valid.jsonl",
-                       "--samples", str(plan.samples), "--limit", str(plan.pair_prompts), "--valid-limit", str(plan.pair_valid_prompts),
+                       "--samples", str(plan.samples), "--with-reference", "--limit", str(plan.pair_prompts), "--valid-limit", str(plan.pair_valid_prompts),
                        "--out", str(data / "pairs-demo")]),
         train("reward", "pairs_demo", data / "pairs-demo", f"stage.init_from={runs['sft']}", f"trainer.max_steps={plan.reward_steps}",
               "trainer.lr=5e-4", "trainer.warmup_steps=10", "trainer.eval_samples=100000", every),

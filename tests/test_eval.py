@@ -9,18 +9,9 @@ import pytest
 
 from data_pipelines.demo_dialogues import make_split
 from moss_train.chat import format as fmt
-from moss_train.chat.plugins import TOOLS, parse_commands
-from moss_train.chat.protocol import TurnResult
+from moss_train.chat.plugins import parse_commands
 from moss_train.data.sft import parse_record
 from moss_train.eval import tool_use
-
-
-def reference_answer(record: dict) -> TurnResult:
-    """The record's own first turn, as the protocol would have returned it."""
-    turn = parse_record(record).dialogue.turns[0]
-    calls = [TOOLS[api].call(argument) for api, argument in parse_commands(turn.commands)]
-    return TurnResult(human=turn.human[1:], inner_thoughts=turn.inner_thoughts, commands=turn.commands, tool_calls=calls,
-                      reply=turn.moss.strip(), finished=True)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +20,7 @@ def records():
 
 
 def test_reference_answers_are_right_unless_they_answer_directly(records):
-    answers = [reference_answer(r) for r in records]
+    answers = [tool_use.reference_answer(r) for r in records]
     result = tool_use.score_answers(records, answers)
     direct = sum(a.commands == fmt.NONE_BODY for a in answers)
     assert 0 < direct < len(records)  # the demo's direct answers (DIRECT_SHARE) are in the sample
@@ -45,7 +36,7 @@ def test_reference_answers_are_right_unless_they_answer_directly(records):
 
 
 def test_a_wrong_digit_in_the_reply_or_the_command_is_not_right(records):
-    tool_cases = [(r, reference_answer(r)) for r in records if reference_answer(r).commands != fmt.NONE_BODY][:40]
+    tool_cases = [(r, tool_use.reference_answer(r)) for r in records if tool_use.reference_answer(r).commands != fmt.NONE_BODY][:40]
     for record, answer in tool_cases:
         value = record["check"]["answer"][0].split(" = ")[-1]
         wrong_reply = dataclasses.replace(answer, reply=answer.reply.replace(value, value + "1"))
@@ -60,7 +51,7 @@ def test_a_wrong_digit_in_the_reply_or_the_command_is_not_right(records):
 def test_answer_records_render_like_the_data(records):
     """An answer written back as a dialogue (pairs, stage=tag) is the reference record's rendering."""
     for record in records[:30]:
-        rebuilt = tool_use.answer_record(record, reference_answer(record), score=3)
+        rebuilt = tool_use.answer_record(record, tool_use.reference_answer(record), score=3)
         assert fmt.render(parse_record(rebuilt).dialogue).startswith(fmt.render(dataclasses.replace(
             parse_record(record).dialogue, turns=parse_record(record).dialogue.turns[:1])))
         assert rebuilt["judge"] == 3 and rebuilt["check"] == record["check"]

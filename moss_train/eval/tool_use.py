@@ -182,6 +182,14 @@ def answer_fields(answer: TurnResult) -> dict:
     }
 
 
+def reference_answer(record: dict) -> TurnResult:
+    """The record's own first-turn answer, as the protocol would return it (its tools run)."""
+    turn = parse_record(record).dialogue.turns[0]
+    calls = [TOOLS[api].call(argument) for api, argument in parse_commands(turn.commands)]
+    return TurnResult(human=turn.human[1:], inner_thoughts=turn.inner_thoughts, commands=turn.commands, tool_calls=calls,
+                      reply=turn.moss.strip(), finished=True)
+
+
 def answer_record(record: dict, answer: TurnResult, score: int | None = None) -> dict:
     """The record's first turn as `answer` gave it: a one-turn moss-003 record (with the judge's
     score), the form stage=tag and the reward model read."""
