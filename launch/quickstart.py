@@ -17,8 +17,8 @@ to the console and to OUT/logs/STEP.log, and it is timed:
     compare     moss-eval compare: every quality level, DPO and SFT on held-out prompts
     export      moss-export of the tag-conditioned model to OUT/export (plain HF)
 
-At the end: a table (step, wall seconds, optimizer steps, tokens/s), OUT/summary.json (the
-README documents its fields) and OUT/report.png. --smoke runs a few steps per stage (the test).
+At the end: a table (step, wall seconds, optimizer steps, tokens/s), OUT/summary.json
+(docs/quickstart.md documents its fields) and OUT/report.png. --smoke runs a few steps per stage (the test).
 """
 
 from __future__ import annotations
