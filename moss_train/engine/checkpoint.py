@@ -29,7 +29,9 @@ from typing import Optional
 
 import torch
 
+from moss_train.checkpoint import safe_load
 from moss_train.engine.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
+from moss_train.errors import CheckpointError
 
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -38,10 +40,6 @@ TMP_PREFIX = ".tmp-"
 # master weights (4) + Adam's two moments (8) + the module's own copy (up to 4).
 BYTES_PER_PARAM_ESTIMATE = 16
 FREE_SPACE_MARGIN = 1.1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read: corrupt file, missing file, no disk space."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -176,17 +174,20 @@ class CheckpointManager:
         return sorted(found, key=lambda p: p.name)
 
     def load(self, engine, path: Path) -> dict:
-        """Verify checksums, then restore model, optimizer, scheduler (DeepSpeed) and this rank's
-        RNG; return the client state. A corrupt or missing file raises CheckpointError naming it."""
+        """Verify checksums and refuse files that would run code, then restore model, optimizer,
+        scheduler (DeepSpeed, in weights-only mode) and this rank's RNG; return the client state.
+        A corrupt, missing or unsafe file raises CheckpointError naming it."""
         path = Path(path)
         read_complete(path)
         verify_or_raise(path, self.dist.rank, self.dist.world_size)
-        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        safe_load.refuse_unsafe_files(path)
+        with safe_load.weights_only():
+            load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
         rng_file = path / f"rng_rank{self.dist.rank}.pt"
         if rng_file.is_file():
-            restore_rng(torch.load(rng_file, weights_only=True))
+            restore_rng(safe_load.load(rng_file))
         return client_state or {}
 
     # ---- writing -------------------------------------------------------------------------
