@@ -85,7 +85,7 @@ class Sandbox:
             conn.send((target, argument))
             if not conn.poll(limit):
                 self._stop()
-                raise ToolError(f"took longer than {limit:g} s")
+                raise ToolError(f"took longer than {limit:.3g} s")
             try:
                 status, value = conn.recv()
             except (EOFError, OSError):
