@@ -4,6 +4,9 @@ configured backends (a Python callable and a real local HTTP endpoint), the regi
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -184,3 +187,43 @@ def test_the_registry_and_its_configuration_errors():
         with pytest.raises(ValueError, match=message):
             P.build_plugins(spec)
     assert P.build_plugins("") == {}  # nothing is on by default
+
+
+# ----------------------------------------------------------------------------- no worker left behind
+PARENT_OF_A_SLOW_SOLVE = """
+import sys
+from moss_train.chat.sandbox import Sandbox
+sandbox = Sandbox(timeout_s=600, preload=("moss_train.chat.plugins:solve_or_raise",))
+sandbox.call("moss_train.chat.plugins:solve_or_raise", "x=1")
+print(sandbox._process.pid, flush=True)
+sandbox.call("moss_train.chat.plugins:solve_or_raise", "x^(1/3)+x^(1/5)+x^(1/7)=1")  # never returns
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_tool_worker_dies_with_its_parent(sig):
+    """A slow Solve kept its worker at 98% of a core for over a minute after the chat was
+    killed; now the worker ends within seconds of its parent, mid-call."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT_OF_A_SLOW_SOLVE], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(0.5)  # the worker is inside solve
+        assert _running(worker)
+        parent.send_signal(sig)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(worker), f"tool worker {worker} outlived its parent ({sig.name})"
+    finally:
+        parent.kill()
+        parent.wait()
