@@ -12,6 +12,7 @@ and `moss-chat`.
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -243,3 +244,22 @@ def test_moss_chat_prompt_gives_the_library_reply(exported):
     assert any(line.startswith("MOSS: " + expected.reply) for line in lines)
     bad = run_cli([str(exported["hf"]), "--quality", "4/3"], launcher=[str(BIN / "moss-chat")], check=False)
     assert bad.returncode != 0 and "--quality wants N/K" in bad.stderr
+
+
+def test_moss_chat_without_a_model_says_so_in_one_line(exported, tmp_path, capsys):
+    """A missing, an empty and a weightless directory: one line each, no traceback."""
+    from moss_train.chat.cli import main as chat_main
+
+    weightless = tmp_path / "weightless"
+    shutil.copytree(exported["hf"], weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "empty").mkdir()
+    cases = {tmp_path / "missing": "no such checkpoint or model directory", tmp_path / "empty": "is not a moss-train checkpoint",
+             weightless: "no weights"}
+    for directory, says in cases.items():
+        assert chat_main([str(directory), "--prompt", "hi"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"moss-chat: error: {directory}") and says in err and err.count("\n") == 1, err
+    result = run_cli([str(weightless), "--prompt", "hi"], launcher=[str(BIN / "moss-chat")], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"moss-chat: error: {weightless}: no weights (model.safetensors.index.json, "
+                                          "model.safetensors, pytorch_model.bin.index.json or pytorch_model.bin)"]

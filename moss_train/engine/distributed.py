@@ -45,6 +45,57 @@ def _adopt_slurm_env() -> None:
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 without a launcher), readable
+    before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun's agent (its worker processes carry TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def torchrun_agent() -> int | None:
+    """The pid of the torchrun agent that started this process (its parent), else None."""
+    if not under_torchrun():
+        return None
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ")
+    except OSError:
+        return None
+    return parent if b"torchrun" in command or b"torch.distributed.run" in command else None
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launcher() -> None:
+    """A rank started by torchrun or the deepspeed launcher ends when its launcher dies.
+
+    torchrun starts each rank in a session of its own, so killing the launcher's process group
+    (what a scheduler or a user's kill does) never reached the ranks: they trained on to the end
+    and wrote checkpoints. The kernel now sends the rank SIGTERM when its parent dies
+    (PR_SET_PDEATHSIG), which ends it through the CLI's failure path. Plain runs (no launcher)
+    and srun's tasks are left alone: their parent is a shell or slurmstepd, and a training run
+    under nohup must outlive its shell."""
+    if not (under_torchrun() or "CROSS_RANK" in os.environ):  # CROSS_RANK: deepspeed's launch.py
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux: nothing to set
+        return
+    if os.getppid() == 1:  # the launcher died before the signal was armed
+        raise SystemExit(f"[moss-train] rank {launch_rank()}: the launcher is gone; not starting")
+
+
 def backend_name() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
