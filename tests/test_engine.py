@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,44 @@ def test_resume_continues_exactly(pretrain_data, tmp_path):
         assert b[step]["loss"] == a[step]["loss"], step
         assert b[step]["lr"] == a[step]["lr"], step
         assert b[step]["grad_norm"] == a[step]["grad_norm"], step
+
+
+def _resume_copy(run: Path, step: str, into: Path) -> Path:
+    """A run directory holding only `step` of `run` (what a stopped run leaves)."""
+    (into / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / step, into / "checkpoints" / step)
+    (into / "checkpoints" / LATEST).write_text(step)
+    return into
+
+
+def test_resume_on_another_number_of_ranks_continues_the_uninterrupted_run(pretrain_data, tmp_path):
+    """2 ranks -> 1 -> 2 through DeepSpeed's universal checkpoint: the uninterrupted run's
+    losses to 1e-5 (a step's loss does not depend on the rank count) and its data position. A
+    resume whose model differs names the recipe keys, not DeepSpeed's first tensor size."""
+    settings = {"trainer.max_steps": 4, "checkpoint.every": 2, "checkpoint.save_final": "false"}
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
+    straight = tmp_path / "straight"
+    run_cli(train_overrides(pretrain_data, straight, **settings), launcher=torchrun)  # 2 ranks, saves step 2
+    one = _resume_copy(straight, "step_00000002", tmp_path / "one")
+    resumed = run_cli(train_overrides(pretrain_data, one, **{**settings, "checkpoint.every": 1}))  # 1 rank, saves step 3
+    assert "resumed from" in resumed.stdout and "re-cut for 1" in resumed.stdout
+    two = _resume_copy(one, "step_00000003", tmp_path / "two")
+    torchrun[4] = str(free_port())
+    run_cli(train_overrides(pretrain_data, two, **settings), launcher=torchrun)  # 2 ranks again
+    a, b, c = train_losses(straight), train_losses(one), train_losses(two)
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [3, 4] and sorted(c) == [4]
+    for resumed_run, steps in ((b, (3, 4)), (c, (4,))):
+        for step in steps:
+            assert resumed_run[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
+            assert resumed_run[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
+            assert resumed_run[step]["lr"] == a[step]["lr"] and resumed_run[step]["epoch"] == a[step]["epoch"], step
+    assert a[4]["loss"] < a[1]["loss"]
+    assert not list((one / "checkpoints").glob(".tmp-*"))  # the universal copy is gone after the load
+
+    other_model = run_cli(train_overrides(pretrain_data, one, **settings, **{"model.n_embd": 96, "model.n_layer": 3}), check=False)
+    assert other_model.returncode == 2 and "Traceback" not in other_model.stderr
+    assert "recipe error: model.n_embd, model.n_layer: the checkpoint" in other_model.stderr
+    assert "n_embd=64, n_layer=2, this run builds n_embd=96, n_layer=3" in other_model.stderr
 
 
 def test_deepspeed_launcher_runs_the_cli(pretrain_data, tmp_path):
