@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,27 @@ def test_recipe_errors_name_the_key_before_any_process_starts(tmp_path):
         assert f"recipe error: {key}:" in result.stderr, (override, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_data_root_is_found_before_the_process_group(tmp_path):
+    """It used to surface after DeepSpeed's set-up (93 s under load), as a tokenizer error."""
+    started = time.monotonic()
+    result = run_cli([f"data.root={tmp_path}/nowhere", f"run.output_dir={tmp_path}/x"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"recipe error: data.root: no such directory: {tmp_path}/nowhere" in result.stderr
+    assert "[moss-train]" not in result.stdout + result.stderr  # nothing was set up
+    assert time.monotonic() - started < 60 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("when", ["before the process group", "after it"])
+def test_under_torchrun_a_recipe_error_is_printed_once(pretrain_data, tmp_path, when):
+    """Not once per rank followed by torchrun's 46-line report: rank 0 prints it, and ends the
+    launcher before torchrun can report (the job's status is then non-zero: 137)."""
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
+    bad = "trainer.global_batch_size=7" if when == "before the process group" else "data.train_shards=[no/such/*]"
+    result = run_cli([*train_overrides(pretrain_data, tmp_path / "run"), bad], launcher=torchrun, check=False, timeout=240)
+    assert result.returncode != 0
+    key = "trainer.global_batch_size" if "batch" in bad else "data.train_shards"
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        line for line in result.stderr.splitlines() if line.startswith(f"moss-train: recipe error: {key}: ")
+    ] and result.stderr.count("recipe error") == 1, result.stderr

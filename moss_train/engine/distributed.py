@@ -56,17 +56,23 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def torchrun_agent() -> int | None:
-    """The pid of the torchrun agent that started this process (its parent), else None."""
-    if not under_torchrun():
-        return None
+LAUNCHERS = (b"torchrun", b"torch.distributed.run", b"deepspeed.launcher.launch")
+
+
+def _launcher_parent() -> int | None:
+    """The pid of the launcher that started this process (its parent), else None."""
     parent = os.getppid()
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as handle:
             command = handle.read().replace(b"\0", b" ")
     except OSError:
         return None
-    return parent if b"torchrun" in command or b"torch.distributed.run" in command else None
+    return parent if any(name in command for name in LAUNCHERS) else None
+
+
+def torchrun_agent() -> int | None:
+    """The pid of the torchrun agent that started this process, else None."""
+    return _launcher_parent() if under_torchrun() else None
 
 
 PR_SET_PDEATHSIG = 1
@@ -92,8 +98,8 @@ def stop_with_launcher() -> None:
             return
     except (OSError, AttributeError):  # not Linux: nothing to set
         return
-    if os.getppid() == 1:  # the launcher died before the signal was armed
-        raise SystemExit(f"[moss-train] rank {launch_rank()}: the launcher is gone; not starting")
+    if _launcher_parent() is None:  # it died before the signal was armed: the job is over
+        raise SystemExit(1)
 
 
 def backend_name() -> str:
