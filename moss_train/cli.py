@@ -93,11 +93,13 @@ def recipe_failed(error: Exception) -> int:
     answers any failed rank with a report of its own (46 lines that add nothing to a recipe
     error), so under torchrun local rank 0 ends its launcher first, with SIGKILL (every other
     signal torchrun turns into a traceback; the job's status is then 137), and the other ranks
-    wait for that before they exit."""
+    wait for that before they exit. It ends its sibling ranks just before, with SIGKILL too: one
+    still on its way to the same error would otherwise get the launcher's death as a SIGTERM
+    (stop_with_launcher) and print a traceback of its own."""
     import signal
     import time
 
-    from moss_train.engine.distributed import launch_rank, torchrun_agent
+    from moss_train.engine.distributed import child_processes, launch_rank, torchrun_agent
 
     if launch_rank() == 0:
         print(f"moss-train: recipe error: {error}", file=sys.stderr, flush=True)
@@ -107,6 +109,10 @@ def recipe_failed(error: Exception) -> int:
     if launcher is not None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's death ends this rank quietly
         if os.environ.get("LOCAL_RANK") == "0":
+            for sibling in child_processes(launcher):
+                if sibling != os.getpid():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(sibling, signal.SIGKILL)
             os.kill(launcher, signal.SIGKILL)
         deadline = time.monotonic() + LAUNCHER_END_WAIT_S
         while os.getppid() == launcher and time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPO, cli_env, free_port, run_cli, train_losses, train_overrides
+from moss_train.engine.distributed import child_processes
 
 STEPS = {"trainer.max_steps": 4, "trainer.threads": 1}
 MULTINODE = str(REPO / "launch" / "multinode_deepspeed.sh")
@@ -242,18 +243,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -274,7 +263,7 @@ def test_killing_torchrun_stops_its_ranks_and_frees_the_run_directory(pretrain_d
     try:
         _wait_for(lambda: (out / "checkpoints" / "latest").is_file() or job.poll() is not None, 240, "the first checkpoint")
         assert job.poll() is None
-        ranks = _children(job.pid)
+        ranks = child_processes(job.pid)
         assert len(ranks) == 2
         holder = json.loads((out / ".moss-train.lock").read_text())
         assert holder["pid"] in ranks and holder["host"] == socket.gethostname()

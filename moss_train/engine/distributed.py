@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,19 @@ def _launcher_parent() -> int | None:
 def torchrun_agent() -> int | None:
     """The pid of the torchrun agent that started this process, else None."""
     return _launcher_parent() if under_torchrun() else None
+
+
+def child_processes(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (read from /proc; empty where there is none)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+        except (OSError, IndexError, ValueError):  # it ended while we looked
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 PR_SET_PDEATHSIG = 1
