@@ -8,8 +8,9 @@ In order, each rule counted when it fires:
 3. prose only (en, zh): outer whitespace stripped and runs of 3+ newlines cut to 2 —
    ``whitespace_normalized``. Code keeps every whitespace character as it is;
 4. filters that reject (the reason is the rule's name): ``empty_after_cleaning``,
-   ``too_short`` / ``too_long`` (characters), ``low_alnum_ratio`` (letters and digits among
-   non-space characters: catches binary junk and symbol soup), ``long_lines`` (code: mean line
+   ``whitespace_only`` (every language: code and ``any`` keep whitespace, so nothing else
+   catches it), ``too_short`` / ``too_long`` (characters), ``low_alnum_ratio`` (letters and
+   digits among non-space characters: catches binary junk and symbol soup), ``long_lines`` (code: mean line
    length, catches minified or generated files), and the language check ``wrong_language``:
    for zh the share of CJK ideographs among letters, for en the share of Latin letters.
    Ratios look at the first ``PROBE_CHARS`` characters (cheap on huge documents);
@@ -153,6 +154,8 @@ class Cleaner:
         c = self.config
         if not text:
             return "empty_after_cleaning"
+        if text.isspace():  # code and `any` keep whitespace as it is, so only this catches it
+            return "whitespace_only"
         if len(text) < c.min_chars:
             return "too_short"
         if len(text) > c.max_chars:

@@ -174,7 +174,7 @@ def cmd_pairs(args) -> int:
 def add_parser(sub) -> None:
     """Register ``moss-data pairs`` on the moss-data subcommand parser."""
     p = sub.add_parser("pairs", help="render preference pairs into pair shards, or sample and judge pairs from a model")
-    p.add_argument("--input", nargs="+", help="jsonl files of pair records (chosen/rejected, messages, HH-RLHF, ranked)")
+    p.add_argument("--input", nargs="+", help="jsonl / json files, folders or globs of pair records (chosen/rejected, messages, HH-RLHF, ranked)")
     p.add_argument("--valid-input", nargs="+", help="jsonl files of held-out pair records")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this share of --input (by content hash)")
     p.add_argument("--tokenizer", required=True)

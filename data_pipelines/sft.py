@@ -20,6 +20,7 @@ from pathlib import Path
 from data_pipelines.render_common import ParsedRecord, RecordSource, ShardOutputs, render_records
 from moss_train.chat import format as fmt
 from moss_train.data import sft
+from moss_train.tokenizer import longest_token_chars
 
 CHUNK = 256  # conversations rendered per tokenizer batch
 
@@ -34,6 +35,7 @@ class _Outputs(ShardOutputs):
         self.truncated = 0
         self.turns_dropped = 0
         self.loss_tokens: Counter = Counter()
+        self.token_chars = longest_token_chars(self.tokenizer)
 
     def write(self, split: str, conversation: sft.Conversation, ids, flags) -> None:
         category = conversation.category
@@ -90,16 +92,31 @@ def render_sft(
 
 
 def _render_chunk(pending: list[ParsedRecord], outputs: _Outputs, max_length: int) -> None:
-    rendered = sft.render_many(outputs.tokenizer, [record.parsed for record in pending])
-    for (where, split, raw, conversation), (ids, flags) in zip(pending, rendered):
+    """Render, cut to whole turns within max_length tokens, write. Turns that cannot fit by their
+    characters alone are dropped before tokenizing, so a huge record costs no tokenizer time."""
+    fitting, dropped = [], []
+    for record in pending:
+        turns = len(record.parsed.dialogue.turns)
+        fit = sft.turns_within_chars(record.parsed, max_length * outputs.token_chars) if max_length else turns
+        if fit == 0:
+            limit = max_length * outputs.token_chars
+            detail = f"the first turn spans over {limit} characters, more than {max_length} tokens hold (a token spans at most {outputs.token_chars})"
+            outputs.reject(record.where, sft.FIRST_TURN_TOO_LONG, detail, record.raw)
+            continue
+        fitting.append(record._replace(parsed=sft.first_turns(record.parsed, fit)) if fit < turns else record)
+        dropped.append(turns - fit)
+    rendered = sft.render_many(outputs.tokenizer, [record.parsed for record in fitting])
+    for (where, split, raw, conversation), (ids, flags), turns_dropped in zip(fitting, rendered, dropped):
         if max_length and len(ids) > max_length:
             kept = sft.kept_length(flags, max_length)
             if kept == 0:
                 outputs.reject(where, sft.FIRST_TURN_TOO_LONG, f"{len(ids)} tokens; the first turn does not fit in {max_length}", raw)
                 continue
-            outputs.truncated += 1
-            outputs.turns_dropped += int(((flags[kept:] & sft.TURN_START) > 0).sum())
+            turns_dropped += int(((flags[kept:] & sft.TURN_START) > 0).sum())
             ids, flags = ids[:kept], flags[:kept]
+        if turns_dropped:
+            outputs.truncated += 1
+            outputs.turns_dropped += turns_dropped
         outputs.write(split, conversation, ids, flags)
 
 
@@ -148,14 +165,16 @@ def _print_summary(summary: dict) -> None:
     ]
     lines += [f"  {name:<32}{s['conversations']:>14}{s['tokens']:>12}" for name, s in summary["shards"].items()]
     lines.append(f"  loss-bearing tokens: {summary['loss_tokens']}; rejects: {summary['rejects_file']}")
+    if summary["empty_inputs"]:
+        lines.append(f"  warning: no records in {', '.join(summary['empty_inputs'])}")
     print("\n".join(lines))
 
 
 def add_parser(sub) -> None:
     """Register ``moss-data sft`` on the moss-data subcommand parser."""
     p = sub.add_parser("sft", help="render dialogues (moss-003, messages, alpaca) into SFT shards with loss masks")
-    p.add_argument("--input", nargs="+", help="jsonl files of dialogues, read in the order given")
-    p.add_argument("--valid-input", nargs="+", help="jsonl files for the held-out split")
+    p.add_argument("--input", nargs="+", help="jsonl / json files, folders or globs of dialogues (.gz/.bz2/.xz/.zst too), read in the order given")
+    p.add_argument("--valid-input", nargs="+", help="the same, for the held-out split")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this share of --input (by content hash)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (the base model's)")
     p.add_argument("--out", required=True, help="output directory (shards/, rejects.jsonl, summary.json)")

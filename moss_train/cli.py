@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -46,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         elif arg != "--cfg":
             overrides.append(arg)
 
-    from moss_train.config import compose, to_object, validate
-    from moss_train.engine.checkpoint import CheckpointError
-    from moss_train.errors import ConfigError
+    from moss_train.config import check_paths, compose, to_object, validate
+    from moss_train.engine.distributed import launch_rank, stop_with_launcher
+    from moss_train.errors import CheckpointError, ConfigError
 
+    stop_with_launcher()
     try:
         composed = compose(overrides, config_name)
         cfg = to_object(composed)
@@ -59,23 +61,64 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(composed))
             return 0
+        check_paths(cfg)  # before the process group: a missing data root fails in seconds
         from moss_train.engine.distributed import init_distributed
         from moss_train.engine.loop import train
+        from moss_train.engine.run_lock import run_directory_lock
         from moss_train.stages import get_stage
 
         stage = get_stage(cfg.stage.name)
-        init_distributed(timeout_s=cfg.cluster.collective_timeout_s)
-        stop_on_sigterm()
-        train(cfg, with_test_failure(stage))
+        with run_directory_lock(cfg.run.output_dir) if launch_rank() == 0 else contextlib.nullcontext():
+            init_distributed(timeout_s=cfg.cluster.collective_timeout_s)
+            stop_on_sigterm()
+            train(cfg, with_test_failure(stage))
     except ConfigError as error:
-        print(f"moss-train: recipe error: {error}", file=sys.stderr)
-        return 2
+        return recipe_failed(error)
     except CheckpointError as error:  # corrupt checkpoint, no disk space: the message says which
         print(f"moss-train: checkpoint error: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # anything else that fails this rank must end the whole job
         return rank_failed(error)
     return 0
+
+
+# How long a rank other than torchrun's local rank 0 waits for it to end their launcher.
+LAUNCHER_END_WAIT_S = 10.0
+
+
+def recipe_failed(error: Exception) -> int:
+    """Report a recipe error once, then exit with status 2.
+
+    The error is the same on every rank, so rank 0 prints it and the others stay quiet. torchrun
+    answers any failed rank with a report of its own (46 lines that add nothing to a recipe
+    error), so under torchrun local rank 0 ends its launcher first, with SIGKILL (every other
+    signal torchrun turns into a traceback; the job's status is then 137), and the other ranks
+    wait for that before they exit. It ends its sibling ranks just before, with SIGKILL too: one
+    still on its way to the same error would otherwise get the launcher's death as a SIGTERM
+    (stop_with_launcher) and print a traceback of its own."""
+    import signal
+    import time
+
+    from moss_train.engine.distributed import child_processes, launch_rank, torchrun_agent
+
+    if launch_rank() == 0:
+        print(f"moss-train: recipe error: {error}", file=sys.stderr, flush=True)
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+        return 2
+    launcher = torchrun_agent()
+    if launcher is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's death ends this rank quietly
+        if os.environ.get("LOCAL_RANK") == "0":
+            for sibling in child_processes(launcher):
+                if sibling != os.getpid():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(sibling, signal.SIGKILL)
+            os.kill(launcher, signal.SIGKILL)
+        deadline = time.monotonic() + LAUNCHER_END_WAIT_S
+        while os.getppid() == launcher and time.monotonic() < deadline:
+            time.sleep(0.05)
+    sys.stderr.flush()
+    os._exit(2)
 
 
 class Terminated(Exception):

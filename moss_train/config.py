@@ -296,6 +296,16 @@ def validate(cfg: DictConfig | MossTrainConfig, world_size: Optional[int] = None
     )
 
 
+def check_paths(cfg: MossTrainConfig) -> None:
+    """The files this machine must have, checked before any process group is set up (validate
+    checks the recipe alone, as moss-plan does for another machine): the data root and the
+    tokenizer. ConfigError naming the key, with the data's prepare command."""
+    hint = f"; prepare the data with: {cfg.data.prepare_hint}" if cfg.data.prepare_hint else ""
+    if cfg.stage.name != "tag":  # tag reads preference.tag_inputs, checked by validate
+        _check(Path(cfg.data.root).is_dir(), "data.root", f"no such directory: {cfg.data.root}{hint}")
+    _check(Path(cfg.data.tokenizer).exists(), "data.tokenizer", f"no tokenizer at {cfg.data.tokenizer}{hint}")
+
+
 def _validate_trainer(trainer: TrainerConfig, world_size: int) -> None:
     _check(trainer.max_steps > 0, "trainer.max_steps", f"must be positive, got {trainer.max_steps}")
     _check(trainer.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")

@@ -10,3 +10,7 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read: corrupt, missing or unsafe file, no disk space."""

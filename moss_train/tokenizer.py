@@ -83,6 +83,13 @@ META_FORMAT = "moss-tokenizer"
 META_VERSION = 1
 
 
+def longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token of `tokenizer` decodes to: its longest piece
+    (a piece never decodes to more characters than it is spelled with: "▁" is one space, a
+    byte piece "<0xE4>" one byte, a byte-level BPE character one byte)."""
+    return max(len(tokenizer.id_to_token(i)) for i in range(tokenizer.vocab_size))
+
+
 class TokenizerError(RuntimeError):
     """A tokenizer directory is missing, incomplete or inconsistent."""
 

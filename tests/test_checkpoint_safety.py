@@ -12,15 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import BIN, REPO, run_cli, train_losses, train_overrides
+from moss_train.checkpoint import safe_load
 from moss_train.checkpoint.cli import main as export_main
+from moss_train.checkpoint.sources import MossTrainCheckpoint
 from moss_train.engine.checkpoint import (
     COMPLETE,
     LATEST,
     CheckpointError,
     CheckpointManager,
     ensure_free_space,
+    sha256_file,
     verify_checkpoint,
 )
 from moss_train.engine.distributed import DistInfo
@@ -209,3 +213,76 @@ def test_keep_last_n_never_deletes_latest_target(tmp_path):
     assert manager.latest() == root / "step_00000002"
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
 
+
+
+# ---------------------------------------------------------------------------- files that run code
+class RunsAShellCommand:
+    """What an attacker pickles into a checkpoint: unpickling it runs `touch MARKER`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+FILE_KINDS = {"model states": "*model_states.pt", "optimizer states": "*optim_states.pt", "RNG": "rng_rank0.pt"}
+
+
+def _poisoned_copy(run: Path, tmp_path: Path, pattern: str) -> tuple[Path, Path, Path]:
+    """A copy of the run's checkpoint whose `pattern` file also carries a RunsAShellCommand, with
+    complete.json's checksums rewritten to match (the attacker writes those too).
+    Returns (step directory, poisoned file, marker the command would create)."""
+    step = run / "checkpoints" / (run / "checkpoints" / LATEST).read_text().strip()
+    copy = tmp_path / "checkpoints" / step.name
+    shutil.copytree(step, copy)
+    (tmp_path / "checkpoints" / LATEST).write_text(step.name)
+    victim = next(copy.glob(pattern))
+    marker = tmp_path / "pwned"
+    state = safe_load.load(victim)
+    state["payload"] = RunsAShellCommand(marker)
+    torch.save(state, victim)
+    complete = json.loads((copy / COMPLETE).read_text())
+    complete["files"][victim.name] = {"size": victim.stat().st_size, "sha256": sha256_file(victim)}
+    (copy / COMPLETE).write_text(json.dumps(complete))
+    assert verify_checkpoint(copy) == []  # checksums cannot tell
+    return copy, victim, marker
+
+
+@pytest.mark.parametrize("kind", FILE_KINDS)
+def test_a_checkpoint_file_that_would_run_code_is_refused(finished_run, tmp_path, capsys, kind):
+    """Resume, moss-export, moss-chat's loader and stage.init_from's source all refuse the file,
+    naming it, and the command never runs."""
+    copy, victim, marker = _poisoned_copy(finished_run, tmp_path, FILE_KINDS[kind])
+    manager = CheckpointManager(copy.parent, keep_last=2, dist_info=SINGLE)
+    with pytest.raises(CheckpointError, match=f"{victim.name} would run code when loaded: it names posix.system"):
+        manager.load(engine=None, path=copy)  # refused before DeepSpeed reads anything
+    with pytest.raises(CheckpointError, match=victim.name):
+        MossTrainCheckpoint(copy).names  # stage.init_from, moss-chat (chat.generate.load_model)
+    assert export_main([str(copy), str(tmp_path / "hf")]) == 1
+    assert f"{victim.name} would run code" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+    # The test is real: an ordinary unpickling of the same file runs the command.
+    torch.load(victim, weights_only=False)
+    assert marker.exists()
+
+
+def test_deepspeed_own_loaders_unpickle_in_weights_only_mode(finished_run, tmp_path):
+    """DeepSpeed's readers pass weights_only=False; inside safe_load.weights_only() (where
+    resume, zero_to_fp32 and the universal conversion run) they refuse the file all the same."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    copy, victim, marker = _poisoned_copy(finished_run, tmp_path, "*optim_states.pt")
+    with pytest.raises(CheckpointError, match="posix.system"), safe_load.weights_only():
+        TorchCheckpointEngine().load(str(victim), map_location="cpu")  # the engine's load_checkpoint
+    with pytest.raises(CheckpointError, match="posix.system"), safe_load.weights_only():
+        get_fp32_state_dict_from_zero_checkpoint(str(copy.parent), tag=copy.name)
+    assert not marker.exists()
+    # Its real files load with exactly the allow-listed types.
+    (tmp_path / "clean").mkdir()
+    clean = finished_run / "checkpoints" / "step_00000008"
+    with safe_load.weights_only():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(clean.parent), tag=clean.name)
+        optim = TorchCheckpointEngine().load(str(next(clean.glob("*optim_states.pt"))), map_location="cpu")
+    assert "lm_head.weight" in state and "optimizer_state_dict" in optim

@@ -211,6 +211,24 @@ def test_cleaning_rules():
     assert list(counts.values()) == [6, 16, 13, 10, 3]  # space, alnum, letters, latin, CJK
 
 
+@pytest.mark.parametrize("lang", ["any", "code", "en", "zh"])
+def test_a_whitespace_only_document_is_rejected_in_every_language(lang):
+    """`any` and `code` keep whitespace as it is, so " \n\t " passed every rule (kept under
+    tokenize --lang any; code's ratio check counts only non-space characters)."""
+    clean = Cleaner(CleaningConfig.for_lang(lang))
+    for blank in (" \n\t  ", "\n" * 40, "\u3000" * 30):
+        assert clean(blank)[1] in ("whitespace_only", "empty_after_cleaning"), (lang, blank)
+    assert Cleaner(CleaningConfig.for_lang("any"))(" \n\t ")[1] == "whitespace_only"
+    assert Cleaner(CleaningConfig.for_lang("code"))(" " * 40)[1] == "whitespace_only"
+
+
+def test_tokenize_counts_whitespace_only_documents(pretrain_data, texts, tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in [texts[0], "   ", "\n\t\n", texts[1]]))
+    summary = _tokenize([src], pretrain_data / "tokenizer", tmp_path / "out")
+    assert summary["docs"] == 2 and summary["rejected"] == {"whitespace_only": 2}
+
+
 def test_hashes_sidecar_matches_kept_documents(pretrain_data, texts, tmp_path):
     src = tmp_path / "a.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + texts[:2]), encoding="utf-8")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +99,44 @@ def test_resume_continues_exactly(pretrain_data, tmp_path):
         assert b[step]["grad_norm"] == a[step]["grad_norm"], step
 
 
+def _resume_copy(run: Path, step: str, into: Path) -> Path:
+    """A run directory holding only `step` of `run` (what a stopped run leaves)."""
+    (into / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / step, into / "checkpoints" / step)
+    (into / "checkpoints" / LATEST).write_text(step)
+    return into
+
+
+def test_resume_on_another_number_of_ranks_continues_the_uninterrupted_run(pretrain_data, tmp_path):
+    """2 ranks -> 1 -> 2 through DeepSpeed's universal checkpoint: the uninterrupted run's
+    losses to 1e-5 (a step's loss does not depend on the rank count) and its data position. A
+    resume whose model differs names the recipe keys, not DeepSpeed's first tensor size."""
+    settings = {"trainer.max_steps": 4, "checkpoint.every": 2, "checkpoint.save_final": "false"}
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
+    straight = tmp_path / "straight"
+    run_cli(train_overrides(pretrain_data, straight, **settings), launcher=torchrun)  # 2 ranks, saves step 2
+    one = _resume_copy(straight, "step_00000002", tmp_path / "one")
+    resumed = run_cli(train_overrides(pretrain_data, one, **{**settings, "checkpoint.every": 1}))  # 1 rank, saves step 3
+    assert "resumed from" in resumed.stdout and "re-cut for 1" in resumed.stdout
+    two = _resume_copy(one, "step_00000003", tmp_path / "two")
+    torchrun[4] = str(free_port())
+    run_cli(train_overrides(pretrain_data, two, **settings), launcher=torchrun)  # 2 ranks again
+    a, b, c = train_losses(straight), train_losses(one), train_losses(two)
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [3, 4] and sorted(c) == [4]
+    for resumed_run, steps in ((b, (3, 4)), (c, (4,))):
+        for step in steps:
+            assert resumed_run[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
+            assert resumed_run[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
+            assert resumed_run[step]["lr"] == a[step]["lr"] and resumed_run[step]["epoch"] == a[step]["epoch"], step
+    assert a[4]["loss"] < a[1]["loss"]
+    assert not list((one / "checkpoints").glob(".tmp-*"))  # the universal copy is gone after the load
+
+    other_model = run_cli(train_overrides(pretrain_data, one, **settings, **{"model.n_embd": 96, "model.n_layer": 3}), check=False)
+    assert other_model.returncode == 2 and "Traceback" not in other_model.stderr
+    assert "recipe error: model.n_embd, model.n_layer: the checkpoint" in other_model.stderr
+    assert "n_embd=64, n_layer=2, this run builds n_embd=96, n_layer=3" in other_model.stderr
+
+
 def test_deepspeed_launcher_runs_the_cli(pretrain_data, tmp_path):
     """`deepspeed -m moss_train ...` passes --local_rank; Hydra's parsing must not trip on it."""
     out = tmp_path / "ds"
@@ -120,3 +160,27 @@ def test_recipe_errors_name_the_key_before_any_process_starts(tmp_path):
         assert f"recipe error: {key}:" in result.stderr, (override, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_data_root_is_found_before_the_process_group(tmp_path):
+    """It used to surface after DeepSpeed's set-up (93 s under load), as a tokenizer error."""
+    started = time.monotonic()
+    result = run_cli([f"data.root={tmp_path}/nowhere", f"run.output_dir={tmp_path}/x"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"recipe error: data.root: no such directory: {tmp_path}/nowhere" in result.stderr
+    assert "[moss-train]" not in result.stdout + result.stderr  # nothing was set up
+    assert time.monotonic() - started < 60 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("when", ["before the process group", "after it"])
+def test_under_torchrun_a_recipe_error_is_printed_once(pretrain_data, tmp_path, when):
+    """Not once per rank followed by torchrun's 46-line report: rank 0 prints it, and ends the
+    launcher before torchrun can report (the job's status is then non-zero: 137)."""
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
+    bad = "trainer.global_batch_size=7" if when == "before the process group" else "data.train_shards=[no/such/*]"
+    result = run_cli([*train_overrides(pretrain_data, tmp_path / "run"), bad], launcher=torchrun, check=False, timeout=240)
+    assert result.returncode != 0
+    key = "trainer.global_batch_size" if "batch" in bad else "data.train_shards"
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        line for line in result.stderr.splitlines() if line.startswith(f"moss-train: recipe error: {key}: ")
+    ] and result.stderr.count("recipe error") == 1, result.stderr

@@ -5,7 +5,10 @@ moss-16b layer shapes with no rank ever holding the whole model."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import struct
 import subprocess
 import time
@@ -14,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPO, cli_env, free_port, run_cli, train_losses, train_overrides
+from moss_train.engine.distributed import child_processes
 
 STEPS = {"trainer.max_steps": 4, "trainer.threads": 1}
 MULTINODE = str(REPO / "launch" / "multinode_deepspeed.sh")
@@ -227,3 +231,60 @@ def test_zero3_builds_moss16b_layers_sharded(vocab, tmp_path):
         assert r["shard_bytes"] == pytest.approx(full / 2, rel=1e-3)
         assert r["rss_after"] - r["rss_before"] == pytest.approx(full / 2, rel=0.15)  # measured, not computed
         assert r["rss_peak"] - r["rss_before"] < 0.9 * full
+
+
+# ---------------------------------------------------------------------------- no process left behind
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_killing_torchrun_stops_its_ranks_and_frees_the_run_directory(pretrain_data, tmp_path):
+    """1. A torchrun job holds its run directory: a second job there refuses, naming rank 0's pid
+    and host. 2. SIGKILL to torchrun's process group (ranks run in sessions of their own) left
+    both ranks training to the end; now they stop. 3. The dead job's lock is taken over by the
+    next job, which resumes, and metrics.jsonl holds each step once."""
+    out = tmp_path / "run"
+    recipe = train_overrides(pretrain_data, out, **{"trainer.max_steps": 400, "checkpoint.every": 1, "checkpoint.keep_last": 1})
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train", *recipe]
+    job = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: (out / "checkpoints" / "latest").is_file() or job.poll() is not None, 240, "the first checkpoint")
+        assert job.poll() is None
+        ranks = child_processes(job.pid)
+        assert len(ranks) == 2
+        holder = json.loads((out / ".moss-train.lock").read_text())
+        assert holder["pid"] in ranks and holder["host"] == socket.gethostname()
+
+        second = run_cli(recipe, check=False, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"recipe error: run.output_dir: {out} is in use by another job (pid {holder['pid']} on host {holder['host']}" in second.stderr
+
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        _wait_for(lambda: not any(_running(pid) for pid in ranks), 30, f"ranks {ranks} to stop after torchrun was killed")
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    stopped_at = (out / "checkpoints" / "latest").read_text().strip()
+    time.sleep(3)
+    assert (out / "checkpoints" / "latest").read_text().strip() == stopped_at  # nobody trains on
+
+    step = int(stopped_at.split("_")[-1])
+    resumed = run_cli(train_overrides(pretrain_data, out, **{"trainer.max_steps": step + 1}), timeout=240)
+    assert f"at step {step}" in resumed.stdout
+    steps = [r["step"] for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, step + 2))  # each step once, the killed run's extra steps dropped

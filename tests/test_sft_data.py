@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -196,6 +197,103 @@ def test_whole_turn_truncation(sample_records, tokenizer):
         assert tokenizer.decode(ids[:kept]) == record["meta_instruction"] + "".join(t[k] for t in turns[:2] for k in FIELD_KEYS)
         assert sft.kept_length(flags, int(turn_starts[1]) - 1) == 0  # the first turn does not fit: skipped
         assert sft.kept_length(flags, len(ids)) == len(ids)
+
+
+# ------------------------------------------------------------------- inputs as tokenize reads them
+def _dialogue(i: int, *turns: tuple[str, str]) -> dict:
+    turns = turns or ((f"What is {i}+{i}?", f"It is {2 * i}."),)
+    return {"messages": [{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))]}
+
+
+def _lines(records) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def _rejects(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+
+
+def test_sft_reads_inputs_as_tokenize_does_and_a_bad_line_loses_nothing(pretrain_data, tmp_path, caplog):
+    """A folder, a glob, .gz/.bz2/.xz/.zst and a json array, as moss-data tokenize reads them; a
+    line of invalid UTF-8 (which ended the whole run) is one counted reject naming its file and
+    line; an empty file is a warning; what a killed run left in the output folder is cleared."""
+    import bz2
+    import gzip
+    import lzma
+
+    zstandard = pytest.importorskip("zstandard")
+    records = [_dialogue(i) for i in range(12)]
+    plain = tmp_path / "a.jsonl"
+    plain.write_bytes(_lines(records[:2]) + b'{"messages": "\xff\xfe broken"}\n' + _lines(records[2:4]))
+    folder = tmp_path / "more"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(_lines(records[4:6])))
+    (folder / "sub" / "c.jsonl.bz2").write_bytes(bz2.compress(_lines(records[6:7])))
+    (folder / "d.jsonl.xz").write_bytes(lzma.compress(_lines(records[7:8])))
+    (folder / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_lines(records[8:9])))
+    (folder / "empty.jsonl").write_bytes(b"")
+    globbed = tmp_path / "globbed"
+    globbed.mkdir()
+    (globbed / "f.json").write_text(json.dumps(records[9:11]))
+    (globbed / "g.jsonl").write_bytes(_lines(records[11:]))
+    out = tmp_path / "out"
+    (out / "shards.tmp").mkdir(parents=True)  # a killed run's leftovers
+    (out / "shards.tmp" / "train.plain.bin").write_bytes(b"stale")
+    (out / "rejects.jsonl.tmp").write_text('{"stale": true}\n')
+
+    summary = render_sft([plain, folder, str(globbed / "*.json*")], pretrain_data / "tokenizer", out)
+    assert summary["records_in"] == 13 and summary["conversations_written"] == 12
+    assert summary["rejected_by_reason"] == {"undecodable_utf8": 1}
+    [reject] = _rejects(out)
+    assert (reject["file"], reject["line"], reject["reason"]) == (str(plain), 3, "undecodable_utf8")
+    assert "invalid start byte" in reject["detail"] and "broken" in reject["record"]
+    assert summary["empty_inputs"] == [str(folder / "empty.jsonl")]
+    assert f"{folder / 'empty.jsonl'} holds no records" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl", "shards", "summary.json"]
+    written = open_shards([p.with_suffix("") for p in sorted((out / "shards").glob("*.json"))])
+    assert sum(shard.n_docs for shard in written) == 12
+    with pytest.raises(ValueError, match="read from jsonl or json files"):
+        (tmp_path / "notes.txt").write_text("a dialogue?\n")
+        render_sft([tmp_path / "notes.txt"], pretrain_data / "tokenizer", tmp_path / "out2")
+
+
+def test_an_interrupted_render_leaves_no_temporary_files(pretrain_data, tmp_path):
+    from data_pipelines.render_common import RecordSource, render_records
+    from data_pipelines.sft import _Outputs, _render_chunk
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(_lines([_dialogue(i) for i in range(5)]))
+    out = tmp_path / "out"
+    render_sft([path], pretrain_data / "tokenizer", out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    seen = []
+
+    def parse_then_ctrl_c(record):
+        seen.append(record)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return sft.parse_record(record)
+
+    with pytest.raises(KeyboardInterrupt):
+        render_records(RecordSource([path]), pretrain_data / "tokenizer", out, provenance={}, make_outputs=_Outputs,
+                       parse=parse_then_ctrl_c, render_chunk=lambda pending, outputs: _render_chunk(pending, outputs, 0), chunk_size=1)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier outputs, nothing else
+
+
+def test_a_huge_record_is_refused_by_its_characters_before_tokenizing(pretrain_data, tmp_path):
+    """A 50 MB record was tokenized whole (50 s, 2.7 GB) before the length check; by its
+    characters it cannot fit, which costs no tokenizer time. A huge later turn is cut the same way."""
+    huge = "many words " * 3_000_000  # 33 MB
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(_lines([_dialogue(1, ("hi", huge)), _dialogue(2, ("hi", "hello"), (huge, "ok")), _dialogue(3)]))
+    started = time.monotonic()
+    summary = render_sft([path], pretrain_data / "tokenizer", tmp_path / "out", max_length=1024)
+    seconds = time.monotonic() - started
+    assert summary["rejected_by_reason"] == {sft.FIRST_TURN_TOO_LONG: 1} and _rejects(tmp_path / "out")[0]["line"] == 1
+    assert summary["conversations_written"] == 2 and (summary["truncated"], summary["turns_dropped"]) == (1, 1)
+    assert seconds < 15, f"{seconds:.1f} s: the huge turns were tokenized"
+    written = open_shards([p.with_suffix("") for p in sorted((tmp_path / "out" / "shards").glob("*.json"))])
+    assert all(len(s.document(i)) <= 1024 for s in written for i in range(s.n_docs))
 
 
 # --------------------------------------------------------------------------- shards with masks

@@ -138,7 +138,14 @@ def repl(session, show_thoughts: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    session = build_session(args)
+    from moss_train.errors import CheckpointError
+    from moss_train.tokenizer import TokenizerError
+
+    try:
+        session = build_session(args)
+    except (CheckpointError, TokenizerError, OSError, ValueError) as error:  # the model or tokenizer cannot be loaded
+        print(f"moss-chat: error: {error}", file=sys.stderr)
+        return 1
     if args.prompt:
         for prompt in args.prompt:
             print(f"You: {prompt}")

@@ -65,6 +65,21 @@ GENERATED_ROLES = frozenset({INNER_THOUGHTS, COMMANDS, MOSS})
 END_OF_COMMANDS = FIELD_BY_ROLE[COMMANDS].end
 END_OF_REPLY = FIELD_BY_ROLE[MOSS].end
 NONE_BODY = " None"  # an unused field: "<|Commands|>: None<eoc>\n"
+# Every text the tokenizer encodes as a special token: the turn markers and end tokens, and
+# sentencepiece's / HF's own. Text from outside (a tool's argument or answer) must not carry
+# them into the prompt, or a search result could end the results field and speak as MOSS.
+SPECIAL_TOKEN_TEXTS = (*(f.marker for f in FIELDS), *(f.end for f in FIELDS), "<s>", "</s>", "<pad>", "<unk>")
+_SPECIAL_TOKEN = re.compile("|".join(map(re.escape, SPECIAL_TOKEN_TEXTS)))
+
+
+def without_special_tokens(text: str) -> str:
+    """`text` with every special token's spelling removed, until none is left ("<eo<eor>r>"
+    must not leave "<eor>" behind)."""
+    while True:
+        cleaned = _SPECIAL_TOKEN.sub("", text)
+        if cleaned == text:
+            return text
+        text = cleaned
 
 
 # ------------------------------------------------------------------- the meta instruction

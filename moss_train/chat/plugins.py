@@ -32,6 +32,7 @@ import json
 import math
 import re
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from typing import Optional, Union
 
 import sympy
 
+from moss_train.chat import format as fmt
 from moss_train.chat.sandbox import ToolError, default_sandbox
 
 NO_RESULT = "No result."
@@ -51,24 +53,30 @@ _FUNCTIONS = {
     "log": sympy.log, "ln": sympy.log, "exp": sympy.exp, "abs": sympy.Abs,
 }
 _CONSTANTS = {"pi": sympy.pi, "e": sympy.E}
-_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?|\.\d+)|([A-Za-z]+)|(\*\*|[-+*/^(),=×÷]))")
+# ASCII digits only: \d would also take "1٠0" (an Arabic-Indic zero) as the number 100.
+_TOKEN = re.compile(r"([ \t]*)(?:([0-9]+(?:\.[0-9]+)?|\.[0-9]+)|([A-Za-z]+)|(\*\*|[-+*/^(),=×÷]))")
 
 
 class ExpressionError(ValueError):
     pass
 
 
-def _tokens(text: str) -> list[tuple[str, str]]:
+def _tokens(text: str) -> list[tuple[str, str, bool]]:
+    """(kind, text, touching) per token; `touching`: no space before it. Only touching factors
+    multiply implicitly ("2x", "3(x+1)"), so "12 34" is an error, not 408."""
     if len(text) > MAX_CHARS:
         raise ExpressionError(f"longer than {MAX_CHARS} characters")
+    if "\n" in text.strip() or "\r" in text.strip():
+        raise ExpressionError("one expression per command (the text has several lines)")
     out, at = [], 0
-    text = text.rstrip()
+    text = text.strip()
     while at < len(text):
         match = _TOKEN.match(text, at)
         if not match:
             raise ExpressionError(f"unexpected {text[at:at + 10]!r}")
-        number, name, op = match.groups()
-        out.append(("num", number) if number else ("name", name) if name else ("op", {"×": "*", "÷": "/", "**": "^"}.get(op, op)))
+        space, number, name, op = match.groups()
+        kind, value = ("num", number) if number else ("name", name) if name else ("op", {"×": "*", "÷": "/", "**": "^"}.get(op, op))
+        out.append((kind, value, not space))
         at = match.end()
     return out
 
@@ -77,7 +85,7 @@ class _Parser:
     """expr := term (+|- term)*; term := unary ((*|/|implicit) unary)*; unary := (+|-) unary | power;
     power := atom (^ unary)?; atom := number | constant | variable | function(expr) | (expr)."""
 
-    def __init__(self, tokens: list[tuple[str, str]], variables: bool):
+    def __init__(self, tokens: list[tuple[str, str, bool]], variables: bool):
         self.tokens, self.at, self.depth, self.variables = tokens, 0, 0, variables
 
     def parse(self):
@@ -93,7 +101,7 @@ class _Parser:
         if self.at >= len(self.tokens):
             raise ExpressionError("unexpected end")
         self.at += 1
-        return self.tokens[self.at - 1]
+        return self.tokens[self.at - 1][:2]
 
     def expr(self):
         self.depth += 1
@@ -112,10 +120,18 @@ class _Parser:
                 op = self.take()[1]
                 right = self.unary()
                 value = value * right if op == "*" else value / right
-            elif self.at < len(self.tokens) and (self.tokens[self.at][0] in ("num", "name") or self.peek("(")):
-                value = value * self.unary()  # implicit: 2x, 3(x+1)
+            elif self._implicit_factor_follows():
+                value = value * self.unary()  # implicit: 2x, 3(x+1), x(y+1)
             else:
                 return value
+
+    def _implicit_factor_follows(self) -> bool:
+        """A factor that multiplies the previous one without an operator: it must touch it,
+        and a number never follows another factor implicitly ("2 3", "x2", "1.5.5")."""
+        if self.at >= len(self.tokens):
+            return False
+        kind, _, touching = self.tokens[self.at]
+        return touching and (kind == "name" or self.peek("("))
 
     def unary(self):
         if self.peek("+", "-"):
@@ -270,6 +286,24 @@ def _solution_text(value) -> str:
 # ----------------------------------------------------------------------------- plugins
 MAX_COMMANDS = 8  # commands run per turn; more are answered with an error
 MAX_COMMANDS_CHARS = 8192  # of a commands field parsed at all
+# Seconds all the commands of one turn may take together (each also has its own limit, e.g. the
+# sandbox's 5 s): eight slow commands would otherwise hold a turn for 40 s.
+TURN_BUDGET_S = 10.0
+MAX_RESULT_LINE_CHARS = 1024  # each line of an answer in the results field; longer ones are cut
+MAX_SHOWN_ARGUMENT_CHARS = 256  # of a command's argument, repeated in its results line
+
+
+def result_line(api: str, argument: str, answer: str, multiline: bool = False) -> str:
+    """One command's results line(s) in moss-003's layout, as the model will read them: no
+    special token spelled out by the argument or the answer, the argument shown up to
+    MAX_SHOWN_ARGUMENT_CHARS and each answer line up to MAX_RESULT_LINE_CHARS characters."""
+    call = f'{api}("{_cut(fmt.without_special_tokens(argument), MAX_SHOWN_ARGUMENT_CHARS)}")'
+    answer = "\n".join(_cut(line, MAX_RESULT_LINE_CHARS) for line in fmt.without_special_tokens(answer).split("\n"))
+    return f"{call} =>\n{answer}" if multiline else f"{call} => '{answer}'"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 6] + " [...]"
 
 
 @dataclass
@@ -296,19 +330,25 @@ class Plugin:
         """The answer text; raise (anything) when there is none — the model sees NO_RESULT."""
         raise NotImplementedError
 
+    def answer_within(self, argument: str, timeout_s: Optional[float]) -> str:
+        """`answer`, given at most `timeout_s` seconds (None: the plugin's own limit). Plugins
+        that can stop their work early override this; the default runs `answer`."""
+        return self.answer(argument)
+
     @property
     def plugin(self) -> str:  # the name under which demo_dialogues and older callers know it
         return self.name
 
-    def call(self, argument: str) -> ToolCall:
-        """Run the command; never raises (a plugin's failure is an answer the model sees)."""
+    def call(self, argument: str, timeout_s: Optional[float] = None) -> ToolCall:
+        """Run the command (within `timeout_s` where the plugin can stop early); never raises
+        (a plugin's failure is an answer the model sees)."""
         try:
             if len(argument) > self.max_argument_chars:
                 raise ToolError(f"argument longer than {self.max_argument_chars} characters")
-            answer = self.answer(argument)
+            answer = self.answer_within(argument, timeout_s)
             if not isinstance(answer, str) or not answer.strip():
                 raise ToolError(f"no answer ({type(answer).__name__})")
-            answer, error = answer[: self.max_answer_chars], None
+            answer, error = fmt.without_special_tokens(answer[: self.max_answer_chars]), None
         except Exception as exc:  # a user's backend may raise anything; the chat goes on
             answer, error = NO_RESULT, str(exc) or type(exc).__name__
         return ToolCall(self.api, argument, answer, self.result_line(argument, answer), error)
@@ -319,8 +359,7 @@ class Plugin:
     def result_line(self, argument: str, answer: Optional[str] = None) -> str:
         """The results line(s) for one command (`answer`: already run)."""
         answer = self.run(argument) if answer is None else answer
-        call = f'{self.api}("{argument}")'
-        return f"{call} =>\n{answer}" if self.multiline else f"{call} => '{answer}'"
+        return result_line(self.api, argument, answer, self.multiline)
 
 
 PLUGINS: dict[str, type[Plugin]] = {}
@@ -338,7 +377,12 @@ class SandboxedPlugin(Plugin):
     target = ""
 
     def answer(self, argument: str) -> str:
-        return default_sandbox().call(self.target, argument)
+        return self.answer_within(argument, None)
+
+    def answer_within(self, argument: str, timeout_s: Optional[float]) -> str:
+        sandbox = default_sandbox()
+        limit = sandbox.timeout_s if timeout_s is None else min(sandbox.timeout_s, timeout_s)
+        return sandbox.call(self.target, argument, timeout_s=limit)
 
 
 @register
@@ -354,7 +398,7 @@ class EquationSolver(SandboxedPlugin):
 
 
 # ----------------------------------------------------------------------------- configured backends
-Backend = Callable[[str, str], Union[str, list]]  # (api, argument) -> text or a list of items
+Backend = Callable[..., Union[str, list]]  # (api, argument[, limit_s]) -> text or a list of items
 HTTP_TIMEOUT_S = 20.0
 MAX_RESPONSE_BYTES = 1 << 16
 
@@ -369,7 +413,8 @@ def callable_backend(target: str, timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
 
     function = resolve(target)
 
-    def call(api: str, argument: str):
+    def call(api: str, argument: str, limit_s: Optional[float] = None):
+        limit = timeout_s if limit_s is None else min(timeout_s, limit_s)
         box: dict = {}
 
         def work():
@@ -380,9 +425,9 @@ def callable_backend(target: str, timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
 
         thread = threading.Thread(target=work, daemon=True, name=f"moss-{api}")
         thread.start()
-        thread.join(timeout_s)
+        thread.join(limit)
         if thread.is_alive():
-            raise ToolError(f"{target} took longer than {timeout_s:g} s")
+            raise ToolError(f"{target} took longer than {limit:.3g} s")
         if "error" in box:
             raise ToolError(f"{target} failed: {box['error']}")
         return box["value"]
@@ -397,11 +442,11 @@ def http_backend(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"{url!r}: an HTTP backend needs an http:// or https:// URL")
 
-    def call(api: str, argument: str):
+    def call(api: str, argument: str, limit_s: Optional[float] = None):
         body = json.dumps({"api": api, "input": argument}).encode()
         request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s if limit_s is None else min(timeout_s, limit_s)) as response:
                 raw = response.read(MAX_RESPONSE_BYTES + 1)
         except OSError as error:  # URLError, HTTPError, timeouts
             raise ToolError(f"{url}: {error}") from None
@@ -418,8 +463,10 @@ def http_backend(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
 
 
 def make_backend(spec: Union[str, Backend], timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
+    """A backend called as ``(api, argument, limit_s)``; a function given directly (code the
+    user wrote, not the model) is called as it is, with no time limit of ours."""
     if callable(spec):
-        return spec
+        return lambda api, argument, limit_s=None: spec(api, argument)
     return http_backend(spec, timeout_s) if "://" in spec else callable_backend(spec, timeout_s)
 
 
@@ -431,7 +478,10 @@ class ExternalPlugin(Plugin):
         self._call = make_backend(backend, timeout_s)
 
     def answer(self, argument: str) -> str:
-        return self.render(self._call(self.api, argument))
+        return self.answer_within(argument, None)
+
+    def answer_within(self, argument: str, timeout_s: Optional[float]) -> str:
+        return self.render(self._call(self.api, argument, timeout_s))
 
     def render(self, value) -> str:
         if isinstance(value, (list, tuple)):
@@ -492,18 +542,25 @@ def parse_commands(commands_text: str) -> list[tuple[str, str]]:
     return _COMMAND.findall((commands_text or "")[:MAX_COMMANDS_CHARS])
 
 
-def call_tools(commands_text: str, plugins: Mapping[str, Plugin]) -> list[ToolCall]:
-    """Every command in `commands_text`, run by the enabled plugin with its API; a command no
-    enabled plugin answers (or one past MAX_COMMANDS) gets NO_RESULT and an error."""
+def call_tools(commands_text: str, plugins: Mapping[str, Plugin], budget_s: float = TURN_BUDGET_S) -> list[ToolCall]:
+    """Every command in `commands_text`, run by the enabled plugin with its API, all of them
+    within `budget_s` seconds; a command no enabled plugin answers, one past MAX_COMMANDS, or
+    one left when the budget is spent gets NO_RESULT and an error."""
     by_api = {plugin.api: plugin for plugin in plugins.values()}
+    deadline = time.monotonic() + budget_s
     calls = []
     for i, (api, argument) in enumerate(parse_commands(commands_text)):
-        plugin = by_api.get(api)
-        if plugin is not None and i < MAX_COMMANDS:
-            calls.append(plugin.call(argument))
+        plugin, left = by_api.get(api), deadline - time.monotonic()
+        if plugin is None:
+            error = f"no enabled plugin answers {api}"
+        elif i >= MAX_COMMANDS:
+            error = f"more than {MAX_COMMANDS} commands in one turn"
+        elif left <= 0:
+            error = f"the turn's {budget_s:g} s for tools are spent"
+        else:
+            calls.append(plugin.call(argument, timeout_s=left))
             continue
-        error = f"more than {MAX_COMMANDS} commands in one turn" if plugin is not None else f"no enabled plugin answers {api}"
-        calls.append(ToolCall(api, argument, NO_RESULT, f"{api}(\"{argument}\") => '{NO_RESULT}'", error))
+        calls.append(ToolCall(api, argument, NO_RESULT, result_line(api, argument, NO_RESULT), error))
     return calls
 
 

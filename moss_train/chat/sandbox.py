@@ -11,6 +11,12 @@ The worker is started once (``spawn``: no state of a multi-threaded parent is fo
 reused, so a call costs a round trip through a pipe, not a process start. Only functions named
 by the code that builds a plugin (``"module:function"``) run there; the model's text is only
 ever their string argument.
+
+The worker dies with its parent, however the parent ends (SIGKILL and SIGTERM run no atexit
+hook): a thread in the worker waits on multiprocessing's parent sentinel, a pipe whose other end
+closes when the parent is gone, and ends the worker then, even in the middle of a tool call.
+(``PR_SET_PDEATHSIG`` would fire when the parent *thread* that started the worker ends, and
+callers such as a threaded server start it from short-lived threads.)
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import atexit
 import importlib
 import multiprocessing
+import multiprocessing.connection
+import os
 import threading
 from typing import Optional
 
@@ -48,8 +56,22 @@ def _limit_memory(megabytes: int) -> None:
         pass
 
 
+def _exit_with_parent() -> None:
+    """End this process as soon as its parent is gone (see the module docstring)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="moss-tools-parent-watch").start()
+
+
 def _serve(conn, memory_mb: int, preload: tuple[str, ...]) -> None:
     """The worker: import the tools, cap memory, then answer (target, argument) requests."""
+    _exit_with_parent()
     functions = {target: resolve(target) for target in preload}
     _limit_memory(memory_mb)
     conn.send(("ready", None))
@@ -85,7 +107,7 @@ class Sandbox:
             conn.send((target, argument))
             if not conn.poll(limit):
                 self._stop()
-                raise ToolError(f"took longer than {limit:g} s")
+                raise ToolError(f"took longer than {limit:.3g} s")
             try:
                 status, value = conn.recv()
             except (EOFError, OSError):

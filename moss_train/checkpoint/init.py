@@ -39,14 +39,9 @@ from moss_train.checkpoint.sources import log, open_source, run_tokenizer_pieces
 from moss_train.engine.checkpoint import CheckpointError
 from moss_train.engine.distributed import DistInfo, broadcast_object
 from moss_train.errors import ConfigError
-from moss_train.model.config import ModelConfig, model_vocab_size
+from moss_train.model.config import SHAPE_FIELDS, ModelConfig, model_vocab_size
 from moss_train.tokenizer import sp_piece
 
-# Architecture fields a checkpoint decides; the rest of ModelConfig stays the recipe's.
-SHAPE_FIELDS = (
-    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim", "n_inner",
-    "activation_function", "layer_norm_epsilon", "pad_vocab_to_multiple_of",
-)
 VOCAB_PARAMS = ("transformer.wte.weight", "lm_head.weight", "lm_head.bias")
 
 

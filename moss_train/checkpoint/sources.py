@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from moss_train.checkpoint import safe_load
 from moss_train.engine.checkpoint import COMPLETE, LATEST, CheckpointError, read_complete, verify_or_raise
 from moss_train.model.codegen import _HF_BUFFER_SUFFIXES
 from moss_train.model.config import ModelConfig, from_hf_config
@@ -87,8 +88,7 @@ class MossTrainCheckpoint:
         meta = self.complete.get("meta")
         if meta is None:  # written before complete.json carried it: read DeepSpeed's copy
             states = sorted(self.step_dir.glob("*model_states.pt"))
-            # A checkpoint moss-train wrote itself; DeepSpeed's files need full unpickling.
-            meta = torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)
+            meta = safe_load.load(states[0], map_location="cpu", mmap=True)
         return meta
 
     @cached_property
@@ -117,16 +117,18 @@ class MossTrainCheckpoint:
     def _state(self) -> dict:
         """name -> lazy tensor. ZeRO 1-3: DeepSpeed's zero_to_fp32 (fp32 master weights,
         consolidated over every rank's shard); ZeRO 0: the module state DeepSpeed saved."""
+        safe_load.refuse_unsafe_files(self.step_dir)
         if any(self.step_dir.glob("*zero_pp_rank_*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            return get_fp32_state_dict_from_zero_checkpoint(
-                str(self.step_dir.parent), tag=self.step_dir.name, lazy_mode=True
-            )
+            with safe_load.weights_only():  # zero_to_fp32 itself unpickles with weights_only=False
+                return get_fp32_state_dict_from_zero_checkpoint(
+                    str(self.step_dir.parent), tag=self.step_dir.name, lazy_mode=True
+                )
         states = self.step_dir / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise CheckpointError(f"{self.step_dir}: neither ZeRO optimizer shards nor mp_rank_00_model_states.pt")
-        return dict(torch.load(states, map_location="cpu", mmap=True, weights_only=False)["module"])
+        return dict(safe_load.load(states, map_location="cpu", mmap=True)["module"])
 
     @property
     def names(self) -> list[str]:

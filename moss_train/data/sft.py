@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -237,6 +237,22 @@ def render_many(tokenizer, conversations: Sequence[Conversation]) -> list[tuple[
 
 def render(tokenizer, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
     return render_many(tokenizer, [conversation])[0]
+
+
+def turns_within_chars(conversation: Conversation, max_chars: int) -> int:
+    """How many leading turns, with the meta instruction, span at most `max_chars` characters.
+    With max_chars = max_length x the most characters one token spans, no turn past them can
+    end within max_length tokens: counting characters decides that without tokenizing."""
+    total = len(conversation.dialogue.meta_instruction)
+    for i, turn in enumerate(conversation.dialogue.turns):
+        total += sum(len(segment.text) for segment in fmt.turn_segments(turn, i))
+        if total > max_chars:
+            return i
+    return len(conversation.dialogue.turns)
+
+
+def first_turns(conversation: Conversation, n: int) -> Conversation:
+    return replace(conversation, dialogue=fmt.Dialogue(conversation.dialogue.meta_instruction, conversation.dialogue.turns[:n]))
 
 
 def kept_length(flags: np.ndarray, max_length: int) -> int:

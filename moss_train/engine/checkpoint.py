@@ -14,12 +14,23 @@ from the parameter count, must fit), then goes to `.tmp-step_N`; only a complete
 directory is renamed into place, and only then is `latest` replaced (atomically). A run killed
 mid-save therefore resumes from the previous complete checkpoint, and retention never removes
 the one `latest` names. Loading re-hashes every file and names the first one whose checksum
-differs. Hashing is shared out over the ranks (file i goes to rank i mod world size).
+differs, and refuses a file that would run code when unpickled (checkpoint/safe_load.py).
+Hashing is shared out over the ranks (file i goes to rank i mod world size).
+
+Resuming on another number of ranks: ZeRO's optimizer shards are cut for the world size that
+wrote them. Such a checkpoint is converted with DeepSpeed's own ``ds_to_universal`` (rank 0,
+into ``.tmp-universal/step_N``, removed after the load) and read with its universal loader
+(``checkpoint.load_universal`` in the DeepSpeed config), which cuts the shards for the ranks of
+this run.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import random
@@ -29,7 +40,10 @@ from typing import Optional
 
 import torch
 
+from moss_train.checkpoint import safe_load
 from moss_train.engine.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
+from moss_train.errors import CheckpointError, ConfigError
+from moss_train.model.config import SHAPE_FIELDS
 
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -38,10 +52,6 @@ TMP_PREFIX = ".tmp-"
 # master weights (4) + Adam's two moments (8) + the module's own copy (up to 4).
 BYTES_PER_PARAM_ESTIMATE = 16
 FREE_SPACE_MARGIN = 1.1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read: corrupt file, missing file, no disk space."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -98,6 +108,27 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(_recorded(entry)[0] for entry in read_complete(directory)["files"].values())
 
 
+def check_same_model(directory: Path, model_config) -> None:
+    """ConfigError naming every model key whose value differs between the checkpoint (as
+    complete.json records it) and the model this run builds, before DeepSpeed reports the
+    first mismatching tensor by its size."""
+    saved = read_complete(directory).get("meta", {}).get("model_config")
+    if saved is None:  # written before complete.json recorded it
+        return
+    ours = dataclasses.asdict(model_config)
+    differ = [field for field in SHAPE_FIELDS if field in saved and saved[field] != ours[field]]
+    if differ:
+        raise ConfigError(
+            ", ".join(f"model.{field}" for field in differ),
+            f"the checkpoint {directory} holds a model with "
+            + ", ".join(f"{field}={saved[field]}" for field in differ)
+            + ", this run builds "
+            + ", ".join(f"{field}={ours[field]}" for field in differ)
+            + " (model.vocab_size follows the tokenizer); resume with the checkpoint's model, or start a new "
+            "run.output_dir (or trainer.resume=never)",
+        )
+
+
 def ensure_free_space(root: Path, needed: int, what: str) -> None:
     """Raise CheckpointError when the file system holding `root` has less than `needed` bytes free."""
     free = shutil.disk_usage(root).free
@@ -147,6 +178,41 @@ def _to_tuples(value):
     return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def _repair_universal_optimizer_state(engine, universal_dir: Path) -> None:
+    """Undo two shortcuts of DeepSpeed's ZeRO-3 universal loader, which its ZeRO 1/2 loader
+    does not take: it gives every optimizer param group the first group's settings ("the
+    hyperparameters of each parameter should be the same"), which puts weight decay on biases
+    and LayerNorms; and one `step` tensor to every group's state, which a fused Adam then
+    advances once per group, so the bias correction of all but the first group is off."""
+    optimizer = engine.optimizer.optimizer  # the wrapped torch optimizer
+    saved = safe_load.load(universal_dir / "zero" / "optimizer_state.pt")["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise CheckpointError(f"{universal_dir}: {len(saved)} optimizer param groups saved, this run has {len(optimizer.param_groups)}")
+    for group, settings in zip(optimizer.param_groups, saved):
+        group.update({key: value for key, value in settings.items() if key != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def convert_to_universal(step_dir: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal of one checkpoint (in this process, in weights-only mode; its
+    progress output is kept and shown only if it fails)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(step_dir), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,  # inject: the version entry ZeRO 1/2 asks for
+    )
+    output = io.StringIO()
+    try:
+        with safe_load.weights_only(), contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            ds_to_universal(args)
+    except BaseException:
+        print(output.getvalue()[-4000:], flush=True)
+        raise
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     tmp.write_text(text)
@@ -175,19 +241,53 @@ class CheckpointManager:
         found = [p for p in self.root.glob("step_*") if (p / COMPLETE).is_file()]
         return sorted(found, key=lambda p: p.name)
 
-    def load(self, engine, path: Path) -> dict:
-        """Verify checksums, then restore model, optimizer, scheduler (DeepSpeed) and this rank's
-        RNG; return the client state. A corrupt or missing file raises CheckpointError naming it."""
+    def needs_universal(self, path: Path) -> bool:
+        """True when ZeRO optimizer shards of `path` were cut for another number of ranks than
+        this run's (ZeRO 0 keeps whole states, which load on any number)."""
+        shards = [name for name in read_complete(path)["files"] if name.endswith("optim_states.pt")]
+        return bool(shards) and len(shards) != self.dist.world_size
+
+    def load(self, engine, path: Path, universal: bool = False) -> dict:
+        """Verify checksums and refuse files that would run code, then restore model, optimizer,
+        scheduler (DeepSpeed, in weights-only mode) and this rank's RNG; return the client state.
+        A corrupt, missing or unsafe file raises CheckpointError naming it. `universal`: the
+        checkpoint is from another number of ranks, and the engine was configured with
+        checkpoint.load_universal (see the module docstring)."""
         path = Path(path)
         read_complete(path)
         verify_or_raise(path, self.dist.rank, self.dist.world_size)
-        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        safe_load.refuse_unsafe_files(path)
+        load_dir, tag = (self._universal_copy(path), path.name) if universal else (path.parent, path.name)
+        with safe_load.weights_only():
+            load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        if universal:
+            _repair_universal_optimizer_state(engine, load_dir / tag)
+            barrier()
+            if self.dist.is_main:
+                shutil.rmtree(load_dir, ignore_errors=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
         rng_file = path / f"rng_rank{self.dist.rank}.pt"
-        if rng_file.is_file():
-            restore_rng(torch.load(rng_file, weights_only=True))
+        if rng_file.is_file():  # a rank the checkpoint did not have keeps its seeded stream
+            restore_rng(safe_load.load(rng_file))
         return client_state or {}
+
+    def _universal_copy(self, path: Path) -> Path:
+        """Rank 0 converts `path` with DeepSpeed's ds_to_universal; every rank gets the directory
+        that holds the converted `path.name` (or the same CheckpointError)."""
+        load_dir = self.root / f"{TMP_PREFIX}universal"
+        error = None
+        if self.dist.is_main:
+            shutil.rmtree(load_dir, ignore_errors=True)
+            try:
+                ensure_free_space(self.root, int(checkpoint_bytes(path) * FREE_SPACE_MARGIN), f"a universal copy of {path.name}")
+                convert_to_universal(path, load_dir / path.name)
+            except Exception as exc:  # every rank must learn of it, or the others wait forever
+                error = str(exc) if isinstance(exc, CheckpointError) else f"{path}: universal conversion failed: {type(exc).__name__}: {exc}"
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+        return load_dir
 
     # ---- writing -------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict) -> Path:

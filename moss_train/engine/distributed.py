@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,76 @@ def _adopt_slurm_env() -> None:
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 without a launcher), readable
+    before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun's agent (its worker processes carry TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+LAUNCHERS = (b"torchrun", b"torch.distributed.run", b"deepspeed.launcher.launch")
+
+
+def _launcher_parent() -> int | None:
+    """The pid of the launcher that started this process (its parent), else None."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ")
+    except OSError:
+        return None
+    return parent if any(name in command for name in LAUNCHERS) else None
+
+
+def torchrun_agent() -> int | None:
+    """The pid of the torchrun agent that started this process, else None."""
+    return _launcher_parent() if under_torchrun() else None
+
+
+def child_processes(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (read from /proc; empty where there is none)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+        except (OSError, IndexError, ValueError):  # it ended while we looked
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launcher() -> None:
+    """A rank started by torchrun or the deepspeed launcher ends when its launcher dies.
+
+    torchrun starts each rank in a session of its own, so killing the launcher's process group
+    (what a scheduler or a user's kill does) never reached the ranks: they trained on to the end
+    and wrote checkpoints. The kernel now sends the rank SIGTERM when its parent dies
+    (PR_SET_PDEATHSIG), which ends it through the CLI's failure path. Plain runs (no launcher)
+    and srun's tasks are left alone: their parent is a shell or slurmstepd, and a training run
+    under nohup must outlive its shell."""
+    if not (under_torchrun() or "CROSS_RANK" in os.environ):  # CROSS_RANK: deepspeed's launch.py
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux: nothing to set
+        return
+    if _launcher_parent() is None:  # it died before the signal was armed: the job is over
+        raise SystemExit(1)
 
 
 def backend_name() -> str:

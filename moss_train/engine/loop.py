@@ -24,7 +24,7 @@ from moss_train.checkpoint import init as initial_weights
 from moss_train.config import MossTrainConfig
 from moss_train.data.sampler import GlobalBatchPlan
 from moss_train.engine import setup
-from moss_train.engine.checkpoint import CheckpointManager
+from moss_train.engine.checkpoint import CheckpointManager, check_same_model
 from moss_train.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
 from moss_train.model.config import flops_per_token
@@ -87,6 +87,11 @@ class Trainer:
             model = stage.build_model(cfg, tokenizer)
         initial_weights.load_initial_weights(model, cfg, tokenizer, self.dist)  # ZeRO-3: per parameter
         self.model_config = model.config
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist)
+        self.resume_from = self._resume_path()
+        self.universal_resume = self.resume_from is not None and self.checkpoints.needs_universal(self.resume_from)
+        if self.universal_resume:  # written by another number of ranks: DeepSpeed re-cuts its shards
+            self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
         self.engine, self.scheduler = setup.initialize_engine(model, cfg, self.ds_config)
         seed_everything(cfg.trainer.seed + self.dist.rank)  # per-rank streams for dropout etc.
 
@@ -99,20 +104,26 @@ class Trainer:
             seed=cfg.trainer.seed,
             shuffle=self.data.shuffle,
         )
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist)
         self.step = 0
         self.samples_consumed = 0
         self.tokens_seen = 0
 
     # ---- resume --------------------------------------------------------------------------
-    def maybe_resume(self) -> None:
+    def _resume_path(self) -> Path | None:
+        """The checkpoint trainer.resume names, once its model shapes are known to match."""
         resume = self.cfg.trainer.resume
         if resume == "never":
-            return
+            return None
         path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if path is not None:
+            check_same_model(path, self.model_config)
+        return path
+
+    def maybe_resume(self) -> None:
+        path = self.resume_from
         if path is None:
             return
-        state = self.checkpoints.load(self.engine, path)
+        state = self.checkpoints.load(self.engine, path, universal=self.universal_resume)
         if state.get("num_samples") != len(self.data.train) or state.get("seed") != self.cfg.trainer.seed:
             raise RuntimeError(
                 f"checkpoint {path} was trained on {state.get('num_samples')} samples with seed "
@@ -123,7 +134,8 @@ class Trainer:
         self.samples_consumed = state["samples_consumed"]
         self.tokens_seen = state.get("tokens_seen", 0)
         if self.dist.is_main:
-            print(f"[moss-train] resumed from {path} at step {self.step}", flush=True)
+            ranks = f" (written by another number of ranks, re-cut for {self.dist.world_size})" if self.universal_resume else ""
+            print(f"[moss-train] resumed from {path} at step {self.step}{ranks}", flush=True)
 
     def _client_state(self) -> dict:
         return {

@@ -128,6 +128,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep_records_until(self.path, start_step)
         self.file = open(self.path, "a")
         if progress_bar:
             from tqdm import tqdm
@@ -158,6 +159,28 @@ class MetricsLogger:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()  # in offline mode wandb prints the `wandb sync` command
+
+
+def keep_records_until(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` from a metrics file: a run that resumes there
+    computes them again, so each step is logged once (a killed run logged steps past its last
+    checkpoint; its last line may be cut off, and goes too)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"]) if line.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _start_wandb(output_dir: Path, settings: dict):

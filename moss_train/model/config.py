@@ -16,6 +16,13 @@ from moss_train.errors import ConfigError
 QKV_PARTITIONS = 4
 
 
+# Architecture fields: what a checkpoint's weights decide (stage.init_from adopts them, a resume
+# must match them); the rest of ModelConfig (dropouts, checkpointing) is the recipe's choice.
+SHAPE_FIELDS = (
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim", "n_inner",
+    "activation_function", "layer_norm_epsilon", "pad_vocab_to_multiple_of",
+)
+
 @dataclass
 class ModelConfig:
     """A CodeGen-architecture model (the MOSS base). Field names follow HF's ``CodeGenConfig``.
