@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, run_cli, train_losses, train_overrides
 from moss_train.checkpoint.cli import main as export_main
 from moss_train.engine.checkpoint import (
     COMPLETE,
@@ -24,6 +23,8 @@ from moss_train.engine.checkpoint import (
     verify_checkpoint,
 )
 from moss_train.engine.distributed import DistInfo
+
+from conftest import BIN, REPO, run_cli, train_losses, train_overrides
 
 KILLED_RUN_SETTINGS = {"trainer.max_steps": 8, "checkpoint.every": 1, "checkpoint.keep_last": 2}
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=None)

@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import read_metrics, run_cli, train_losses, train_overrides
 from moss_train.engine.checkpoint import LATEST
+
+from conftest import read_metrics, run_cli, train_losses, train_overrides
 
 SOURCES = ("en", "zh", "code")
 

@@ -19,7 +19,6 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from conftest import BIN, free_port, run_cli, train_overrides
 from moss_train.chat import format as moss_format
 from moss_train.checkpoint.chat_template import render_messages
 from moss_train.checkpoint.cli import main as export_main
@@ -29,6 +28,8 @@ from moss_train.engine.distributed import DistInfo
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.reward import RewardModel
 from moss_train.tokenizer import MossTokenizer
+
+from conftest import BIN, free_port, run_cli, train_overrides
 
 RUN_SETTINGS = {"trainer.max_steps": 4, "deepspeed": "zero3"}
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))

@@ -136,7 +136,7 @@ def tag_run(pretrain_data, reward_run, tmp_path_factory):
     run_cli(
         stage_overrides(pretrain_data, out, **{
             "stage": "tag", "preference.reward_model": str(reward_run), "preference.levels": 3, "data.seq_len": 256,
-            f"preference.tag_inputs": f"[{train},{valid}]",
+            "preference.tag_inputs": f"[{train},{valid}]",
         }),
         launcher=torchrun(), timeout=300,
     )
@@ -244,8 +244,8 @@ def sampled_replies(model, tokenizer, meta: str, prompts: list[str], samples: in
 def answer_figures(pretrain_data, reward_run):
     """figures(model_dir, meta) -> (share of sampled replies with "please", their mean reward
     under the reward model), over one prompt per word."""
-    from moss_train.checkpoint.export import load_reward_model
     from moss_train.chat.generate import load_model
+    from moss_train.checkpoint.export import load_reward_model
     from moss_train.data import sft
     from moss_train.tokenizer import load_tokenizer
 
