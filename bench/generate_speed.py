@@ -21,11 +21,12 @@ from dataclasses import replace
 
 import torch
 
-from bench_report import publish
 from moss_train.chat.generate import generate_batch
 from moss_train.config import compose, to_object
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import num_parameters
+
+from bench_report import publish
 
 VOCAB = 32000
 

@@ -214,7 +214,7 @@ def main(argv=None) -> int:
 
 def render(rows, args, origin: str, load_before: str) -> list[str]:
     lines = [
-        f"### serve_latency — moss-serve, N concurrent streaming clients on loopback, continuous batching vs one turn at a time",
+        "### serve_latency — moss-serve, N concurrent streaming clients on loopback, continuous batching vs one turn at a time",
         "",
         f"{tt.run_line(None, load_before)}; {cpu_line()}; {origin}; greedy, max_tokens {args.max_tokens}, "
         f"{args.requests_per_client} requests per client back to back, {args.threads} torch thread per server; "

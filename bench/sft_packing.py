@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from bench_report import publish
 from data_pipelines.sft import render_sft
 from moss_train.config import compose, to_object, validate
 from moss_train.engine.distributed import init_distributed
 from moss_train.engine.loop import Trainer
 from moss_train.model.config import num_parameters
 from moss_train.stages.sft import SFTStage
+
+from bench_report import publish
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "moss-003-sft-sample" / "conversations.jsonl"
@@ -91,7 +92,7 @@ def run(args) -> list[dict]:
         # One pass over each mode's samples: ceil(samples / micro-batch) steps; warm-up steps
         # first (timed separately, not counted), then the modes' steps alternate.
         remaining = {name: -(-len(t.data.train) // args.micro_batch) for name, t in trainers.items()}
-        for name, trainer in trainers.items():
+        for trainer in trainers.values():
             for _ in range(args.warmup):
                 trainer.train_step()
             trainer.samples_consumed = 0  # the measured pass starts at the beginning again

@@ -66,7 +66,7 @@ def build_input(work: Path, target_mb: float) -> list[Path]:
             if total >= target_mb * MB:
                 break
             path = inputs / f"{source}-{copy:02d}.jsonl"
-            prefix = "" if copy == 0 else ("# copy %d\n" % copy if source == "code" else f"[{copy}] ")
+            prefix = "" if copy == 0 else (f"# copy {copy}\n" if source == "code" else f"[{copy}] ")
             with open(path, "w", encoding="utf-8") as f:
                 for doc in docs:
                     f.write(json.dumps({"text": prefix + doc}, ensure_ascii=False) + "\n")
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     raw_name, ds_name = names[0], names[2]
     for name, r in results.items():
         table.append(
-            f"| {name} | {r['seconds']:.1f} | {' / '.join('%.1f' % x['seconds'] for x in runs[name])} | "
+            f"| {name} | {r['seconds']:.1f} | {' / '.join(format(x['seconds'], '.1f') for x in runs[name])} | "
             f"{text_bytes / MB / r['seconds']:.2f} | {r['tokens'] / r['seconds'] / 1e6:.2f} | {cpu[name]:.1f} | "
             f"{ds_map['seconds'] / r['seconds']:.2f}x / {cpu[ds_name] / cpu[name]:.2f}x | "
             f"{raw['seconds'] / r['seconds']:.0%} / {cpu[raw_name] / cpu[name]:.0%} |"

@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-from bench_report import publish
 from moss_train.model.config import ModelConfig, flops_per_token, num_parameters, to_hf_config
+
+from bench_report import publish
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "

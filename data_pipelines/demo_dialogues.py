@@ -50,11 +50,13 @@ def _arithmetic(rng: random.Random, zh: bool) -> Problem:
     if zh:
         human = rng.choice([f"{a}{word_zh}{b}等于多少？", f"请计算{expr}。", f"帮我算一下{a}{op}{b}。", f"{expr}是多少？"])
         thought = f"用户需要计算{expr}，我应该调用计算器。"
-        reply = lambda r: rng.choice([f"{expr}的结果是{r}。", f"{a}{word_zh}{b}等于{r}。", f"计算结果是{r}。"])
+        def reply(r):
+            return rng.choice([f"{expr}的结果是{r}。", f"{a}{word_zh}{b}等于{r}。", f"计算结果是{r}。"])
     else:
         human = rng.choice([f"What is {a} {word_en} {b}?", f"Calculate {expr}.", f"How much is {a} {op} {b}?", f"Please compute {expr}."])
         thought = f"The user wants to compute {expr}, so I should use the calculator."
-        reply = lambda r: rng.choice([f"{a} {word_en} {b} is {r}.", f"The result of {expr} is {r}.", f"{expr} = {r}."])
+        def reply(r):
+            return rng.choice([f"{a} {word_en} {b} is {r}.", f"The result of {expr} is {r}.", f"{expr} = {r}."])
     return human, thought, "Calculate", expr, reply
 
 

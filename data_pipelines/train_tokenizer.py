@@ -37,12 +37,12 @@ from moss_train.tokenizer import (
     BOS_ID,
     EOS,
     EOS_ID,
-    META_FILE,
-    META_FORMAT,
-    META_VERSION,
     HF_CONFIG_FILE,
     HF_SPECIAL_TOKENS_FILE,
     HF_TOKENIZER_FILE,
+    META_FILE,
+    META_FORMAT,
+    META_VERSION,
     MODEL_FILE,
     MOSS_SPECIAL_TOKENS,
     NEWLINE,
@@ -168,7 +168,7 @@ def rare_characters(docs: Sequence[str], coverage: float, vocab_size: int, n_res
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     total = sum(counts.values())
     covered = 0
-    for n_needed, (_, c) in enumerate(ranked, 1):
+    for n_needed, (_, c) in enumerate(ranked, 1):  # noqa: B007 (read after the loop)
         covered += c
         if covered / total >= coverage:
             break

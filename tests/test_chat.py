@@ -19,7 +19,6 @@ import pytest
 import torch
 import transformers
 
-from conftest import BIN, run_cli, train_overrides
 from moss_train.chat import format as fmt
 from moss_train.chat.generate import DecodingBatch, Row, Sampling, generate_batch, load_model, process_logits
 from moss_train.chat.plugins import NO_RESULT, Plugin, WebSearch, build_plugins
@@ -28,6 +27,8 @@ from moss_train.checkpoint.export import export_checkpoint
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig
 from moss_train.tokenizer import MossTokenizer
+
+from conftest import BIN, run_cli, train_overrides
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(use_cache):
     model = random_model(n_positions=128)
     prompts = [[5, 9, 11, 3, 7, 20, 21], [4, 4], list(range(30, 45)), [8, 2, 6]]
     for sampling in (Sampling(), Sampling(1.0, 5, 0.9, 1.3)):
-        def row(i):
+        def row(i, sampling=sampling):
             return Row(prompts[i], 10 + 3 * i, frozenset({17}), sampling, torch.Generator().manual_seed(i))
 
         alone = []
@@ -134,7 +135,11 @@ def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(use_cache):
 
 def test_logits_processing_equals_hf_processors():
     from transformers.generation.logits_process import (
-        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     generator = torch.Generator().manual_seed(0)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, REPO, run_cli, train_losses, train_overrides
 from moss_train.checkpoint import safe_load
 from moss_train.checkpoint.cli import main as export_main
 from moss_train.checkpoint.sources import MossTrainCheckpoint
@@ -28,6 +27,8 @@ from moss_train.engine.checkpoint import (
     verify_checkpoint,
 )
 from moss_train.engine.distributed import DistInfo
+
+from conftest import BIN, REPO, run_cli, train_losses, train_overrides
 
 KILLED_RUN_SETTINGS = {"trainer.max_steps": 8, "checkpoint.every": 1, "checkpoint.keep_last": 2}
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=None)
@@ -258,7 +259,7 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(finished_run, tmp_path
     with pytest.raises(CheckpointError, match=f"{victim.name} would run code when loaded: it names posix.system"):
         manager.load(engine=None, path=copy)  # refused before DeepSpeed reads anything
     with pytest.raises(CheckpointError, match=victim.name):
-        MossTrainCheckpoint(copy).names  # stage.init_from, moss-chat (chat.generate.load_model)
+        _ = MossTrainCheckpoint(copy).names  # stage.init_from, moss-chat (chat.generate.load_model)
     assert export_main([str(copy), str(tmp_path / "hf")]) == 1
     assert f"{victim.name} would run code" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "hf").exists()

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moss_train.data.blend import BlendedDataset, Permutation, SourceExhaustedError, largest_deficit_schedule, slot_counts
+from moss_train.data.blend import (
+    BlendedDataset,
+    Permutation,
+    SourceExhaustedError,
+    largest_deficit_schedule,
+    slot_counts,
+)
 from moss_train.data.sampler import GlobalBatchPlan
 
 
@@ -69,7 +75,7 @@ def test_random_access_is_deterministic_and_covers_each_source_once_per_epoch():
     order = np.random.default_rng(0).permutation(len(ds))
     assert [again[int(i)] for i in order] == [picks[int(i)] for i in order]  # any access order, same answers
     assert [other[i] for i in range(200)] != picks[:200]  # the seed matters
-    for s, name in enumerate(ds.names):
+    for name in ds.names:
         drawn = [j for n, j in picks if n == name]
         n = sizes[name]
         for e in range(len(drawn) // n):  # every full epoch of a source: each sample exactly once...

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipelines.clean import CleaningConfig
 from data_pipelines.cli import main as moss_data
 from data_pipelines.offline_corpus import (
     SourceUnavailable,
@@ -21,7 +22,6 @@ from data_pipelines.offline_corpus import (
     stdlib_python_files,
     write_demo_corpus,
 )
-from data_pipelines.clean import CleaningConfig
 from data_pipelines.tokenize_corpus import TokenizeSettings, tokenize_corpus
 from data_pipelines.train_tokenizer import corpus_sources, parse_weights, train_tokenizer
 from moss_train.data.packed import IGNORE_INDEX, PackedSequenceDataset, collate_packed

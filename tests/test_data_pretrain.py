@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import read_metrics, run_cli, train_losses, train_overrides
 from moss_train.engine.checkpoint import LATEST
+
+from conftest import read_metrics, run_cli, train_losses, train_overrides
 
 SOURCES = ("en", "zh", "code")
 
@@ -98,6 +99,38 @@ def test_per_source_loss_sums_add_up_to_the_loss(tmp_path):
             alone = causal_lm_loss(model, only)
             assert int(alone.num_targets) == int(terms.counts[f"loss_{name}"]) > 0
             assert float(alone.loss_sum) == pytest.approx(float(terms.sums[f"loss_{name}"]), rel=1e-6)
+
+
+def test_packed_documents_never_see_each_other_in_the_pretraining_stage(pretrain_data, tmp_path):
+    """The held-out loss at the initial weights, through moss-train's pretraining stage, its
+    collator and its DeepSpeed engine (two real runs): documents packed four to six to a row
+    (seq_len 64) give the same loss as each document alone in its row (seq_len 16). Were
+    segment_ids lost on the way, every document after the first in a row would attend to the
+    ones before it and its loss would change. (Positions restart per document too; with rotary
+    embeddings only relative positions reach attention, so a position offset alone would not
+    show in a loss.)"""
+    from moss_train.data.shards import ShardWriter
+    from moss_train.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(pretrain_data / "tokenizer")
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 64), ("valid", 24)):
+        with ShardWriter(tmp_path / "shards" / f"docs.{split}", "uint16", tokenizer.hash, "docs") as writer:
+            for _ in range(n):  # 10 to 16 tokens: never two in a row of 16, four or more in a row of 64
+                writer.add_document(rng.integers(10, 900, size=int(rng.integers(9, 16))).tolist() + [tokenizer.eos_id])
+    initial_eval = {}
+    for seq_len in (16, 64):
+        out = tmp_path / f"seq{seq_len}"
+        run_cli(train_overrides(pretrain_data, out, **{
+            "data.root": str(tmp_path), "data.tokenizer": str(pretrain_data / "tokenizer"), "data.packing": "documents",
+            "data.seq_len": seq_len, "model.initializer_range": 0.5,  # large weights: attention far from uniform
+            "trainer.max_steps": 1, "trainer.eval_at_start": "true", "trainer.eval_samples": 1000, "checkpoint.save_final": "false",
+        }))
+        (initial_eval[seq_len],) = [r for r in read_metrics(out) if "eval_loss" in r and r["step"] == 0]
+    alone, packed = initial_eval[16], initial_eval[64]
+    assert alone["eval_samples"] == 24 and packed["eval_samples"] <= 6  # one document per row vs several
+    assert packed["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-5)
+    assert packed["eval_accuracy"] == pytest.approx(alone["eval_accuracy"], abs=1e-9)
 
 
 @pytest.mark.slow

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO
 from data_pipelines.clean import Cleaner, CleaningConfig
 from data_pipelines.tokenize_corpus import TokenizeSettings, merge_manifests, tokenize_corpus
 from moss_train.data.shards import TokenShard
+
+from conftest import BIN, REPO
 
 N_FILES = 6
 

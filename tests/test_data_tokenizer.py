@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, run_cli
 from data_pipelines.clean import CleaningConfig
 from data_pipelines.tokenize_corpus import TokenizeSettings, tokenize_corpus
 from moss_train.data.shards import TokenShard
 from moss_train.tokenizer import MOSS_SPECIAL_TOKENS, HFTokenizer, MossTokenizer, load_tokenizer
+
+from conftest import BIN, run_cli
 
 TURNS = [
     "<|Human|>: 你好，请写一个 Python 函数<eoh>\n<|Inner Thoughts|>: None<eot>\n"

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, free_port, read_metrics, run_cli, train_losses, train_overrides
 from moss_train.data.sampler import GlobalBatchPlan
 from moss_train.engine.checkpoint import COMPLETE, LATEST
 from moss_train.engine.setup import WarmupCosine
+
+from conftest import BIN, free_port, read_metrics, run_cli, train_losses, train_overrides
 
 
 # ---------------------------------------------------------------------------- unit pieces
@@ -60,14 +61,37 @@ def test_pretraining_cli_end_to_end(pretrain_data, tmp_path):
     assert "done:" in result.stdout
 
 
-def test_zero3_one_process_equals_two_processes(pretrain_data, tmp_path):
+# The reference runs: the same 4 steps (global batch 8) under ZeRO-3, on 1 process (1x4
+# micro-batches) and on 2 ranks (torchrun, 2x2); held-out loss over 14 samples.
+REFERENCE_STEPS = {"trainer.max_steps": 4, "checkpoint.save_final": "false", "deepspeed": "zero3", "trainer.eval_samples": 14}
+
+
+def torchrun_two() -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
+
+
+@pytest.fixture(scope="module")
+def zero3_reference(pretrain_data, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("zero3-reference")
+    run_cli(train_overrides(pretrain_data, root / "one", **REFERENCE_STEPS))
+    run_cli(train_overrides(pretrain_data, root / "two", **REFERENCE_STEPS), launcher=torchrun_two())
+    return {"one": root / "one", "two": root / "two"}
+
+
+def assert_same_losses(a: dict[int, dict], b: dict[int, dict], rel: float = 1e-5) -> None:
+    """Step by step: the same loss and gradient norm. A real divergence (a lost or doubled
+    gradient shard, a wrong reduction) shows from step 2 on by far more than summation-order noise."""
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=rel, abs=1e-6), step
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=10 * rel), step
+        assert a[step]["lr"] == b[step]["lr"], step
+
+
+def test_zero3_one_process_equals_two_processes(zero3_reference):
     """Same global batch, split 1x4 micro-batches or 2 ranks x 2: the same losses, step by step;
     the same held-out loss over 14 samples (2 ranks: a last pass where one rank has none)."""
-    steps = {"trainer.max_steps": 4, "checkpoint.save_final": "false", "deepspeed": "zero3", "trainer.eval_samples": 14}
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(train_overrides(pretrain_data, one, **steps))
-    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
-    run_cli(train_overrides(pretrain_data, two, **steps), launcher=torchrun)
+    one, two = zero3_reference["one"], zero3_reference["two"]
     a, b = train_losses(one), train_losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
@@ -77,6 +101,29 @@ def test_zero3_one_process_equals_two_processes(pretrain_data, tmp_path):
     eval_a = [r["eval_loss"] for r in read_metrics(one) if "eval_loss" in r]
     eval_b = [r["eval_loss"] for r in read_metrics(two) if "eval_loss" in r]
     assert eval_a[-1] == pytest.approx(eval_b[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [
+        pytest.param(["deepspeed.zero_stage=0"], id="zero0"),
+        pytest.param(["deepspeed=zero2"], id="zero2"),
+        # slow: DeepSpeedCPUAdam is compiled on first use (minutes on a fresh machine)
+        pytest.param(["deepspeed=zero3_offload"], id="zero3_offload", marks=pytest.mark.slow),
+    ],
+)
+def test_other_zero_stages_train_like_zero3(zero, pretrain_data, zero3_reference, tmp_path):
+    """ZeRO-0 (plain data parallel), ZeRO-2 (gradients and optimizer states sharded) and ZeRO-3
+    with CPU offload (DeepSpeedCPUAdam) on two ranks: the same losses, gradient norms and
+    held-out loss as ZeRO-3's two-rank run."""
+    out = tmp_path / "run"
+    settings = {k: v for k, v in REFERENCE_STEPS.items() if k != "deepspeed"}
+    run_cli(zero + train_overrides(pretrain_data, out, **settings), launcher=torchrun_two(), timeout=600)
+    reference = zero3_reference["two"]
+    assert_same_losses(train_losses(out), train_losses(reference))
+    eval_run = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
+    eval_reference = [r["eval_loss"] for r in read_metrics(reference) if "eval_loss" in r]
+    assert eval_run[-1] == pytest.approx(eval_reference[-1], rel=1e-5)
 
 
 def test_resume_continues_exactly(pretrain_data, tmp_path):
@@ -112,7 +159,7 @@ def test_resume_on_another_number_of_ranks_continues_the_uninterrupted_run(pretr
     losses to 1e-5 (a step's loss does not depend on the rank count) and its data position. A
     resume whose model differs names the recipe keys, not DeepSpeed's first tensor size."""
     settings = {"trainer.max_steps": 4, "checkpoint.every": 2, "checkpoint.save_final": "false"}
-    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
+    torchrun = torchrun_two()
     straight = tmp_path / "straight"
     run_cli(train_overrides(pretrain_data, straight, **settings), launcher=torchrun)  # 2 ranks, saves step 2
     one = _resume_copy(straight, "step_00000002", tmp_path / "one")
@@ -137,12 +184,15 @@ def test_resume_on_another_number_of_ranks_continues_the_uninterrupted_run(pretr
     assert "n_embd=64, n_layer=2, this run builds n_embd=96, n_layer=3" in other_model.stderr
 
 
-def test_deepspeed_launcher_runs_the_cli(pretrain_data, tmp_path):
-    """`deepspeed -m moss_train ...` passes --local_rank; Hydra's parsing must not trip on it."""
+def test_deepspeed_launcher_runs_the_cli(pretrain_data, zero3_reference, tmp_path):
+    """`deepspeed -m moss_train ...` passes --local_rank; Hydra's parsing must not trip on it.
+    It starts two ranks (two optimizer-state shards in the checkpoint) that train as one process does."""
     out = tmp_path / "ds"
     launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "moss_train"]
-    run_cli(train_overrides(pretrain_data, out, **{"trainer.max_steps": 2}), launcher=launcher)
-    assert sorted(train_losses(out)) == [1, 2]
+    run_cli(train_overrides(pretrain_data, out, **{**REFERENCE_STEPS, "checkpoint.save_final": "true"}), launcher=launcher)
+    shards = sorted(p.name for p in (out / "checkpoints" / "step_00000004").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # one per rank: really two processes
+    assert_same_losses(train_losses(out), train_losses(zero3_reference["one"]))
 
 
 def test_recipe_errors_name_the_key_before_any_process_starts(tmp_path):

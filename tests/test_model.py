@@ -399,7 +399,7 @@ def test_init_under_deepspeed_zero_init(tmp_path):
     script.write_text(ZERO_INIT_SCRIPT)
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [text for text in proc.stdout.splitlines() if text.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
     assert res["partitioned"], "parameters were not partitioned by zero.Init"
     assert res["ds_numel"] == res["expected_numel"]
@@ -407,7 +407,7 @@ def test_init_under_deepspeed_zero_init(tmp_path):
     assert len(res["biases_max"]) == 2 * 2 + 1  # fc_in, fc_out per layer + lm_head
     assert all(v == 0.0 for v in res["biases_max"].values()), res["biases_max"]
     assert len(res["weights"]) == 1 + 2 * 4 + 1  # wte, qkv/out/fc_in/fc_out per layer, lm_head
-    for name, (mean, std, shape) in res["weights"].items():
+    for name, (mean, std, _shape) in res["weights"].items():
         assert abs(std - 0.02) < 0.002, (name, std)
         assert abs(mean) < 0.002, (name, mean)
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, cli_env
 from moss_train.engine import metrics
 from moss_train.losses import IGNORE_INDEX, token_cross_entropy
+
+from conftest import REPO, cli_env
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,12 +8,13 @@ import re
 import pytest
 import torch
 
-from conftest import BIN, run_cli
 from moss_train import plan
 from moss_train.config import compose, to_object, validate
+from moss_train.losses import token_cross_entropy
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig, flops_per_token
-from moss_train.losses import token_cross_entropy
+
+from conftest import BIN, run_cli
 
 MOSS_16B = ModelConfig(name="moss-16b", vocab_size=107008, n_positions=2048, n_embd=6144, n_layer=34, n_head=24, rotary_dim=64)
 GIB = 2**30

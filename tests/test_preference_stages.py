@@ -115,6 +115,50 @@ def test_reward_model_learns_a_preference_on_two_processes(reward_run):
     assert report["train"] == {"pairs": 300, "kept": 300, "skipped": {"too_long": 0}}
 
 
+def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data, tmp_path):
+    """moss-export on the stage=reward run (two ranks, ZeRO-3): the export loads in the project's
+    loader (RewardModel.from_pretrained) and in plain transformers (the backbone, then the
+    documented score head by hand), and both score dialogues as the run's consolidated weights
+    do; the learned preference ("please") comes along."""
+    import transformers
+    from safetensors import safe_open
+
+    from moss_train.checkpoint.cli import main as export_main
+    from moss_train.checkpoint.sources import MossTrainCheckpoint
+    from moss_train.data import sft
+    from moss_train.model.reward import RewardModel
+    from moss_train.tokenizer import load_tokenizer
+
+    hf_dir = tmp_path / "hf-reward"
+    assert export_main([str(reward_run), str(hf_dir)]) == 0
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["CodeGenModel"] and config["moss_reward"]["head"] == "score"
+    assert not (hf_dir / "generation_config.json").exists()
+    source = MossTrainCheckpoint(reward_run)
+    trained = RewardModel(source.model_config).eval()
+    trained.load_state_dict({n: source.tensor(n) for n in source.names})
+    exported = RewardModel.from_pretrained(hf_dir)
+    backbone = transformers.AutoModel.from_pretrained(hf_dir, trust_remote_code=False).eval()
+    with safe_open(str(next(hf_dir.glob("*.safetensors"))), framework="pt") as handle:
+        weight, bias = handle.get_tensor("score.weight"), handle.get_tensor("score.bias")
+    tokenizer = load_tokenizer(hf_dir)
+    rng = random.Random(7)
+    scores = {True: [], False: []}
+    for i in range(8):
+        polite = i % 2 == 0
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."},
+                    {"role": "assistant", "content": reply(rng, polite)}]
+        ids, _ = sft.render(tokenizer, sft.parse_record({"messages": messages}))
+        x = torch.from_numpy(ids)[None]
+        with torch.no_grad():
+            ours, theirs = exported(x), trained(x)
+            plain = backbone(x).last_hidden_state[:, -1] @ weight.T + bias
+        assert torch.equal(ours, theirs), i
+        assert float(plain[0, 0]) == pytest.approx(float(ours[0]), rel=1e-5, abs=1e-6), i
+        scores[polite].append(float(ours[0]))
+    assert min(scores[True]) > max(scores[False]), scores  # the trained preference, not a fresh head
+
+
 def dialogues(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []
@@ -136,7 +180,7 @@ def tag_run(pretrain_data, reward_run, tmp_path_factory):
     run_cli(
         stage_overrides(pretrain_data, out, **{
             "stage": "tag", "preference.reward_model": str(reward_run), "preference.levels": 3, "data.seq_len": 256,
-            f"preference.tag_inputs": f"[{train},{valid}]",
+            "preference.tag_inputs": f"[{train},{valid}]",
         }),
         launcher=torchrun(), timeout=300,
     )
@@ -244,8 +288,8 @@ def sampled_replies(model, tokenizer, meta: str, prompts: list[str], samples: in
 def answer_figures(pretrain_data, reward_run):
     """figures(model_dir, meta) -> (share of sampled replies with "please", their mean reward
     under the reward model), over one prompt per word."""
-    from moss_train.checkpoint.export import load_reward_model
     from moss_train.chat.generate import load_model
+    from moss_train.checkpoint.export import load_reward_model
     from moss_train.data import sft
     from moss_train.tokenizer import load_tokenizer
 
@@ -273,33 +317,10 @@ def test_asked_for_the_best_tag_the_model_answers_as_the_reward_model_prefers(pr
     assert best[0] > worst[0] + 0.2 and best[1] > worst[1] + 1.0, (best, worst)
 
 
-def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data, reward_run, preference_run, tmp_path, capsys):
-    """The quickstart's comparison command, on tool-use demo prompts: sampled answers (the same
-    seeds for every model), judged and scored; greedy gives one answer per prompt."""
-    from data_pipelines.demo_dialogues import write_demo_dialogues
-    from moss_train.eval import cli as moss_eval
-    from moss_train.eval.tool_use import JUDGE_MAX
-
-    valid = write_demo_dialogues(tmp_path, n_train=20, n_valid=30, seed=5)["valid"]
-    base = ["compare", "--tokenizer", str(pretrain_data / "tokenizer"), "--reward-model", str(reward_run),
-            "--dialogues", str(valid), "--preference", str(preference_run[0]), "--sft", str(preference_run[0]), "--limit", "4"]
-    for extra, answers in ((["--samples", "2"], 8), (["--temperature", "0"], 4)):
-        out = tmp_path / "comparison.json"
-        assert moss_eval.main(base + extra + ["--out", str(out)]) == 0
-        printed = capsys.readouterr().out
-        figures = json.loads(out.read_text())
-        assert sorted(figures) == ["best_tag", "sampling", "sft", "worst_tag"]
-        for name in ("best_tag", "worst_tag", "sft"):
-            row = figures[name]
-            right, called = row["right"], row["tool_called"]
-            assert row["prompts"] == 4 and row["answers"] == right["n"] == answers and 0 <= row["judge_mean"] <= JUDGE_MAX
-            assert 0 <= right["rate"] <= called["rate"] <= 1  # a right answer called the tool
-            assert f"{name:<10} right" in printed and math.isfinite(row["reward_mean"])
-    assert figures["sampling"] == {"samples": 1, "temperature": 0.0, "top_p": 0.8, "seed": 0}
-
-
-def test_dpo_with_a_frozen_reference_on_two_processes(pretrain_data, pair_data, preference_run, answer_figures, tmp_path):
-    out = tmp_path / "dpo"
+@pytest.fixture(scope="module")
+def dpo_run(pretrain_data, pair_data, preference_run, tmp_path_factory):
+    """DPO on two processes from the tag-conditioned SFT run, with it as the frozen reference."""
+    out = tmp_path_factory.mktemp("dpo") / "run"
     run_cli(
         stage_overrides(pretrain_data, out, **{
             "stage": "dpo", "data": "pairs_demo", "data.root": str(pair_data), "stage.init_from": str(preference_run[0]),
@@ -307,6 +328,71 @@ def test_dpo_with_a_frozen_reference_on_two_processes(pretrain_data, pair_data, 
         }),
         launcher=torchrun(), timeout=300,
     )
+    return out
+
+
+def greedy_figures(model_dir, tokenizer, reward_model, records) -> dict:
+    """What moss-eval compare should report for one model at temperature 0, computed here one
+    answer at a time: moss-chat's two-pass protocol, the judge, the reward of each dialogue alone."""
+    from moss_train.chat.generate import load_model
+    from moss_train.data import sft
+    from moss_train.eval import tool_use
+
+    answers = tool_use.answer_first_turns(load_model(model_dir), tokenizer, records)
+    scores = [tool_use.judge_answer(r, a) for r, a in zip(records, answers)]
+    rewards = []
+    for record, answer in zip(records, answers):
+        ids, _ = sft.render(tokenizer, sft.parse_record(tool_use.answer_record(record, answer)))
+        with torch.no_grad():
+            rewards.append(float(reward_model(torch.from_numpy(ids)[None])[0]))
+    return {
+        "right": sum(s == tool_use.JUDGE_MAX for s in scores), "tool_called": sum(tool_use.called_a_tool(a) for a in answers),
+        "judge_mean": float(np.mean(scores)), "reward_mean": float(np.mean(rewards)),
+    }
+
+
+def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data, reward_run, preference_run, dpo_run, tmp_path, capsys):
+    """The quickstart's comparison command, on tool-use demo prompts: the tag-conditioned model
+    asked for the best and the worst tag, the DPO model and its SFT start. Sampled answers (the
+    same seeds for every model), judged and scored; greedy gives one answer per prompt, and its
+    figures are those computed here from each model's own answers. (DPO started from the
+    tag-conditioned run, so that run is the DPO's SFT start: --sft names it. A separate plain
+    SFT run would add minutes of two-process training to the suite for no new code path.)"""
+    from data_pipelines.demo_dialogues import write_demo_dialogues
+    from moss_train.checkpoint.export import load_reward_model
+    from moss_train.eval import cli as moss_eval
+    from moss_train.eval.tool_use import JUDGE_MAX, checked
+    from moss_train.tokenizer import load_tokenizer
+
+    valid = write_demo_dialogues(tmp_path, n_train=20, n_valid=30, seed=5)["valid"]
+    base = ["compare", "--tokenizer", str(pretrain_data / "tokenizer"), "--reward-model", str(reward_run),
+            "--dialogues", str(valid), "--preference", str(preference_run[0]), "--dpo", str(dpo_run),
+            "--sft", str(preference_run[0]), "--limit", "4"]
+    for extra, answers in ((["--samples", "2"], 8), (["--temperature", "0"], 4)):
+        out = tmp_path / "comparison.json"
+        assert moss_eval.main(base + extra + ["--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        figures = json.loads(out.read_text())
+        assert sorted(figures) == ["best_tag", "dpo", "sampling", "sft", "worst_tag"]
+        for name in ("best_tag", "worst_tag", "dpo", "sft"):
+            row = figures[name]
+            right, called = row["right"], row["tool_called"]
+            assert row["prompts"] == 4 and row["answers"] == right["n"] == answers and 0 <= row["judge_mean"] <= JUDGE_MAX
+            assert 0 <= right["rate"] <= called["rate"] <= 1  # a right answer called the tool
+            assert f"{name:<10} right" in printed and math.isfinite(row["reward_mean"])
+    assert figures["sampling"] == {"samples": 1, "temperature": 0.0, "top_p": 0.8, "seed": 0}
+
+    tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), load_reward_model(reward_run)
+    records = checked(json.loads(line) for line in valid.read_text().splitlines())[:4]
+    for name, model_dir in (("dpo", dpo_run), ("sft", preference_run[0])):
+        expected, row = greedy_figures(model_dir, tokenizer, reward_model, records), figures[name]
+        assert (row["right"]["hits"], row["tool_called"]["hits"]) == (expected["right"], expected["tool_called"]), name
+        assert row["judge_mean"] == pytest.approx(expected["judge_mean"]), name
+        assert row["reward_mean"] == pytest.approx(expected["reward_mean"], rel=1e-4, abs=1e-5), name
+
+
+def test_dpo_with_a_frozen_reference_on_two_processes(dpo_run, preference_run, answer_figures):
+    out = dpo_run
     records = train_losses(out)
     # Step 1: the policy IS the reference, so every pair's loss is -log sigmoid(0) = log 2 —
     # the reference log-probs gathered from both ranks match the policy's own, pair by pair.

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, cli_env, free_port, run_cli, train_losses, train_overrides
 from moss_train.engine.distributed import child_processes
+
+from conftest import BIN, REPO, cli_env, free_port, run_cli, train_losses, train_overrides
 
 STEPS = {"trainer.max_steps": 4, "trainer.threads": 1}
 MULTINODE = str(REPO / "launch" / "multinode_deepspeed.sh")

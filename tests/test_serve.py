@@ -33,8 +33,6 @@ import psutil
 import pytest
 import torch
 
-from conftest import BIN, cli_env, free_port
-from tool_model import PLUGINS, train_tool_model, write_hf_directory, write_quality_form
 from moss_train.chat import format as fmt
 from moss_train.chat.generate import load_model
 from moss_train.chat.plugins import build_plugins
@@ -42,6 +40,9 @@ from moss_train.chat.protocol import ChatSession, Settings
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig
 from moss_train.tokenizer import MossTokenizer
+
+from conftest import BIN, cli_env, free_port
+from tool_model import PLUGINS, train_tool_model, write_hf_directory, write_quality_form
 
 KEY = "test-key-123"
 CHROMIUM = "/usr/bin/chromium"

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from data_pipelines.sft import render_sft
 from moss_train.chat import format as fmt
 from moss_train.config import compose, to_object, validate
@@ -24,6 +23,8 @@ from moss_train.errors import ConfigError
 from moss_train.stages.lm import build_causal_lm
 from moss_train.stages.sft import SFTStage
 from moss_train.tokenizer import MossTokenizer
+
+from conftest import REPO
 
 # The workspace's shared data sits beside the checkout; MOSS_SHARED_DIR points elsewhere.
 SHARED = Path(os.environ.get("MOSS_SHARED_DIR", REPO.parent / "shared"))

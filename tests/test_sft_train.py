@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 
@@ -80,11 +79,27 @@ def test_sft_from_a_checkpoint_packed_with_per_category_eval_and_the_tool_figure
     report = json.loads((out / "sft_data.json").read_text())
     assert report["train"]["conversations"] == 160 and report["valid"]["conversations"] == 16
 
-    figure = tmp_path / "figure.json"
+    # The held-out tool-use figure (moss-eval tool-use): this checkpoint's own greedy answers,
+    # judged; recomputed here answer by answer (moss-chat's two-pass protocol), so the counts
+    # and the replies reported are the model's, not merely numbers in range.
+    from moss_train.chat.generate import load_model
+    from moss_train.eval import tool_use
+    from moss_train.tokenizer import load_tokenizer
+
+    figure, valid = tmp_path / "figure.json", demo_sft_data / "dialogues" / "valid.jsonl"
     run_cli(
-        ["-m", "data_pipelines.demo_dialogues", "--checkpoint", str(out), "--tokenizer", str(pretrain_data / "tokenizer"),
-         "--dialogues", str(demo_sft_data / "dialogues" / "valid.jsonl"), "--limit", "3", "--out", str(figure)],
-        launcher=[sys.executable],
+        ["tool-use", str(out), "--tokenizer", str(pretrain_data / "tokenizer"), "--dialogues", str(valid), "--limit", "3",
+         "--out", str(figure)],
+        launcher=[str(BIN / "moss-eval")],
     )
     scores = json.loads(figure.read_text())
-    assert scores["prompts"] == 3 and all(0 <= scores[k] <= 1 for k in ("right_command", "result_stated", "both"))
+    records = tool_use.checked(json.loads(line) for line in valid.read_text().splitlines())[:3]
+    answers = tool_use.answer_first_turns(load_model(out), load_tokenizer(pretrain_data / "tokenizer"), records)
+    verdicts = [
+        tool_use.check_reply(r["check"], tool_use.commands_of(a), a.reply, tool_use.enabled_plugins(r)) for r, a in zip(records, answers)
+    ]
+    assert scores["prompts"] == 3 and [e["reply"] for e in scores["examples"]] == [a.reply for a in answers]
+    assert scores["right_command"] == {**scores["right_command"], "hits": sum(c for c, _ in verdicts), "n": 3}
+    assert scores["result_stated"] == {**scores["result_stated"], "hits": sum(s for _, s in verdicts), "n": 3}
+    assert scores["both"] == {**scores["both"], "hits": sum(c and s for c, s in verdicts), "n": 3}
+    assert scores["both"]["rate"] == pytest.approx(scores["both"]["hits"] / 3)

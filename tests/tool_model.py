@@ -62,7 +62,7 @@ def train_tool_model(tokenizer, out_dir: Path, max_steps: int = 400, lr: float =
         labels[r, : len(row_ids) - 1] = torch.where(torch.as_tensor(flags[1:] & sft.LOSS_DEFAULT > 0), target, IGNORE_INDEX)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     targets = labels != IGNORE_INDEX
-    for step in range(1, max_steps + 1):
+    for step in range(1, max_steps + 1):  # noqa: B007 (returned: the steps it took)
         token_loss, predicted = token_cross_entropy(model(ids, logits_at=targets), labels[targets])
         loss = token_loss.mean()
         # Every target token the argmax (teacher-forced): greedy decoding reproduces the

@@ -32,7 +32,6 @@ from moss_train.data.shards import TokenShard
 from moss_train.losses import IGNORE_INDEX
 
 
-
 class _ShardStream:
     """The shards' tokens as one stream, with each shard's source index."""
 

@@ -165,10 +165,13 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         loss_scale = self.dist.world_size / global_targets
         sums = MetricSums()
-        for batch in batches:
+        replicated_norm = None
+        for i, batch in enumerate(batches):
             with setup.autocast_context(self.precision, self.dist.device):
                 terms = self.stage.loss(self.engine, batch)
             self.engine.backward(terms.loss_sum * loss_scale, scale_wrt_gas=False)
+            if i == len(batches) - 1:
+                replicated_norm = self._replicated_grad_norm()
             self.engine.step()
             sums.add(terms)
         metrics = sums.reduce(self.dist.device)
@@ -176,8 +179,18 @@ class Trainer:
         self.samples_consumed += self.cfg.trainer.global_batch_size
         self.tokens_seen += self.cfg.trainer.global_batch_size * self.data.tokens_per_sample
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = replicated_norm if grad_norm is None else grad_norm
         metrics.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else math.nan)
         return metrics
+
+    def _replicated_grad_norm(self) -> float | None:
+        """ZeRO-0 (plain data parallel) in fp32: DeepSpeed reports no gradient norm, so it is taken
+        here from the gradients its last backward of the step all-reduced, before the optimizer
+        step clips them (DeepSpeed's own norm under ZeRO 1-3 is also the unclipped one)."""
+        if self.engine.zero_optimization_stage() != 0:
+            return None
+        norms = [p.grad.detach().double().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else None
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()

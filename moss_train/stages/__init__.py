@@ -6,9 +6,9 @@ from moss_train.errors import ConfigError
 
 
 def get_stage(name: str):
-    from moss_train.stages.pretrain import PretrainStage
     from moss_train.stages.dpo import DPOStage
     from moss_train.stages.preference import PreferenceStage
+    from moss_train.stages.pretrain import PretrainStage
     from moss_train.stages.reward import RewardStage
     from moss_train.stages.sft import SFTStage
     from moss_train.stages.tag import TagStage

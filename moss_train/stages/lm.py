@@ -18,7 +18,6 @@ from moss_train.tokenizer import MossTokenizer
 from moss_train.tokenizer import load_tokenizer as load_any_tokenizer
 
 
-
 def load_tokenizer(cfg) -> MossTokenizer:
     path = Path(cfg.data.tokenizer)
     if not path.exists():

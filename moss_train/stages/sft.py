@@ -15,15 +15,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moss_train.data.packed import collate_packed
 from moss_train.data.sft import (
-    IGNORE_INDEX,
     LOSS_MASKS,
     PackedSFTDataset,
     PaddedSFTDataset,
     SFTConversations,
     collate_padded,
 )
-from moss_train.data.packed import collate_packed
 from moss_train.data.shards import open_shards
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
