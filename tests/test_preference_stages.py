@@ -220,6 +220,14 @@ def test_the_tag_form_travels_to_the_export_and_moss_chat_asks_for_the_best(pref
     assert form == json.loads((out / "quality.json").read_text())
     export_checkpoint(out, tmp_path / "hf")
     assert fmt.find_quality_form(tmp_path / "hf") == form
+    # Its chat template asks for the best tag, in the meta instruction the training data had
+    # (SYSTEM: no capability lines).
+    import transformers
+
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    best = fmt.with_quality(SYSTEM, form["levels"], form["levels"], form["template"])
+    assert prompt == best + "<|Human|>: hi<eoh>\n"
     assert choose_quality(None, form) == (3, 3) and choose_quality("worst", form) == (1, 3)
     assert choose_quality("2/3", form) == (2, 3) and choose_quality(None, None) is None
     with pytest.raises(SystemExit, match="not tag-conditioned"):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from moss_train.chat import format as fmt
 
-PREAMBLES = {"moss": fmt.MOSS_PREAMBLE, "short": fmt.SHORT_PREAMBLE}
 # MOSS 003's recommended sampling (its README): temperature 0.7, top_p 0.8, repetition 1.02.
 DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=0, repetition_penalty=1.02, max_new_tokens=256)
 
@@ -87,7 +86,7 @@ def build_session(args: argparse.Namespace):
         plugins = build_plugins(args.plugins, timeout_s=args.tool_timeout)
     except (ValueError, ImportError, AttributeError) as error:
         raise SystemExit(f"moss-chat: --plugins: {error}") from None
-    preamble = PREAMBLES.get(args.preamble)
+    preamble = fmt.PREAMBLES.get(args.preamble)
     if preamble is None:
         preamble = Path(args.preamble).read_text(encoding="utf-8")
     meta = Path(args.meta_instruction).read_text(encoding="utf-8") if args.meta_instruction else None

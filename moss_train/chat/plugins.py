@@ -39,6 +39,7 @@ from typing import Optional, Union
 
 import sympy
 
+from moss_train.chat import format as fmt
 from moss_train.chat.sandbox import ToolError, default_sandbox
 
 NO_RESULT = "No result."
@@ -288,7 +289,6 @@ class Plugin:
 
     name = ""  # the capability in the meta instruction (format.PLUGIN_CAPABILITIES)
     api = ""  # the command: Calculate("...")
-    multiline = False  # the answer on the lines after "=>" (moss-003's solver and search)
     max_argument_chars = 1024
     max_answer_chars = 4096
 
@@ -313,14 +313,18 @@ class Plugin:
             answer, error = NO_RESULT, str(exc) or type(exc).__name__
         return ToolCall(self.api, argument, answer, self.result_line(argument, answer), error)
 
+    @property
+    def multiline(self) -> bool:
+        """The answer on the lines after "=>" (moss-003's solver and search; format.py says which)."""
+        return self.api in fmt.MULTILINE_RESULT_APIS
+
     def run(self, argument: str) -> str:
         return self.call(argument).answer
 
     def result_line(self, argument: str, answer: Optional[str] = None) -> str:
         """The results line(s) for one command (`answer`: already run)."""
         answer = self.run(argument) if answer is None else answer
-        call = f'{self.api}("{argument}")'
-        return f"{call} =>\n{answer}" if self.multiline else f"{call} => '{answer}'"
+        return fmt.result_line(self.api, argument, answer, self.multiline)
 
 
 PLUGINS: dict[str, type[Plugin]] = {}
@@ -349,7 +353,7 @@ class Calculator(SandboxedPlugin):
 
 @register
 class EquationSolver(SandboxedPlugin):
-    name, api, target, multiline = "equation_solver", "Solve", "moss_train.chat.plugins:solve_or_raise", True
+    name, api, target = "equation_solver", "Solve", "moss_train.chat.plugins:solve_or_raise"
     max_argument_chars = MAX_CHARS
 
 
@@ -443,7 +447,7 @@ class ExternalPlugin(Plugin):
 class WebSearch(ExternalPlugin):
     """``Search("query")``: the backend returns snippets, shown numbered as moss-003 did."""
 
-    name, api, multiline = "web_search", "Search", True
+    name, api = "web_search", "Search"
 
     def render(self, value) -> str:
         items = value if isinstance(value, (list, tuple)) else [value]
@@ -484,12 +488,12 @@ def build_plugins(spec: Union[str, Iterable[str]], timeout_s: float = HTTP_TIMEO
 
 # ----------------------------------------------------------------------------- commands
 TOOLS: dict[str, Plugin] = {cls.api: cls() for cls in (Calculator, EquationSolver)}  # the built-ins by API
-_COMMAND = re.compile(r'\b(\w++)\("((?:[^"\\]|\\.)*+)"\)')  # possessive + \b: linear on any text
 
 
 def parse_commands(commands_text: str) -> list[tuple[str, str]]:
-    """(api, argument) pairs of a commands field body, e.g. ``Calculate("1+1")``."""
-    return _COMMAND.findall((commands_text or "")[:MAX_COMMANDS_CHARS])
+    """(api, argument) pairs of a commands field body, e.g. ``Calculate("1+1")`` (its first
+    MAX_COMMANDS_CHARS characters)."""
+    return fmt.parse_commands((commands_text or "")[:MAX_COMMANDS_CHARS])
 
 
 def call_tools(commands_text: str, plugins: Mapping[str, Plugin]) -> list[ToolCall]:
@@ -503,7 +507,7 @@ def call_tools(commands_text: str, plugins: Mapping[str, Plugin]) -> list[ToolCa
             calls.append(plugin.call(argument))
             continue
         error = f"more than {MAX_COMMANDS} commands in one turn" if plugin is not None else f"no enabled plugin answers {api}"
-        calls.append(ToolCall(api, argument, NO_RESULT, f"{api}(\"{argument}\") => '{NO_RESULT}'", error))
+        calls.append(ToolCall(api, argument, NO_RESULT, fmt.result_line(api, argument, NO_RESULT, multiline=False), error))
     return calls
 
 

@@ -21,8 +21,18 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB, 500MB (default 5GB)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run's recipe names)")
+    parser.add_argument("--preamble", default=None, help="the chat template's meta-instruction preamble: moss, short or a "
+                        "file (default: the one the run's training dialogues have)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     return parser.parse_args(argv)
+
+
+def preamble_argument(value: str | None) -> str | None:
+    from pathlib import Path
+
+    from moss_train.chat import format as fmt
+
+    return value if value is None else fmt.PREAMBLES.get(value) or Path(value).read_text(encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
             tokenizer_dir=args.tokenizer,
             overwrite=args.overwrite,
+            preamble=preamble_argument(args.preamble),
         )
     except (CheckpointError, FileExistsError, ValueError) as error:
         print(f"moss-export: error: {error}", file=sys.stderr)

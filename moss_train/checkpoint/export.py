@@ -5,11 +5,14 @@ load it with ``trust_remote_code`` off):
 
     config.json                         CodeGenForCausalLM (vocab_size = the padded rows;
                                         bos, eos = <eom>, pad from the tokenizer; dtype)
-    generation_config.json              eos_token_id = <eom>: generation ends with the reply
+    generation_config.json              eos_token_id = [<eoc>, <eom>]: generation stops where a
+                                        tool must run (pass one) and after the reply
     model.safetensors                   or model-0000i-of-0000n.safetensors +
                                         model.safetensors.index.json (--max-shard-size)
     tokenizer.json, tokenizer_config.json (with the MOSS chat_template), special_tokens_map.json,
     tokenizer.model, tokenizer_meta.json   the run's tokenizer, for transformers and moss-train
+                                        (the chat template's default meta instruction is the
+                                        one the run trained with: see chat_format below)
     moss_export.json                    provenance: source checkpoint, step, stage, dtype, and
                                         the moss-train model config
 
@@ -40,9 +43,16 @@ from typing import Callable, Optional
 
 import torch
 
+import numpy as np
+
 from moss_train.chat import format as fmt
-from moss_train.checkpoint.sources import MossTrainCheckpoint, _load_tokenizer, log, open_source
+from moss_train.checkpoint.chat_template import ChatFormat, build_chat_template
+from moss_train.checkpoint.sources import MossTrainCheckpoint, _load_tokenizer, log, open_source, recipe_path
+from moss_train.data.sft import TURN_START
+from moss_train.data.shards import ShardError, TokenShard
+from moss_train.data.token_datasets import resolve_shard_prefixes
 from moss_train.engine.checkpoint import CheckpointError, ensure_free_space
+from moss_train.errors import ConfigError
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig, model_vocab_size, to_hf_config
 from moss_train.model.reward import SCORE_PREFIX, RewardModel
@@ -50,7 +60,6 @@ from moss_train.model.reward import SCORE_PREFIX, RewardModel
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAUSAL_LM, REWARD = "causal_lm", "reward"
 REWARD_FORMAT = {"format_version": 1, "head": "score", "read_at": "last_token"}
-END_OF_REPLY = "<eom>"
 EXPORT_MANIFEST = "moss_export.json"
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -124,7 +133,7 @@ def hf_config(cfg: ModelConfig, kind: str, tokenizer, dtype: torch.dtype):
     config = to_hf_config(cfg)
     config.architectures = ["CodeGenModel" if kind == REWARD else "CodeGenForCausalLM"]
     config.bos_token_id = tokenizer.bos_id
-    config.eos_token_id = tokenizer.token_to_id(END_OF_REPLY)
+    config.eos_token_id = tokenizer.token_to_id(fmt.END_OF_REPLY)
     config.pad_token_id = tokenizer.pad_id
     config.dtype = dtype
     if kind == REWARD:
@@ -133,21 +142,56 @@ def hf_config(cfg: ModelConfig, kind: str, tokenizer, dtype: torch.dtype):
 
 
 def write_generation_config(directory: Path, tokenizer) -> None:
+    """generate() stops at <eoc> (the commands are written: the tools run) and at <eom>."""
     from transformers import GenerationConfig
 
     GenerationConfig(
         bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.token_to_id(END_OF_REPLY),
+        eos_token_id=[tokenizer.token_to_id(fmt.END_OF_COMMANDS), tokenizer.token_to_id(fmt.END_OF_REPLY)],
         pad_token_id=tokenizer.pad_id,
     ).save_pretrained(str(directory))
 
 
-def write_tokenizer(directory: Path, tokenizer) -> str:
+def write_tokenizer(directory: Path, tokenizer, chat: ChatFormat = ChatFormat()) -> str:
     """The tokenizer files with the MOSS chat template; one call into the tokenizer module."""
-    from moss_train.checkpoint.chat_template import build_chat_template
-
-    tokenizer.save_pretrained(directory, extra_config={"chat_template": build_chat_template()})
+    tokenizer.save_pretrained(directory, extra_config={"chat_template": build_chat_template(chat)})
     return f"{type(tokenizer).__name__}.save_pretrained (tokenizer.json + chat_template)"
+
+
+def training_meta_instruction(source: MossTrainCheckpoint, tokenizer) -> Optional[str]:
+    """The meta instruction of the run's first training dialogue: the tokens before the first
+    turn of the first document of its first data shard (SFT, tag-conditioned and pair shards
+    all carry turn starts). None when the run trained on no dialogues, or its data is gone."""
+    recipe = source.recipe()
+    root = recipe_path(recipe.data.root) if recipe is not None and recipe.data.train_shards else None
+    if root is None:
+        return None
+    try:
+        shard = TokenShard(resolve_shard_prefixes(str(root), list(recipe.data.train_shards), "data.train_shards")[0])
+    except (ConfigError, ShardError, OSError):
+        return None
+    if not shard.has_mask or len(shard) == 0 or shard.tokenizer_hash != tokenizer.hash:
+        return None
+    starts = np.flatnonzero(shard.document_mask(0) & TURN_START)
+    return tokenizer.decode(shard.document(0)[: starts[0]].tolist()) if len(starts) else None
+
+
+def chat_format(source: MossTrainCheckpoint, tokenizer, preamble: Optional[str] = None) -> ChatFormat:
+    """How the model was prompted in training, for the chat template: the training data's meta
+    instruction (its preamble, capability lines or not), the best tag of a tag-conditioned
+    model; `preamble` overrides the data's; without either, MOSS's preamble."""
+    quality = fmt.find_quality_form(source.step_dir)
+    meta = training_meta_instruction(source, tokenizer) if preamble is None else None
+    if preamble is not None:
+        chat, origin = ChatFormat(preamble, quality=quality), "the preamble given"
+    elif meta is not None:
+        chat, origin = ChatFormat.from_meta_instruction(meta, quality), "the run's training data"
+    else:
+        chat, origin = ChatFormat(quality=quality), "MOSS's (the run's data has no dialogues, or is not here)"
+    first_line = chat.preamble.split("\n", 1)[0]
+    tag = f", asking for quality {quality['levels']}/{quality['levels']}" if quality else ""
+    log(f"chat template: default meta instruction from {origin}: {first_line[:60]!r}...{tag}")
+    return chat
 
 
 # ----------------------------------------------------------------------------- the export
@@ -160,6 +204,7 @@ def export_checkpoint(
     max_shard_size: int | str = "5GB",
     tokenizer_dir: Optional[str | Path] = None,
     overwrite: bool = False,
+    preamble: Optional[str] = None,
 ) -> ExportResult:
     """Write the HF directory of a moss-train checkpoint (see the module docstring)."""
     if dtype not in DTYPES:
@@ -187,7 +232,7 @@ def export_checkpoint(
     hf_config(cfg, kind, tokenizer, DTYPES[dtype]).save_pretrained(str(staging))
     if kind == CAUSAL_LM:
         write_generation_config(staging, tokenizer)
-    tokenizer_state = write_tokenizer(staging, tokenizer)
+    tokenizer_state = write_tokenizer(staging, tokenizer, chat_format(source, tokenizer, preamble))
     write_manifest(staging, source, kind, dtype, files, tokenizer)
     _copy_quality_form(source.step_dir, staging)
     if out_dir.exists():

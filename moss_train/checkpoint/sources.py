@@ -102,16 +102,19 @@ class MossTrainCheckpoint:
         parent = self.step_dir.parent
         return parent.parent if parent.name == "checkpoints" else None
 
-    def recipe_tokenizer(self) -> Optional[Path]:
-        """The tokenizer directory the run's recipe (run_dir/config.yaml) names, if it exists."""
+    def recipe(self):
+        """The run's recipe (run_dir/config.yaml, as the run wrote it), or None."""
         config = self.run_dir / "config.yaml" if self.run_dir else None
         if config is None or not config.is_file():
             return None
         from omegaconf import OmegaConf
 
-        path = OmegaConf.load(config).data.tokenizer
-        candidates = [Path(path)] if Path(path).is_absolute() else [Path.cwd() / path, _repo_root() / path]
-        return next((c for c in candidates if c.is_dir()), None)
+        return OmegaConf.load(config)
+
+    def recipe_tokenizer(self) -> Optional[Path]:
+        """The tokenizer directory the run's recipe (run_dir/config.yaml) names, if it exists."""
+        recipe = self.recipe()
+        return recipe_path(recipe.data.tokenizer) if recipe is not None else None
 
     @cached_property
     def _state(self) -> dict:
@@ -145,6 +148,13 @@ class MossTrainCheckpoint:
 
 def _repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+def recipe_path(path: str) -> Optional[Path]:
+    """A path from a run's recipe, where it exists: absolute, or relative to the working
+    directory or the repository (where the launch scripts run)."""
+    candidates = [Path(path)] if Path(path).is_absolute() else [Path.cwd() / path, _repo_root() / path]
+    return next((c for c in candidates if c.exists()), None)
 
 
 # ----------------------------------------------------------------------------- HF / MOSS
