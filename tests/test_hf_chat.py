@@ -157,3 +157,67 @@ def test_a_tag_conditioned_model_is_asked_for_its_best_tag():
     assert not plain.capabilities and ct.render_messages(messages, chat=plain) == "You are a helpful assistant.\n<|Human|>: hi<eoh>\n"
     with pytest.raises(ct.ChatTemplateError, match="without capability lines"):
         ct.render_messages(messages, tools=["Solve"], chat=plain)
+
+
+# ---------------------------------------------------------------------------- the two-pass example
+PROBLEMS = [("What is 23 times 17?", "23*17"), ("How much is 91 minus 38?", "91-38"), ("Calculate 64 divided by 4.", "64/4"), ("What is 45 plus 27?", "45+27")]
+
+
+def calculator_records() -> list[dict]:
+    """Calculator dialogues whose tool really ran, with the demo data's short preamble."""
+    from moss_train.chat.plugins import Calculator
+
+    meta = fmt.meta_instruction(["calculator"], preamble=fmt.SHORT_PREAMBLE)
+    records = []
+    for i, (question, expression) in enumerate(PROBLEMS):
+        call = Calculator().call(expression)
+        turn = fmt.Turn.from_text(question, f"{expression} = {call.answer}.", inner_thoughts="I should use the calculator.",
+                                  commands=fmt.command("Calculate", expression), results=[call.line])
+        records.append({"conversation_id": i, "meta_instruction": meta, "num_turns": 1,
+                        "chat": {"turn_1": {spec.key: spec.render(turn.body(spec.role)) for spec in fmt.FIELDS}}})
+    return records
+
+
+@pytest.fixture(scope="module")
+def calculator_export(pretrain_data, tmp_path_factory):
+    """A tiny model that learned four calculator dialogues by heart (100 SFT steps), exported."""
+    from moss_train.checkpoint.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("calculator")
+    (root / "dialogues.jsonl").write_text("".join(json.dumps(r) + "\n" for r in calculator_records()))
+    tokenizer = str(pretrain_data / "tokenizer")
+    run_cli(["sft", "--input", str(root / "dialogues.jsonl"), "--valid-input", str(root / "dialogues.jsonl"),
+             "--tokenizer", tokenizer, "--out", str(root / "data")], launcher=[str(BIN / "moss-data")])
+    overrides = {
+        "stage": "sft", "data": "sft_demo", "data.root": root / "data", "data.tokenizer": tokenizer, "data.seq_len": 320,
+        "model": "tiny", "model.n_embd": 64, "model.rotary_dim": 8, "run.output_dir": root / "run", "sft.packing": "padded",
+        "trainer.micro_batch_size": 4, "trainer.global_batch_size": 4, "trainer.max_steps": 100, "trainer.warmup_steps": 5,
+        "trainer.lr": 3e-3, "trainer.precision": "fp32", "trainer.eval_samples": 4, "trainer.log_every": 50,
+        "logging.wandb": "disabled", "logging.progress_bar": "false",
+    }
+    run_cli([f"{key}={value}" for key, value in overrides.items()])
+    export_checkpoint(root / "run", root / "hf")
+    return root / "hf"
+
+
+def test_the_docs_two_pass_example_calls_the_calculator_with_transformers_alone(calculator_export):
+    from moss_train.chat.generate import load_model
+    from moss_train.chat.plugins import build_plugins
+    from moss_train.chat.protocol import ChatSession, Settings
+    from moss_train.tokenizer import load_tokenizer
+
+    question = "What is 23 times 17?"
+    result = run_cli([str(REPO / "docs" / "hf_tool_chat.py"), str(calculator_export), question], launcher=[sys.executable])
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("pass one:", "tool:", "reply:"))]
+    print("\n".join(lines))
+    assert lines == [
+        "pass one: ' I should use the calculator.<eot>\\n<|Commands|>: Calculate(\"23*17\")<eoc>'",  # stopped for the tool
+        "tool: Calculate('23*17') -> '391'",
+        "reply: 23*17 = 391.",
+    ]
+    # moss-train's own two-pass protocol on the same export writes the same turn.
+    session = ChatSession(load_model(calculator_export), load_tokenizer(calculator_export), build_plugins("calculator"),
+                          Settings(max_new_tokens=64), preamble=fmt.SHORT_PREAMBLE)
+    turn = session.ask(question)
+    assert (turn.inner_thoughts, turn.commands, turn.results, turn.reply) == (
+        " I should use the calculator.", ' Calculate("23*17")', ["Calculate(\"23*17\") => '391'"], "23*17 = 391.")
