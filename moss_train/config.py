@@ -117,6 +117,7 @@ class LoggingConfig:
     project: str = "moss-train"
     group: Optional[str] = None
     progress_bar: bool = True
+    tensorboard: bool = False  # also write the metrics as TensorBoard events ({run.output_dir}/tensorboard)
     # Peak FLOP/s per device for MFU, in TFLOP/s; null: known GPUs by name, measured on CPU.
     peak_tflops: Optional[float] = None
 
@@ -288,6 +289,8 @@ def validate(cfg: DictConfig | MossTrainConfig, world_size: Optional[int] = None
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 saves only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1 checkpoint")
     _check_choice(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
+    _check(not cfg.logging.tensorboard or _importable("tensorboard"), "logging.tensorboard",
+           "needs the tensorboard package: pip install 'moss-train[tensorboard]'")
     _check(
         cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0,
         "logging.peak_tflops",
@@ -412,6 +415,12 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
         "optimizer offload needs ZeRO stage 1, 2 or 3",
     )
     _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs ZeRO stage 3")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _check(condition: bool, key: str, message: str) -> None:

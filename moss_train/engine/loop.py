@@ -208,6 +208,7 @@ class Trainer:
             start_step=self.step,
             progress_bar=cfg.logging.progress_bar,
             wandb_settings=self._wandb_settings(),
+            tensorboard=cfg.logging.tensorboard,
         )
         flops = flops_per_token(self.model_config, self.data.tokens_per_sample)
         peak = peak_tflops(cfg.logging.peak_tflops, self.precision, self.dist.device)
