@@ -32,8 +32,12 @@ class StageConfig:
     # CodeGen directory, or a MOSS release directory; its architecture replaces the recipe's
     # model shapes (see moss_train/checkpoint/init.py). null: fresh initialisation.
     init_from: Optional[str] = None
-    # Let transformers run code shipped with init_from (a MOSS release's tokenizer); off by default.
+    # Let transformers run code shipped with init_from's tokenizer; off by default (a MOSS
+    # release's tokenizer is read from its files without it).
     trust_remote_code: bool = False
+    # The run's tokenizer may give other tokens than init_from's at the same ids (their embedding
+    # rows then belong to other tokens). Off: that is a recipe error; growth at the end is fine.
+    allow_different_vocab: bool = False
 
 
 @dataclass

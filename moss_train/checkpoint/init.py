@@ -24,7 +24,9 @@ Vocabulary growth: when the run's tokenizer has more ids than the checkpoint has
 rows, or added tokens past the end of the checkpoint's own tokenizer (e.g. MOSS special
 tokens added to a CodeGen vocabulary, landing in its padding rows), those rows of
 ``transformer.wte``, ``lm_head.weight`` and ``lm_head.bias`` start at the mean of the
-checkpoint's rows.
+checkpoint's rows. A run tokenizer that gives other tokens at the checkpoint's ids is a recipe
+error (``data.tokenizer``) unless ``stage.allow_different_vocab`` is set; where the checkpoint
+carries no tokenizer that can be read, only the sizes are compared (a notice says so).
 """
 
 from __future__ import annotations
@@ -108,10 +110,14 @@ def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo)
         try:
             source = open_source(cfg.stage.init_from)
             source.verify()  # checksums of a moss-train checkpoint, before any weight is trusted
-            plan = plan_load(model, source, tokenizer, cfg.stage.trust_remote_code)
+            plan = plan_load(model, source, tokenizer, cfg.stage.trust_remote_code, cfg.stage.allow_different_vocab)
+        except ConfigError as exc:  # a recipe error: every rank raises it, naming the key
+            error = exc
         except Exception as exc:  # every rank must learn of it, or the others wait forever
             error = str(exc) if isinstance(exc, CheckpointError) else f"{cfg.stage.init_from}: {type(exc).__name__}: {exc}"
     plan, error = broadcast_object((plan, error))
+    if isinstance(error, ConfigError):
+        raise error
     if error:
         raise CheckpointError(error)
     params = dict(model.named_parameters())
@@ -138,7 +144,7 @@ def _full_shape(param) -> tuple:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-def plan_load(model, source, tokenizer, trust_remote_code: bool) -> LoadPlan:
+def plan_load(model, source, tokenizer, trust_remote_code: bool, allow_different_vocab: bool = False) -> LoadPlan:
     """Match names and shapes, decide the fresh vocabulary rows; CheckpointError on a mismatch."""
     expected = {name: _full_shape(p) for name, p in model.named_parameters()}
     available = set(source.names)
@@ -164,17 +170,19 @@ def plan_load(model, source, tokenizer, trust_remote_code: bool) -> LoadPlan:
         log(f"{len(fresh)} parameters start freshly initialised (not in the checkpoint): {', '.join(fresh)}")
     model_rows = expected["transformer.wte.weight"][0]
     pieces = source.tokenizer_pieces(trust_remote_code)
-    fresh_rows = fresh_vocab_rows(tokenizer, pieces, source_rows, model_rows)
+    fresh_rows = fresh_vocab_rows(tokenizer, pieces, source_rows, model_rows, allow_different_vocab)
     mean_of_rows = min(source_rows, len(pieces)) if pieces else source_rows
     return LoadPlan([n for n in expected if n in available], fresh_rows, mean_of_rows)
 
 
-def fresh_vocab_rows(tokenizer, source_pieces: Optional[list[str]], source_rows: int, model_rows: int) -> list[int]:
+def fresh_vocab_rows(
+    tokenizer, source_pieces: Optional[list[str]], source_rows: int, model_rows: int, allow_different_vocab: bool = False
+) -> list[int]:
     """Rows to start at the mean embedding: every row past the checkpoint's, and the run
     tokenizer's ids past the end of the checkpoint's own tokenizer (its added tokens).
 
-    Where both tokenizers have an id, their pieces should agree; when they do not, the
-    checkpoint's embeddings belong to other tokens, which is reported, not hidden.
+    Where both tokenizers have an id, their pieces must agree: otherwise the checkpoint's
+    embeddings belong to other tokens, a ConfigError unless `allow_different_vocab`.
     """
     fresh = set(range(source_rows, model_rows))
     if source_pieces is not None:
@@ -184,10 +192,13 @@ def fresh_vocab_rows(tokenizer, source_pieces: Optional[list[str]], source_rows:
         differ = [i for i in range(common) if ours[i] != theirs[i]]
         if differ:
             i = differ[0]
-            log(
-                f"WARNING: the run's tokenizer and the checkpoint's differ at {len(differ)} of {common} ids "
+            problem = (
+                f"the run's tokenizer and the checkpoint's differ at {len(differ)} of {common} ids "
                 f"(first: id {i} {ours[i]!r} vs {theirs[i]!r}); those embeddings belong to other tokens"
             )
+            if not allow_different_vocab:
+                raise ConfigError("data.tokenizer", f"{problem}: use the checkpoint's tokenizer (or one that only adds tokens at the end), or set stage.allow_different_vocab=true")
+            log(f"WARNING: {problem} (stage.allow_different_vocab)")
         if len(ours) > len(theirs):
             log(f"{len(ours) - len(theirs)} tokens added to the checkpoint's tokenizer: {ours[len(theirs):][:10]}")
             fresh.update(range(len(theirs), min(len(ours), model_rows)))

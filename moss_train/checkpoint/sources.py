@@ -16,7 +16,8 @@ has a ``config.json`` whose ``model_type`` is ``codegen`` (``transformers``' Cod
 ``moss`` (the fnlp/moss-moon-003-* releases: the same weights and names, custom code for
 ``transformers``). Configs are read as JSON and mapped here, so no code shipped with a
 checkpoint ever runs; weights are read with safetensors or ``torch.load(weights_only=True)``.
-Only the tokenizer of a MOSS release needs its custom code, and only with ``trust_remote_code``.
+A MOSS release's tokenizer is read from its files (moss_train/tokenizer.py), without its code;
+another tokenizer that needs custom code runs it only with ``stage.trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from moss_train.engine.checkpoint import COMPLETE, LATEST, CheckpointError, read_complete, verify_or_raise
 from moss_train.model.codegen import _HF_BUFFER_SUFFIXES
 from moss_train.model.config import ModelConfig, from_hf_config
-from moss_train.tokenizer import sp_piece
+from moss_train.tokenizer import is_moss_release_tokenizer, moss_release_tokenizer, sp_piece
 
 HF_MODEL_TYPES = ("codegen", "moss")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -236,6 +237,9 @@ class HFDirectory:
         code (a MOSS release's tokenization_moss.py) loads only with trust_remote_code."""
         if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
             return None
+        if is_moss_release_tokenizer(self.path):  # read from its files; its code never runs
+            tokenizer = moss_release_tokenizer(self.path)
+            return [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))]
         from transformers import AutoTokenizer, PretrainedConfig
 
         try:
