@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moss_train.errors import ConfigError
 from moss_train.model.config import ModelConfig, validate_model_config
+from moss_train.model.lora import LORA_TARGETS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-autocast")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -173,6 +174,20 @@ class PreferenceConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA through peft (moss_train/model/lora.py): adapters on the blocks' projections, the base
+    frozen; for the fine-tuning stages (sft, preference, dpo, reward) from stage.init_from."""
+
+    r: int = 0  # the adapters' rank; 0: no adapters, full fine-tuning
+    alpha: float = 16.0  # the update B @ A is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+LORA_STAGES = ("sft", "preference", "dpo", "reward")
+
+
+@dataclass
 class ClusterConfig:
     """The machines a run is planned for (moss-plan) and launched on (launch/); recipes/cluster/.
 
@@ -215,6 +230,7 @@ class MossTrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -289,6 +305,7 @@ def validate(cfg: DictConfig | MossTrainConfig, world_size: Optional[int] = None
     _validate_stage(cfg.stage)
     _validate_sft(cfg.sft)
     _validate_preference(cfg.preference, cfg.stage)
+    _validate_lora(cfg.lora, cfg.stage, cfg.preference)
     _validate_cluster(cfg.cluster)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 saves only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1 checkpoint")
@@ -389,6 +406,21 @@ def _validate_preference(pref: PreferenceConfig, stage: StageConfig) -> None:
             _check(Path(path).is_file(), "preference.tag_inputs", f"no dialogue file at {path}")
         names = [Path(p).name.split(".")[0] for p in pref.tag_inputs]
         _check(len(set(names)) == len(names), "preference.tag_inputs", f"file names must differ before their first dot (they name the output splits): {names}")
+
+
+def _validate_lora(lora: LoraConfig, stage: StageConfig, pref: PreferenceConfig) -> None:
+    _check(lora.r >= 0, "lora.r", f"must be >= 0 (0: no adapters), got {lora.r}")
+    if lora.r == 0:
+        return
+    _check(math.isfinite(lora.alpha) and lora.alpha > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
+    _check(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    unknown = sorted(set(lora.target_modules) - set(LORA_TARGETS))
+    _check(len(lora.target_modules) > 0 and not unknown, "lora.target_modules", f"{unknown or 'none'}: the adaptable projections are {', '.join(LORA_TARGETS)}")
+    _check(stage.name in LORA_STAGES, "lora.r", f"adapters are for the fine-tuning stages ({', '.join(LORA_STAGES)}), not stage={stage.name}")
+    _check(stage.init_from is not None, "stage.init_from", "LoRA trains adapters on a base model: set stage.init_from")
+    if stage.name == "dpo":
+        _check(pref.reference in (None, stage.init_from), "preference.reference",
+               "with LoRA the reference is the base (stage.init_from) with its adapters off; leave preference.reference unset")
 
 
 def _validate_sft(sft: SFTConfig) -> None:

@@ -2,6 +2,7 @@
 
     moss-export runs/sft-tiny OUT_DIR                         (the run's latest checkpoint)
     moss-export runs/sft-tiny/checkpoints/step_00000300 OUT_DIR --dtype bf16 --max-shard-size 2GB
+    moss-export runs/sft-lora OUT_DIR [--lora adapter [--base BASE_HF_DIR]]   (a LoRA run)
 
 CHECKPOINT is a run directory, its checkpoints/ directory, or one step_N directory. The result
 loads with transformers' AutoModelForCausalLM / AutoTokenizer (no trust_remote_code); a reward
@@ -24,6 +25,10 @@ def parse_args(argv):
     parser.add_argument("--preamble", default=None, help="the chat template's meta-instruction preamble: moss, short or a "
                         "file (default: the one the run's training dialogues have)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--lora", choices=("merged", "adapter"), default="merged", help="a LoRA checkpoint: merged into its "
+                        "base (plain HF weights, default) or a peft adapter directory")
+    parser.add_argument("--base", default=None, help="--lora adapter: an HF export of the base, when stage.init_from was a "
+                        "moss-train checkpoint")
     return parser.parse_args(argv)
 
 
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_dir=args.tokenizer,
             overwrite=args.overwrite,
             preamble=preamble_argument(args.preamble),
+            lora_format=args.lora,
+            base_dir=args.base,
         )
     except (CheckpointError, FileExistsError, ValueError) as error:
         print(f"moss-export: error: {error}", file=sys.stderr)

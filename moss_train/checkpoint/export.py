@@ -21,6 +21,16 @@ Weights are DeepSpeed's fp32 master weights, consolidated from every rank's shar
 dtype; the checkpoint's checksums are verified first. The directory is written beside OUT_DIR
 and renamed into place when complete.
 
+A LoRA checkpoint (``lora.r`` > 0: the adapters, and a reward head, only) exports two ways:
+
+- merged (default): the weights above, each adapted projection ``W + (alpha / r) * B @ A`` over
+  the base the run started from (stage.init_from, which must still hold those weights: its
+  fingerprint is checked) — a plain HF model;
+- ``--lora adapter``: peft's adapter directory, ``adapter_config.json`` +
+  ``adapter_model.safetensors`` (+ the tokenizer and generation config), that
+  ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT_DIR)`` loads; BASE is
+  stage.init_from when that is an HF directory, else an export of it (``--base``).
+
 Reward-model format (a checkpoint whose model is :class:`moss_train.model.reward.RewardModel`):
 ``config.json`` is ``CodeGenModel``'s (``architectures: ["CodeGenModel"]``) plus
 
@@ -39,26 +49,36 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
-import torch
-
 import numpy as np
+import torch
 
 from moss_train.chat import format as fmt
 from moss_train.checkpoint.chat_template import ChatFormat, build_chat_template
-from moss_train.checkpoint.sources import MossTrainCheckpoint, _load_tokenizer, log, open_source, recipe_path
+from moss_train.checkpoint.sources import (
+    MossTrainCheckpoint,
+    _load_tokenizer,
+    log,
+    open_source,
+    recipe_path,
+    weights_fingerprint,
+)
 from moss_train.data.sft import TURN_START
 from moss_train.data.shards import ShardError, TokenShard
 from moss_train.data.token_datasets import resolve_shard_prefixes
 from moss_train.engine.checkpoint import CheckpointError, ensure_free_space
 from moss_train.errors import ConfigError
+from moss_train.model import lora
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig, model_vocab_size, to_hf_config
 from moss_train.model.reward import SCORE_PREFIX, RewardModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CAUSAL_LM, REWARD = "causal_lm", "reward"
+CAUSAL_LM, REWARD, LORA_ADAPTER = "causal_lm", "reward", "lora_adapter"
+LORA_FORMATS = ("merged", "adapter")  # a LoRA checkpoint exports as full weights or as a peft adapter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REWARD_FORMAT = {"format_version": 1, "head": "score", "read_at": "last_token"}
 EXPORT_MANIFEST = "moss_export.json"
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
@@ -205,10 +225,17 @@ def export_checkpoint(
     tokenizer_dir: Optional[str | Path] = None,
     overwrite: bool = False,
     preamble: Optional[str] = None,
+    lora_format: str = "merged",
+    base_dir: Optional[str | Path] = None,
 ) -> ExportResult:
-    """Write the HF directory of a moss-train checkpoint (see the module docstring)."""
+    """Write the HF directory of a moss-train checkpoint (see the module docstring). A LoRA
+    checkpoint (adapters only) exports merged into its base (`lora_format` "merged": plain HF
+    weights) or as a peft adapter directory ("adapter"; `base_dir`: an HF directory of the base
+    when stage.init_from was a moss-train checkpoint)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if lora_format not in LORA_FORMATS:
+        raise ValueError(f"lora_format {lora_format!r} is not one of {', '.join(LORA_FORMATS)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (--overwrite replaces it)")
@@ -216,10 +243,19 @@ def export_checkpoint(
     log(f"verifying checksums of {source.step_dir}")
     source.verify()
     cfg = source.model_config
-    kind = model_kind(source.names)
+    settings = source.meta.get("lora")
+    if lora_format == "adapter" and not settings:
+        raise CheckpointError(f"{source.step_dir} holds full weights, not LoRA adapters: export it without --lora adapter")
+    weights = LoraMerged(source, settings) if settings else source
+    kind = model_kind(weights.names)
+    if lora_format == "adapter" and kind == REWARD:
+        raise CheckpointError("a LoRA reward model exports merged (its score head is not a peft adapter of a causal LM)")
     shapes = expected_shapes(cfg, kind)
-    check_names_and_shapes(source, shapes)
+    check_names_and_shapes(weights, shapes)
     tokenizer = _export_tokenizer(source, tokenizer_dir, cfg)
+    if lora_format == "adapter":
+        shapes = {name: source.shape(name) for name in source.names}
+        kind = LORA_ADAPTER
 
     num = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -228,9 +264,12 @@ def export_checkpoint(
     staging = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    files = write_safetensors(staging, shapes, source.tensor, DTYPES[dtype], max_shard_size)
-    hf_config(cfg, kind, tokenizer, DTYPES[dtype]).save_pretrained(str(staging))
-    if kind == CAUSAL_LM:
+    if kind == LORA_ADAPTER:
+        files = write_adapter(staging, source, settings, DTYPES[dtype], base_dir)
+    else:
+        files = write_safetensors(staging, shapes, weights.tensor, DTYPES[dtype], max_shard_size)
+        hf_config(cfg, kind, tokenizer, DTYPES[dtype]).save_pretrained(str(staging))
+    if kind != REWARD:
         write_generation_config(staging, tokenizer)
     tokenizer_state = write_tokenizer(staging, tokenizer, chat_format(source, tokenizer, preamble))
     write_manifest(staging, source, kind, dtype, files, tokenizer)
@@ -241,6 +280,75 @@ def export_checkpoint(
     step = source.complete.get("step")
     log(f"exported {kind} ({num:,} parameters, {dtype}, {len(files)} weight file(s)) from step {step} to {out_dir}")
     return ExportResult(out_dir, kind, step, num, files, tokenizer_state)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def lora_base(settings: dict):
+    """The weight source the adapters were trained on (stage.init_from, as the run resolved it),
+    checked to hold the same weights still."""
+    path = Path(settings["base"]["path"])
+    if not path.exists():
+        raise CheckpointError(f"the base these LoRA adapters were trained on, {path}, is not there any more")
+    base = open_source(path)
+    if weights_fingerprint(base) != settings["base"]["fingerprint"]:
+        raise CheckpointError(f"{path} has changed since the LoRA adapters were trained on it: they fit only the weights they were trained with")
+    return base
+
+
+class LoraMerged:
+    """A LoRA checkpoint's weights merged into its base, as a weight source: the base's tensors,
+    ``W + (alpha / r) * B @ A`` where adapted, and what trained besides (a reward head, which
+    then replaces the base's vocabulary head)."""
+
+    def __init__(self, adapters: MossTrainCheckpoint, settings: dict):
+        self.path, self.adapters, self.scaling = adapters.path, adapters, lora.scaling(SimpleNamespace(**settings))
+        self.base = lora_base(settings)
+        self.pairs = lora.adapted_weights(adapters.names)
+        self.own = [n for n in adapters.names if not lora.is_adapter(n)]
+        dropped = ("lm_head.",) if self.own else ()
+        self.names = [n for n in self.base.names if not n.startswith(dropped)] + self.own
+
+    def shape(self, name: str) -> tuple:
+        return (self.adapters if name in self.own else self.base).shape(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name in self.own:
+            return self.adapters.tensor(name)
+        if name in self.pairs:
+            a, b = self.pairs[name]
+            return lora.merged(self.base.tensor(name), self.adapters.tensor(a), self.adapters.tensor(b), self.scaling)
+        return self.base.tensor(name)
+
+
+def write_adapter(directory: Path, source: MossTrainCheckpoint, settings: dict, dtype: torch.dtype, base_dir) -> list[str]:
+    """peft's adapter directory: adapter_config.json + adapter_model.safetensors, for
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), directory)``."""
+    from safetensors.torch import save_file
+
+    base = hf_base(settings, base_dir)
+    tensors = {lora.peft_key(name): source.tensor(name).to(dtype).contiguous() for name in source.names}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_WEIGHTS).chmod(0o644)
+    lora.peft_config(SimpleNamespace(**settings), base_model_name_or_path=str(base)).save_pretrained(str(directory))
+    return [ADAPTER_WEIGHTS]
+
+
+def hf_base(settings: dict, base_dir) -> Path:
+    """An HF directory with the adapters' base weights: the base itself, or `base_dir` when the
+    base is a moss-train checkpoint (an export of it, by its moss_export.json)."""
+    base = Path(settings["base"]["path"])
+    if (base / "config.json").is_file() and base_dir is None:
+        return base
+    if base_dir is None:
+        raise CheckpointError(f"the adapters' base {base} is a moss-train checkpoint: export it (moss-export {base} BASE_DIR) and pass --base BASE_DIR")
+    base_dir = Path(base_dir)
+    manifest = json.loads((base_dir / EXPORT_MANIFEST).read_text()) if (base_dir / EXPORT_MANIFEST).is_file() else {}
+    same = manifest.get("source") == str(base) or ((base / "config.json").is_file() and base_dir.resolve() == base)
+    if not same:
+        raise CheckpointError(f"{base_dir} is not an export of the adapters' base {base} (its moss_export.json names {manifest.get('source')})")
+    return base_dir
 
 
 def write_manifest(directory: Path, source: MossTrainCheckpoint, kind: str, dtype: str, files: list[str], tokenizer) -> None:
@@ -254,6 +362,7 @@ def write_manifest(directory: Path, source: MossTrainCheckpoint, kind: str, dtyp
         "weight_files": files,
         "tokenizer_hash": tokenizer.hash,
         "moss_train_model_config": asdict(source.model_config),
+        **({"lora": source.meta["lora"]} if source.meta.get("lora") else {}),
     }
     (directory / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from moss_train.checkpoint.sources import log, open_source, run_tokenizer_pieces
+from moss_train.checkpoint.sources import log, open_source, run_tokenizer_pieces, weights_fingerprint
 from moss_train.engine.checkpoint import CheckpointError
 from moss_train.engine.distributed import DistInfo, broadcast_object
 from moss_train.errors import ConfigError
@@ -96,12 +97,14 @@ class LoadPlan:
     names: list[str]  # model parameters to copy from the source
     fresh_rows: list[int]  # vocabulary rows to initialise with the mean embedding
     mean_of_rows: int  # the mean is over the checkpoint's first rows (its real tokens)
+    base: dict  # which weights these are: {"path": resolved source, "fingerprint": weights_fingerprint}
 
 
-def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo) -> None:
-    """Copy stage.init_from's weights into the freshly built model (see the module docstring)."""
+def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo) -> Optional[LoadPlan]:
+    """Copy stage.init_from's weights into the freshly built model (see the module docstring);
+    the plan that was followed (None without stage.init_from)."""
     if not cfg.stage.init_from:
-        return
+        return None
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     reads = dist.is_main or not zero3
     source = open_source(cfg.stage.init_from) if reads and not dist.is_main else None
@@ -130,6 +133,7 @@ def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo)
     if dist.is_main:
         grown = f"; {len(plan.fresh_rows)} vocabulary rows start at the mean embedding" if plan.fresh_rows else ""
         log(f"loaded {len(plan.names)} tensors from {cfg.stage.init_from}{grown}")
+    return plan
 
 
 def _gathered(param, zero3: bool):
@@ -172,7 +176,8 @@ def plan_load(model, source, tokenizer, trust_remote_code: bool, allow_different
     pieces = source.tokenizer_pieces(trust_remote_code)
     fresh_rows = fresh_vocab_rows(tokenizer, pieces, source_rows, model_rows, allow_different_vocab)
     mean_of_rows = min(source_rows, len(pieces)) if pieces else source_rows
-    return LoadPlan([n for n in expected if n in available], fresh_rows, mean_of_rows)
+    base = {"path": str(Path(source.path).resolve()), "fingerprint": weights_fingerprint(source)}
+    return LoadPlan([n for n in expected if n in available], fresh_rows, mean_of_rows, base)
 
 
 def fresh_vocab_rows(

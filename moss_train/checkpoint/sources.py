@@ -276,6 +276,21 @@ def run_tokenizer_pieces(tokenizer) -> list[str]:
     return [sp_piece(p) for p in _pieces(tokenizer)]
 
 
+# Small tensors that any training changes: together, the identity of a set of weights.
+FINGERPRINT_TENSORS = ("transformer.ln_f.weight", "transformer.ln_f.bias")
+
+
+def weights_fingerprint(source) -> str:
+    """sha256 of a few small tensors of `source` (fp32): tells whether two sources hold the same
+    trained weights (LoRA adapters fit only the base they were trained on), cheaply at any size."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_TENSORS:
+        digest.update(name.encode() + source.tensor(name).float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def open_source(path: str | Path):
     """The weight source at `path`: a moss-train checkpoint, or an HF CodeGen / MOSS directory."""
     path = Path(path)

@@ -85,9 +85,12 @@ class Trainer:
         seed_everything(cfg.trainer.seed)  # identical initial weights on every rank and run
         with setup.model_construction_context(self.ds_config):
             model = stage.build_model(cfg, tokenizer)
-        initial_weights.load_initial_weights(model, cfg, tokenizer, self.dist)  # ZeRO-3: per parameter
+        loaded = initial_weights.load_initial_weights(model, cfg, tokenizer, self.dist)  # ZeRO-3: per parameter
         self.model_config = model.config
+        self.lora_state = setup.add_lora(model, cfg, loaded, self.dist) if cfg.lora.r else None
         self.engine, self.scheduler = setup.initialize_engine(model, cfg, self.ds_config)
+        if hasattr(stage, "use_engine"):  # e.g. DPO with LoRA: the reference is this model, adapters off
+            stage.use_engine(self.engine, cfg)
         seed_everything(cfg.trainer.seed + self.dist.rank)  # per-rank streams for dropout etc.
 
         self.plan = GlobalBatchPlan(
@@ -99,7 +102,9 @@ class Trainer:
             seed=cfg.trainer.seed,
             shuffle=self.data.shuffle,
         )
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist)
+        self.checkpoints = CheckpointManager(
+            self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist, trainable_only=self.lora_state is not None
+        )
         self.step = 0
         self.samples_consumed = 0
         self.tokens_seen = 0
@@ -119,6 +124,8 @@ class Trainer:
                 f"{state.get('seed')}, this run has {len(self.data.train)} and {self.cfg.trainer.seed}: "
                 "its data position does not apply (start a new run directory, or trainer.resume=never)"
             )
+        if state.get("lora") != self.lora_state:  # adapters only fit the base they were trained on
+            raise RuntimeError(f"checkpoint {path} holds adapters for {state.get('lora')}, this run is {self.lora_state}")
         self.step = state["step"]
         self.samples_consumed = state["samples_consumed"]
         self.tokens_seen = state.get("tokens_seen", 0)
@@ -134,6 +141,7 @@ class Trainer:
             "seed": self.cfg.trainer.seed,
             "stage": self.cfg.stage.name,
             "model_config": asdict(self.model_config),
+            **({"lora": self.lora_state} if self.lora_state else {}),
         }
 
     # ---- one step ------------------------------------------------------------------------
