@@ -287,7 +287,7 @@ def weights_fingerprint(source) -> str:
 
     digest = hashlib.sha256()
     for name in FINGERPRINT_TENSORS:
-        digest.update(name.encode() + source.tensor(name).float().contiguous().numpy().tobytes())
+        digest.update(name.encode() + source.tensor(name).detach().float().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
