@@ -221,3 +221,23 @@ def test_the_docs_two_pass_example_calls_the_calculator_with_transformers_alone(
     turn = session.ask(question)
     assert (turn.inner_thoughts, turn.commands, turn.results, turn.reply) == (
         " I should use the calculator.", ' Calculate("23*17")', ["Calculate(\"23*17\") => '391'"], "23*17 = 391.")
+
+
+@pytest.mark.parametrize("scheme, layer", [("int8", "Linear8bitLt"), ("int4", "Linear4bit")])
+def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculator_export, tmp_path, scheme, layer):
+    from moss_train.checkpoint.export import export_checkpoint
+
+    out = tmp_path / scheme
+    export_checkpoint(calculator_export.parent / "run", out, quantize=scheme)
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")) == ["model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.transformer.h[0].attn.qkv_proj).__name__ == layer and type(model.lm_head).__name__ == "Linear"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        qkv = handle.get_tensor("transformer.h.0.attn.qkv_proj.weight")
+    assert qkv.numel() * qkv.element_size() == 3 * 64 * 64 // (1 if scheme == "int8" else 2)  # a byte, or half, per weight
+    result = run_cli([str(REPO / "docs" / "hf_tool_chat.py"), str(out), "What is 23 times 17?"], launcher=[sys.executable])
+    assert "tool: Calculate('23*17') -> '391'" in result.stdout and "reply: 23*17 = 391." in result.stdout

@@ -3,6 +3,7 @@
     moss-export runs/sft-tiny OUT_DIR                         (the run's latest checkpoint)
     moss-export runs/sft-tiny/checkpoints/step_00000300 OUT_DIR --dtype bf16 --max-shard-size 2GB
     moss-export runs/sft-lora OUT_DIR [--lora adapter [--base BASE_HF_DIR]]   (a LoRA run)
+    moss-export runs/sft-tiny OUT_DIR --quantize int4                        (int8 / int4 weight-only)
 
 CHECKPOINT is a run directory, its checkpoints/ directory, or one step_N directory. The result
 loads with transformers' AutoModelForCausalLM / AutoTokenizer (no trust_remote_code); a reward
@@ -25,6 +26,8 @@ def parse_args(argv):
     parser.add_argument("--preamble", default=None, help="the chat template's meta-instruction preamble: moss, short or a "
                         "file (default: the one the run's training dialogues have)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantized weights that "
+                        "transformers loads through config.json's quantization_config (needs moss-train[quantize])")
     parser.add_argument("--lora", choices=("merged", "adapter"), default="merged", help="a LoRA checkpoint: merged into its "
                         "base (plain HF weights, default) or a peft adapter directory")
     parser.add_argument("--base", default=None, help="--lora adapter: an HF export of the base, when stage.init_from was a "
@@ -56,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             preamble=preamble_argument(args.preamble),
             lora_format=args.lora,
             base_dir=args.base,
+            quantize=args.quantize,
         )
-    except (CheckpointError, FileExistsError, ValueError) as error:
+    except (CheckpointError, FileExistsError, ValueError, ImportError) as error:
         print(f"moss-export: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -227,11 +227,13 @@ def export_checkpoint(
     preamble: Optional[str] = None,
     lora_format: str = "merged",
     base_dir: Optional[str | Path] = None,
+    quantize: Optional[str] = None,
 ) -> ExportResult:
     """Write the HF directory of a moss-train checkpoint (see the module docstring). A LoRA
     checkpoint (adapters only) exports merged into its base (`lora_format` "merged": plain HF
     weights) or as a peft adapter directory ("adapter"; `base_dir`: an HF directory of the base
-    when stage.init_from was a moss-train checkpoint)."""
+    when stage.init_from was a moss-train checkpoint). `quantize` ("int8", "int4"): a weight-only
+    quantized export of a causal LM (moss_train/checkpoint/quantize.py)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if lora_format not in LORA_FORMATS:
@@ -250,6 +252,8 @@ def export_checkpoint(
     kind = model_kind(weights.names)
     if lora_format == "adapter" and kind == REWARD:
         raise CheckpointError("a LoRA reward model exports merged (its score head is not a peft adapter of a causal LM)")
+    if quantize and (kind == REWARD or lora_format == "adapter"):
+        raise CheckpointError("quantized exports are for causal LMs with their weights (not reward models or adapter directories)")
     shapes = expected_shapes(cfg, kind)
     check_names_and_shapes(weights, shapes)
     tokenizer = _export_tokenizer(source, tokenizer_dir, cfg)
@@ -271,6 +275,11 @@ def export_checkpoint(
         hf_config(cfg, kind, tokenizer, DTYPES[dtype]).save_pretrained(str(staging))
     if kind != REWARD:
         write_generation_config(staging, tokenizer)
+    if quantize:
+        from moss_train.checkpoint.quantize import quantize_export
+
+        files = quantize_export(staging, quantize, max_shard_size)
+        dtype = f"{quantize} ({dtype} compute)"
     tokenizer_state = write_tokenizer(staging, tokenizer, chat_format(source, tokenizer, preamble))
     write_manifest(staging, source, kind, dtype, files, tokenizer)
     _copy_quality_form(source.step_dir, staging)
