@@ -109,10 +109,14 @@ def meta_instruction(plugins: Iterable[str] = (), inner_thoughts: bool | None = 
     if unknown:
         raise ValueError(f"unknown plugins {sorted(unknown)}; known: {', '.join(ENABLEABLE_PLUGINS)}")
     thoughts = bool(enabled) if inner_thoughts is None else inner_thoughts
-    lines = [f"- {INNER_THOUGHTS_CAPABILITY}: {'enabled' if thoughts else 'disabled'}.\n"]
-    for name, label, api in PLUGIN_CAPABILITIES:
-        lines.append(f"- {label}: enabled. API: {api}\n" if name in enabled else f"- {label}: disabled.\n")
+    lines = [capability_line(INNER_THOUGHTS_CAPABILITY, thoughts)]
+    lines += [capability_line(label, name in enabled, api) for name, label, api in PLUGIN_CAPABILITIES]
     return preamble + CAPABILITIES_HEADER + "".join(lines)
+
+
+def capability_line(label: str, enabled: bool, api: str | None = None) -> str:
+    """``- Calculator: enabled. API: Calculate(expression)``, ``- Web search: disabled.``"""
+    return f"- {label}: enabled. API: {api}\n" if enabled and api else f"- {label}: {'enabled' if enabled else 'disabled'}.\n"
 
 
 # A quality tag (stage=preference): one line appended to the meta instruction; recipes may

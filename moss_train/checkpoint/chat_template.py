@@ -144,6 +144,11 @@ def _results_body(expression: str) -> str:
 
 
 NO_CAPABILITIES = "this model was trained without capability lines: it takes no tools"
+# The format's command and result layouts, cut at the argument / answer: Calculate("..."),
+# ... => '...', ... =>\n...
+COMMAND_OPEN, COMMAND_CLOSE = fmt.command("", "\0").split("\0")
+ARROW, ARROW_END = fmt.result_line("", "", "\0", multiline=False)[len(fmt.command("", "")) :].split("\0")
+MULTILINE_ARROW = fmt.result_line("", "", "\0", multiline=True)[len(fmt.command("", "")) :].split("\0")[0]
 
 
 def _default_meta(chat: ChatFormat) -> str:
@@ -151,11 +156,10 @@ def _default_meta(chat: ChatFormat) -> str:
     quality = _literal(chat.tag_suffix)
     if not chat.capabilities:
         return f"{{%- if ns.plugins -%}}{_raise(_literal(NO_CAPABILITIES))}{{%- endif -%}}{{{{ {_literal(chat.preamble)} ~ {quality} }}}}"
-    thoughts_on, thoughts_off = (f"- {fmt.INNER_THOUGHTS_CAPABILITY}: {state}.\n" for state in ("enabled", "disabled"))
-    lines = [f"{{{{ {_literal(chat.preamble + fmt.CAPABILITIES_HEADER)} ~ ({_literal(thoughts_on)} if ns.plugins else {_literal(thoughts_off)}) }}}}"]
+    thoughts_on, thoughts_off = (_literal(fmt.capability_line(fmt.INNER_THOUGHTS_CAPABILITY, state)) for state in (True, False))
+    lines = [f"{{{{ {_literal(chat.preamble + fmt.CAPABILITIES_HEADER)} ~ ({thoughts_on} if ns.plugins else {thoughts_off}) }}}}"]
     for name, label, api in fmt.PLUGIN_CAPABILITIES:
-        off = _literal(f"- {label}: disabled.\n")
-        on = _literal(f"- {label}: enabled. API: {api}\n") if api else off
+        on, off = (_literal(fmt.capability_line(label, state, api)) for state in (True, False))
         lines.append(f"{{{{ {on} if {_literal(name)} in ns.plugins else {off} }}}}")
     return "".join(lines) + f"{{{{ {quality} }}}}"
 
@@ -179,7 +183,7 @@ _CALL = (
     + _raise(_literal("a MOSS tool call takes one argument, as a mapping ({\"expression\": \"1+1\"}); got ") + " ~ arguments")
     + "{%- endif -%}"
     "{%- set api = api_by_plugin[function['name']] if function['name'] in api_by_plugin else function['name'] -%}"
-    "{%- set ns.calls = ns.calls + [api ~ '(\"' ~ (arguments.values() | first) ~ '\")'] -%}"
+    "{%- set ns.calls = ns.calls + [api ~ " + _literal(COMMAND_OPEN) + " ~ (arguments.values() | first) ~ " + _literal(COMMAND_CLOSE) + "] -%}"
     "{%- set ns.apis = ns.apis + [api] -%}"
 )
 
@@ -210,7 +214,8 @@ def build_chat_template(chat: ChatFormat = ChatFormat()) -> str:
         "{%- elif ns.stage != 'results' -%}" + _raise(_literal("a tool message answers the tool_calls of the assistant message before it")) + "{%- endif -%}"
         "{%- if ns.answered >= ns.calls | length -%}" + _raise(_literal("more tool messages than tool calls")) + "{%- endif -%}"
         "{%- set api = ns.apis[ns.answered] -%}"
-        "{{ " + newline + " ~ ns.calls[ns.answered] ~ ((" + _literal(" =>\n") + " ~ message['content']) if api in multiline_apis else (" + _literal(" => '") + " ~ message['content'] ~ " + _literal("'") + ")) }}"
+        "{{ " + newline + " ~ ns.calls[ns.answered] ~ ((" + _literal(MULTILINE_ARROW) + " ~ message['content']) if api in multiline_apis else ("
+        + _literal(ARROW) + " ~ message['content'] ~ " + _literal(ARROW_END) + ")) }}"
         "{%- set ns.answered = ns.answered + 1 -%}"
         "{%- if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' -%}"
         "{{ " + newline + " ~ " + _literal(RES.suffix) + " }}{%- set ns.stage = 'answered' -%}{%- endif -%}"
