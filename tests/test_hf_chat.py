@@ -241,3 +241,8 @@ def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculat
     assert qkv.numel() * qkv.element_size() == 3 * 64 * 64 // (1 if scheme == "int8" else 2)  # a byte, or half, per weight
     result = run_cli([str(REPO / "docs" / "hf_tool_chat.py"), str(out), "What is 23 times 17?"], launcher=[sys.executable])
     assert "tool: Calculate('23*17') -> '391'" in result.stdout and "reply: 23*17 = 391." in result.stdout
+    from moss_train.chat.generate import load_model
+    from moss_train.engine.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="quantized .bitsandbytes. export is for inference in transformers"):
+        load_model(out)  # moss-train itself (moss-chat, stage.init_from) reads full-precision weights only

@@ -175,6 +175,9 @@ def hf_model_config(config: dict, where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not one of {', '.join(HF_MODEL_TYPES)}")
     if int(config.get("wbits", 32)) < 16:
         raise CheckpointError(f"{where}: a {config['wbits']}-bit quantized checkpoint cannot be trained; use the fp16 release")
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(f"{where}: a quantized ({method}) export is for inference in transformers; moss-train reads full-precision weights")
     fields = CodeGenConfig().to_dict()
     fields.update(config)
     if "n_positions" not in config and "n_ctx" in config:
