@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import runpy
 import sys
 from pathlib import Path
 
@@ -224,7 +224,7 @@ def test_the_docs_two_pass_example_calls_the_calculator_with_transformers_alone(
 
 
 @pytest.mark.parametrize("scheme, layer", [("int8", "Linear8bitLt"), ("int4", "Linear4bit")])
-def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculator_export, tmp_path, scheme, layer):
+def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculator_export, tmp_path, scheme, layer, capsys):
     from moss_train.checkpoint.export import export_checkpoint
 
     out = tmp_path / scheme
@@ -239,8 +239,10 @@ def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculat
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         qkv = handle.get_tensor("transformer.h.0.attn.qkv_proj.weight")
     assert qkv.numel() * qkv.element_size() == 3 * 64 * 64 // (1 if scheme == "int8" else 2)  # a byte, or half, per weight
-    result = run_cli([str(REPO / "docs" / "hf_tool_chat.py"), str(out), "What is 23 times 17?"], launcher=[sys.executable])
-    assert "tool: Calculate('23*17') -> '391'" in result.stdout and "reply: 23*17 = 391." in result.stdout
+    example = runpy.run_path(str(REPO / "docs" / "hf_tool_chat.py"))  # the docs' example, in this process
+    example["main"](str(out), "What is 23 times 17?")
+    printed = capsys.readouterr().out
+    assert "tool: Calculate('23*17') -> '391'" in printed and "reply: 23*17 = 391." in printed
     from moss_train.chat.generate import load_model
     from moss_train.engine.checkpoint import CheckpointError
 
