@@ -124,7 +124,7 @@ class Trainer:
                 f"{state.get('seed')}, this run has {len(self.data.train)} and {self.cfg.trainer.seed}: "
                 "its data position does not apply (start a new run directory, or trainer.resume=never)"
             )
-        if state.get("lora") != self.lora_state:  # adapters only fit the base they were trained on
+        if _adapter_identity(state.get("lora")) != _adapter_identity(self.lora_state):  # adapters fit only their base
             raise RuntimeError(f"checkpoint {path} holds adapters for {state.get('lora')}, this run is {self.lora_state}")
         self.step = state["step"]
         self.samples_consumed = state["samples_consumed"]
@@ -287,6 +287,14 @@ class Trainer:
             "group": cfg.logging.group,
             "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         }
+
+
+def _adapter_identity(lora_state: dict | None):
+    """What a LoRA checkpoint must share with the run resuming it: the settings and the base's
+    weights (by fingerprint; the base may have moved)."""
+    if not lora_state:
+        return None
+    return {**{k: v for k, v in lora_state.items() if k != "base"}, "base": lora_state["base"]["fingerprint"]}
 
 
 def train(cfg: MossTrainConfig, stage: Stage) -> list[dict]:
