@@ -34,7 +34,7 @@ def run_side(out: Path, lora_r: int, args) -> dict:
     overrides = [
         "stage=sft", "data=sft_demo", f"data.root={args.data}", f"data.tokenizer={args.tokenizer}", f"data.seq_len={args.seq_len}",
         f"model={args.model}", f"stage.init_from={args.base}", f"run.output_dir={out}", f"lora.r={lora_r}",
-        f"deepspeed={args.deepspeed}", f"trainer.max_steps={args.steps}", f"trainer.micro_batch_size={args.micro_batch}",
+        f"deepspeed.zero_stage={args.zero_stage}", f"trainer.max_steps={args.steps}", f"trainer.micro_batch_size={args.micro_batch}",
         f"trainer.global_batch_size={args.global_batch}", "trainer.warmup_steps=2", f"trainer.lr={args.lr_lora if lora_r else args.lr}",
         "trainer.precision=fp32", f"trainer.eval_samples={args.eval_samples}", "logging.wandb=disabled", "logging.progress_bar=false",
     ]
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning's learning rate")
     p.add_argument("--lr-lora", type=float, default=1e-3, help="LoRA's learning rate")
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--deepspeed", default="zero3")
+    p.add_argument("--zero-stage", type=int, default=3)
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write", action="store_true")
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     full = statistics.median(r["tokens_per_s"] for r in runs["full fine-tuning"])
     lines = [
         f"### lora_vs_full — SFT from {args.base} ({args.model}), {args.steps} steps x {args.global_batch} x {args.seq_len}, "
-        f"ZeRO-{args.deepspeed[-1]}, fp32 ({cpu_line()}, {args.threads} threads), each run its own process, alternating",
+        f"ZeRO-{args.zero_stage}, fp32 ({cpu_line()}, {args.threads} threads), each run its own process, alternating",
         "",
         run_line(argv, load_before) + f"; {args.rounds} runs per side; lr {args.lr} (full) / {args.lr_lora} (LoRA)",
         "",

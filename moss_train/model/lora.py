@@ -22,7 +22,6 @@ from torch import nn
 # The block's linear projections, by the name HF's CodeGen gives them too.
 LORA_TARGETS = ("qkv_proj", "out_proj", "fc_in", "fc_out")
 ADAPTER = "default"  # peft's adapter name (one adapter per model here)
-BASE_INFIX = ".base_layer"
 LORA_A, LORA_B = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
 
 
