@@ -121,12 +121,13 @@ def held_out_docs(run: Path, n: int, seq_len: int) -> list[list[int]]:
     return docs[:: max(1, len(docs) // n)][:n]  # spread over the sources (EN, ZH, code)
 
 
-def export_variants(run: Path, root: Path) -> dict[str, Path]:
+def export_variants(run: Path, root: Path, variants: list[str]) -> dict[str, Path]:
     from moss_train.checkpoint.export import export_checkpoint
     from moss_train.checkpoint.quantize import quantize_export
 
     dirs = {}
-    for name, (dtype, scheme, library) in VARIANTS.items():
+    for name in variants:
+        dtype, scheme, library = VARIANTS[name]
         out = root / "".join(c if c.isalnum() else "_" for c in name)
         if library in (None, "bitsandbytes"):  # what moss-export itself writes
             export_checkpoint(run, out, dtype=dtype, quantize=scheme)
@@ -193,6 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="subprocesses per export for the speed figure")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default=";".join(VARIANTS), help=f"separated by ';', {BASELINE!r} among them; of: {'; '.join(VARIANTS)}")
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--docs-file", help=argparse.SUPPRESS)
@@ -200,6 +202,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    variants = [name.strip() for name in args.variants.split(";")]
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown or BASELINE not in variants:
+        p.error(f"--variants: {unknown or 'no ' + BASELINE!r} (the names are: {'; '.join(VARIANTS)})")
     load_before = load_line()
     results = {}
     with tempfile.TemporaryDirectory(prefix="quantized-export-") as tmp:
@@ -209,7 +215,7 @@ def main(argv=None) -> int:
             docs_file = root / "docs.json"
             root.mkdir()
             docs_file.write_text(json.dumps(held_out_docs(Path(run), args.docs, args.seq_len)))
-            dirs = export_variants(Path(run), root)
+            dirs = export_variants(Path(run), root, variants)
             from moss_train.checkpoint.sources import MossTrainCheckpoint
             from moss_train.model.config import num_parameters
 
