@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moss_train.errors import ConfigError
 from moss_train.model.config import ModelConfig, validate_model_config
+from moss_train.model.lora import LORA_TARGETS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-autocast")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -32,8 +33,12 @@ class StageConfig:
     # CodeGen directory, or a MOSS release directory; its architecture replaces the recipe's
     # model shapes (see moss_train/checkpoint/init.py). null: fresh initialisation.
     init_from: Optional[str] = None
-    # Let transformers run code shipped with init_from (a MOSS release's tokenizer); off by default.
+    # Let transformers run code shipped with init_from's tokenizer; off by default (a MOSS
+    # release's tokenizer is read from its files without it).
     trust_remote_code: bool = False
+    # The run's tokenizer may give other tokens than init_from's at the same ids (their embedding
+    # rows then belong to other tokens). Off: that is a recipe error; growth at the end is fine.
+    allow_different_vocab: bool = False
 
 
 @dataclass
@@ -118,6 +123,7 @@ class LoggingConfig:
     project: str = "moss-train"
     group: Optional[str] = None
     progress_bar: bool = True
+    tensorboard: bool = False  # also write the metrics as TensorBoard events ({run.output_dir}/tensorboard)
     # Peak FLOP/s per device for MFU, in TFLOP/s; null: known GPUs by name, measured on CPU.
     peak_tflops: Optional[float] = None
 
@@ -169,6 +175,20 @@ class PreferenceConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA through peft (moss_train/model/lora.py): adapters on the blocks' projections, the base
+    frozen; for the fine-tuning stages (sft, preference, dpo, reward) from stage.init_from."""
+
+    r: int = 0  # the adapters' rank; 0: no adapters, full fine-tuning
+    alpha: float = 16.0  # the update B @ A is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+LORA_STAGES = ("sft", "preference", "dpo", "reward")
+
+
+@dataclass
 class ClusterConfig:
     """The machines a run is planned for (moss-plan) and launched on (launch/); recipes/cluster/.
 
@@ -211,6 +231,7 @@ class MossTrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -285,10 +306,13 @@ def validate(cfg: DictConfig | MossTrainConfig, world_size: Optional[int] = None
     _validate_stage(cfg.stage)
     _validate_sft(cfg.sft)
     _validate_preference(cfg.preference, cfg.stage)
+    _validate_lora(cfg.lora, cfg.stage, cfg.preference)
     _validate_cluster(cfg.cluster)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 saves only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1 checkpoint")
     _check_choice(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
+    _check(not cfg.logging.tensorboard or _importable("tensorboard"), "logging.tensorboard",
+           "needs the tensorboard package: pip install 'moss-train[tensorboard]'")
     _check(
         cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0,
         "logging.peak_tflops",
@@ -395,6 +419,21 @@ def _validate_preference(pref: PreferenceConfig, stage: StageConfig) -> None:
         _check(len(set(names)) == len(names), "preference.tag_inputs", f"file names must differ before their first dot (they name the output splits): {names}")
 
 
+def _validate_lora(lora: LoraConfig, stage: StageConfig, pref: PreferenceConfig) -> None:
+    _check(lora.r >= 0, "lora.r", f"must be >= 0 (0: no adapters), got {lora.r}")
+    if lora.r == 0:
+        return
+    _check(math.isfinite(lora.alpha) and lora.alpha > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
+    _check(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    unknown = sorted(set(lora.target_modules) - set(LORA_TARGETS))
+    _check(len(lora.target_modules) > 0 and not unknown, "lora.target_modules", f"{unknown or 'none'}: the adaptable projections are {', '.join(LORA_TARGETS)}")
+    _check(stage.name in LORA_STAGES, "lora.r", f"adapters are for the fine-tuning stages ({', '.join(LORA_STAGES)}), not stage={stage.name}")
+    _check(stage.init_from is not None, "stage.init_from", "LoRA trains adapters on a base model: set stage.init_from")
+    if stage.name == "dpo":
+        _check(pref.reference in (None, stage.init_from), "preference.reference",
+               "with LoRA the reference is the base (stage.init_from) with its adapters off; leave preference.reference unset")
+
+
 def _validate_sft(sft: SFTConfig) -> None:
     _check_choice(sft.loss_mask, SFT_LOSS_MASKS, "sft.loss_mask")
     _check_choice(sft.packing, SFT_PACKING, "sft.packing")
@@ -423,6 +462,12 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
         "optimizer offload needs ZeRO stage 1, 2 or 3",
     )
     _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs ZeRO stage 3")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _check(condition: bool, key: str, message: str) -> None:

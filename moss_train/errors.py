@@ -8,8 +8,11 @@ class ConfigError(ValueError):
     """
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"{key}: {message}")
+
+    def __reduce__(self):  # picklable, so one rank's verdict can be broadcast to the others
+        return ConfigError, (self.key, self.message)
 
 
 class CheckpointError(RuntimeError):

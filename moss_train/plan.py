@@ -15,6 +15,10 @@ Per GPU it counts, in GiB:
   autograd really saves in tests/test_plan.py), and the loss head's peak (the logits over a
   107k vocabulary are the largest single item at 16B);
 - ZeRO's communication buckets and a fixed reserve (CUDA context, NCCL, fragmentation);
+- with LoRA (``lora.r`` > 0): the frozen base in 16-bit, and the adapters' weights, gradients
+  and optimizer states counted as full training counts all of them; activations as for full
+  fine-tuning (the frozen layers' inputs are kept for the adapters' gradients); no weight
+  gradients for the base (4 N instead of 6 N FLOPs per token);
 
 then the step time and tokens/day at the cluster's stated MFU, and the time ZeRO's traffic
 needs at the cluster's link rate. Exit status: 0 fits (or the GPU memory is unknown), 1 does
@@ -121,21 +125,41 @@ def model_states(counts: ParameterCounts, layout: Layout) -> ModelStates:
     return ModelStates(params, grads, optimizer, gathered, _cpu_per_node(counts, layout))
 
 
-def _cpu_per_node(counts: ParameterCounts, layout: Layout) -> float:
+def _cpu_per_node(counts: ParameterCounts, layout: Layout, trainable: Optional[int] = None) -> float:
     P = counts.total
+    T = P if trainable is None else trainable
     if layout.zero_stage == 3 and (layout.offload_optimizer or layout.offload_param):
-        # fp32 master + gradients + Adam moments (16 bytes), + 16-bit weights (2) when offloaded.
-        per_param = (16 if layout.offload_optimizer else 0) + (2 if layout.offload_param else 0)
-        return per_param * P / layout.nodes * CPU_BUFFER_FACTOR
+        # fp32 master + gradients + Adam moments (16 bytes) of what trains, + 16-bit weights (2)
+        # when offloaded.
+        return ((16 * T if layout.offload_optimizer else 0) + (2 * P if layout.offload_param else 0)) / layout.nodes * CPU_BUFFER_FACTOR
     if layout.zero_stage == 3:
         # zero.Init: each process materialises one layer at a time in fp32 before sharding it.
         return 4 * counts.largest_layer * layout.gpus_per_node * CPU_BUFFER_FACTOR
     if layout.offload_optimizer:
         # DeepSpeed's ZeRO-2 offload figure: the optimizer's 16 bytes/param, at least 4 bytes
         # per parameter per GPU of the job.
-        return P * max(4 * layout.gpus, 16) * CPU_BUFFER_FACTOR
+        return T * max(4 * layout.gpus, 16) * CPU_BUFFER_FACTOR
     # Without zero.Init every process builds the whole fp32 model in CPU memory first.
     return 4 * P * layout.gpus_per_node * CPU_BUFFER_FACTOR
+
+
+def lora_parameters(model: ModelConfig, lora) -> int:
+    """The adapters' parameters: r x (inputs + outputs) of each adapted projection, per block."""
+    C, inner = model.n_embd, inner_dim(model)
+    sizes = {"qkv_proj": C + 3 * C, "out_proj": 2 * C, "fc_in": C + inner, "fc_out": inner + C}
+    return model.n_layer * sum(lora.r * sizes[name] for name in lora.target_modules)
+
+
+def lora_model_states(counts: ParameterCounts, layout: Layout, trainable: int) -> ModelStates:
+    """Model states with LoRA: the `trainable` adapter parameters as full training counts its
+    parameters (16-bit weights, fp32 gradients, master weights and Adam moments, sharded alike),
+    plus the frozen base's 16-bit weights (sharded by ZeRO-3, on the CPU with parameter offload);
+    ZeRO-3 gathers the largest layer's 16-bit weights, with no gradient for them."""
+    adapters = model_states(ParameterCounts(trainable, 0, "adapters"), layout)
+    stage3 = layout.zero_stage == 3
+    frozen = 0.0 if stage3 and layout.offload_param else 2 * counts.total / (layout.gpus if stage3 else 1)
+    gathered = 2 * counts.largest_layer if stage3 else 0.0
+    return ModelStates(adapters.params + frozen, adapters.grads, adapters.optimizer, gathered, _cpu_per_node(counts, layout, trainable))
 
 
 def deepspeed_estimate(counts: ParameterCounts, layout: Layout) -> Optional[tuple[float, float, str]]:
@@ -225,20 +249,22 @@ def bucket_bytes(cfg: MossTrainConfig) -> float:
 # ----------------------------------------------------------------------------- time
 
 
-def zero_traffic_bytes(total_params: int, zero_stage: int, gpus: int, accumulation: int) -> float:
+def zero_traffic_bytes(total_params: int, zero_stage: int, gpus: int, accumulation: int, trainable: Optional[int] = None) -> float:
     """Bytes each GPU sends per optimizer step (ring collectives move (N-1)/N of the data).
     ZeRO-3 gathers the 16-bit weights for forward and again for backward and reduce-scatters the
     gradients, for every micro-batch; ZeRO-2 reduce-scatters gradients every micro-batch and
-    gathers the updated weights once; ZeRO-0/1 all-reduce once per step."""
+    gathers the updated weights once; ZeRO-0/1 all-reduce once per step. Only what trains
+    (`trainable`, LoRA's adapters; default every parameter) has gradients and updates."""
     if gpus == 1:
         return 0.0
     ring = (gpus - 1) / gpus
-    per_collective = 2 * total_params * ring  # one 16-bit copy of the weights
+    weights = 2 * total_params * ring  # one 16-bit copy of the weights
+    grads = 2 * (total_params if trainable is None else trainable) * ring  # one 16-bit copy of what trains
     if zero_stage == 3:
-        return 3 * per_collective * accumulation
+        return (2 * weights + grads) * accumulation
     if zero_stage == 2:
-        return per_collective * (accumulation + 1)
-    return 2 * per_collective
+        return grads * (accumulation + 1)
+    return 2 * grads
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -257,6 +283,8 @@ class Plan:
     accumulation: int
     step_seconds: Optional[float]
     comm_seconds: Optional[float]
+    trainable: Optional[int] = None  # LoRA: the adapters' parameters (None: everything trains)
+    full_states: Optional[ModelStates] = None  # LoRA: the model states full fine-tuning would need
 
     @property
     def gpus(self) -> int:
@@ -297,26 +325,33 @@ def make_plan(cfg: MossTrainConfig, model: Optional[ModelConfig] = None) -> Plan
     counts, layout = parameter_counts(model), layout_of(cfg)
     accumulation = trainer.global_batch_size // (trainer.micro_batch_size * layout.gpus)
     checkpointing = model.gradient_checkpointing
+    trainable = lora_parameters(model, cfg.lora) if cfg.lora.r else None
     step_seconds = comm_seconds = None
     if cluster.peak_tflops:
-        flops = flops_per_token(model, seq) * trainer.global_batch_size * seq
-        step_seconds = flops / (layout.gpus * cluster.peak_tflops * 1e12 * cluster.mfu)
+        per_token = flops_per_token(model, seq)
+        if trainable is not None:  # no weight gradients for the frozen base: 4 N, not 6 N
+            n_matmul = counts.total - model_vocab_size(model) * model.n_embd
+            per_token += 6 * trainable - 2 * n_matmul
+        step_seconds = per_token * trainer.global_batch_size * seq / (layout.gpus * cluster.peak_tflops * 1e12 * cluster.mfu)
     link = cluster.inter_node_gb_per_s if cluster.nodes > 1 else cluster.intra_node_gb_per_s
     if link:
-        traffic = zero_traffic_bytes(counts.total, layout.zero_stage, layout.gpus, accumulation)
+        traffic = zero_traffic_bytes(counts.total, layout.zero_stage, layout.gpus, accumulation, trainable)
         comm_seconds = traffic / (link * 1e9)
+    full = model_states(counts, layout)
     return Plan(
         cfg=cfg,
         model=model,
         counts=counts,
-        states=model_states(counts, layout),
-        deepspeed=deepspeed_estimate(counts, layout),
+        states=full if trainable is None else lora_model_states(counts, layout, trainable),
+        deepspeed=deepspeed_estimate(counts, layout) if trainable is None else None,
         activations=activation_bytes(model, trainer.micro_batch_size, seq, checkpointing),
         activations_other=activation_bytes(model, trainer.micro_batch_size, seq, not checkpointing),
         buckets=bucket_bytes(cfg),
         accumulation=accumulation,
         step_seconds=step_seconds,
         comm_seconds=comm_seconds,
+        trainable=trainable,
+        full_states=full if trainable is not None else None,
     )
 
 
@@ -366,6 +401,7 @@ def render(plan: Plan) -> str:
         f"({plan.counts.largest_layer_name}); ZeRO-{ds.zero_stage}, offload {offload}, precision {trainer.precision}",
         f"batch: micro {trainer.micro_batch_size} x accumulation {plan.accumulation} x {plan.gpus} GPUs = "
         f"{trainer.global_batch_size} sequences x {cfg.data.seq_len} tokens = {plan.tokens_per_step / 1e6:.2f}M tokens/step",
+        *_lora_lines(plan),
         "",
         f"{'per GPU (GiB)':48s}{'plan':>8s}   DeepSpeed estimator",
         f"{'  parameters (16-bit)':48s}{_gib(plan.states.params)}",
@@ -387,7 +423,20 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _lora_lines(plan: Plan) -> list[str]:
+    if plan.trainable is None:
+        return []
+    lora = plan.cfg.lora
+    return [
+        f"LoRA r={lora.r} alpha={lora.alpha} on {', '.join(lora.target_modules)}: {plan.trainable / 1e6:.1f}M trainable "
+        f"parameters ({100 * plan.trainable / plan.counts.total:.2f}%), the base frozen in 16-bit; model states "
+        f"{plan.states.gpu / GIB:.2f} GiB per GPU vs {plan.full_states.gpu / GIB:.2f} GiB for full fine-tuning"
+    ]
+
+
 def _deepspeed_figure(plan: Plan, index: int) -> str:
+    if plan.trainable is not None:
+        return "(none for LoRA: DeepSpeed's estimators train every parameter)"
     if plan.deepspeed is None:
         return "(none for this ZeRO stage / offload)"
     return f"{plan.deepspeed[index] / GIB:.2f}  ({plan.deepspeed[2]})"

@@ -26,7 +26,10 @@ matches its special tokens (``<s> </s> <pad> <unk>``) in text, sentencepiece doe
 "</s>" in a document stays text here).
 
 Any existing HF tokenizer directory can be used instead: :func:`load_tokenizer` returns an
-:class:`HFTokenizer` for it, a wrapper with the same interface, so stages never care which.
+:class:`HFTokenizer` for it, a wrapper with the same interface, so stages never care which. A MOSS
+release's tokenizer (fnlp/moss-moon-003-*: byte-level BPE ``vocab.json`` + ``merges.txt`` and
+added tokens, behind custom code that transformers 5 no longer runs) is read from its files into
+a standard ``PreTrainedTokenizerFast`` without running that code (:func:`moss_release_tokenizer`).
 
 Training is offline work and lives in ``data_pipelines/train_tokenizer.py``; this module is
 what training and inference load at run time (it needs no torch).
@@ -293,6 +296,90 @@ def hf_tokenizer_json(model_proto: bytes) -> str:
     return tokenizer.to_str(pretty=True)
 
 
+# ============================================================ MOSS release tokenizers
+MOSS_RELEASE_CLASS = "MossTokenizer"  # tokenization_moss.py of the fnlp/moss-moon-003-* releases
+RELEASE_VOCAB, RELEASE_MERGES, RELEASE_ADDED = "vocab.json", "merges.txt", "added_tokens.json"
+# MossTokenizer's defaults where the files name no special token.
+RELEASE_SPECIAL_DEFAULTS = {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<eom>", "pad_token": None}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def is_moss_release_tokenizer(directory: str | os.PathLike) -> bool:
+    """A MOSS release's tokenizer layout: vocab.json + merges.txt, no tokenizer.json, and a
+    tokenizer_config.json naming the custom MossTokenizer class."""
+    directory = Path(directory)
+    files = all((directory / f).is_file() for f in (RELEASE_VOCAB, RELEASE_MERGES))
+    return files and not (directory / HF_TOKENIZER_FILE).is_file() and _read_json(directory / HF_CONFIG_FILE).get("tokenizer_class") == MOSS_RELEASE_CLASS
+
+
+def moss_release_tokenizer(directory: str | os.PathLike):
+    """A MOSS release's tokenizer as a standard ``PreTrainedTokenizerFast``, from its files alone
+    (none of its code runs), giving the ids its own MossTokenizer gives.
+
+    MossTokenizer is GPT-2's byte-level BPE: the GPT-2 pre-tokenization regex, merges.txt ranked
+    by line (its first line, the version header, skipped), no prefix space, nothing added around
+    the text. Special tokens (unk / bos / eos / pad, MossTokenizer's defaults where the files name
+    none) match as themselves. The added tokens of ``added_tokens.json`` (MOSS's ``<eoh>`` ...
+    ``<eom>``) match too and, as transformers 4.25 (the release's version) tokenized them, eat the
+    whitespace on both sides; added tokens listed in ``added_tokens_decoder`` (newer
+    tokenizer_config.json files) keep their own lstrip / rstrip.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    config = {**_read_json(directory / HF_SPECIAL_TOKENS_FILE), **_read_json(directory / HF_CONFIG_FILE)}
+    if config.get("add_prefix_space"):
+        raise TokenizerError(f"{directory}: add_prefix_space=true is not supported for a MOSS release tokenizer")
+    vocab = json.loads((directory / RELEASE_VOCAB).read_text(encoding="utf-8"))
+    lines = (directory / RELEASE_MERGES).read_text(encoding="utf-8").split("\n")[1:-1]  # as MossTokenizer reads it
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(line.split()) for line in lines]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+
+    specials = {}
+    for key, default in RELEASE_SPECIAL_DEFAULTS.items():
+        value = config.get(key, default)
+        if value is not None:
+            specials[key] = _added_token(value, special=True, strip=False)
+    by_content = {token.content: token for token in specials.values()}
+    entries = {e["content"]: (int(i), e) for i, e in (config.get("added_tokens_decoder") or {}).items()}
+    ids = {content: int(i) for content, i in _read_json(directory / RELEASE_ADDED).items()}
+    ids.update({content: i for content, (i, _) in entries.items()})
+    for content, _ in sorted(ids.items(), key=lambda item: item[1]):  # in id order: each takes the next id
+        if content in by_content:
+            token = by_content[content]
+        elif content in entries:
+            entry = entries[content][1]
+            token = _added_token(entry, special=bool(entry.get("special")), strip=False)
+        else:  # added_tokens.json: transformers 4.25 stripped the whitespace around these
+            token = _added_token(content, special=False, strip=True)
+        (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
+    tokenizer.add_special_tokens([t for t in specials.values() if t.content not in ids])  # in vocab.json, or new last
+    moved = {c: (i, tokenizer.token_to_id(c)) for c, i in ids.items() if tokenizer.token_to_id(c) != i}
+    if moved:
+        raise TokenizerError(f"{directory}: added tokens do not follow vocab.json's ids (token: (file id, id)): {dict(list(moved.items())[:5])}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        **{key: token.content for key, token in specials.items()},
+        clean_up_tokenization_spaces=False,
+        model_max_length=int(config.get("model_max_length", 2048)),
+    )
+
+
+def _added_token(value, special: bool, strip: bool):
+    """An AddedToken from a file's entry (a string, or a dict with content and flags)."""
+    from tokenizers import AddedToken
+
+    if isinstance(value, Mapping):
+        return AddedToken(value["content"], lstrip=bool(value.get("lstrip")), rstrip=bool(value.get("rstrip")),
+                          single_word=bool(value.get("single_word")), normalized=False, special=special)
+    return AddedToken(str(value), lstrip=strip, rstrip=strip, normalized=False, special=special)
+
+
 # ============================================================ any HF tokenizer
 HF_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt")
 
@@ -300,7 +387,8 @@ HF_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.js
 class HFTokenizer:
     """An existing Hugging Face tokenizer directory behind MossTokenizer's interface.
 
-    Loaded with ``AutoTokenizer.from_pretrained(dir, trust_remote_code=False)``; encoding adds no
+    Loaded with ``AutoTokenizer.from_pretrained(dir, trust_remote_code=False)`` (a MOSS release's
+    tokenizer with :func:`moss_release_tokenizer`, no code run); encoding adds no
     special tokens (like MossTokenizer). The *hash* is the sha256 of the files that define the
     ids (``tokenizer.json``, or the vocabulary files of a slow tokenizer), so shards remember
     which tokenizer made them. The MOSS turn tokens are optional here: ``special_ids`` lists
@@ -314,10 +402,15 @@ class HFTokenizer:
         files = [self.directory / f for f in HF_VOCAB_FILES if (self.directory / f).is_file()]
         if not files:
             raise TokenizerError(f"{self.directory}: no tokenizer files ({', '.join(HF_VOCAB_FILES)})")
+        release = is_moss_release_tokenizer(self.directory)
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(self.directory), trust_remote_code=False)
+            self.hf = moss_release_tokenizer(self.directory) if release else AutoTokenizer.from_pretrained(str(self.directory), trust_remote_code=False)
+        except TokenizerError:
+            raise
         except Exception as e:  # transformers raises many kinds; one message that names the dir
             raise TokenizerError(f"{self.directory}: AutoTokenizer cannot load it: {e}") from e
+        if release:  # the added tokens and special tokens decide ids too
+            files += [self.directory / f for f in (RELEASE_ADDED, HF_CONFIG_FILE, HF_SPECIAL_TOKENS_FILE) if (self.directory / f).is_file()]
         h = hashlib.sha256()
         for f in files[:1] if files[0].name == HF_TOKENIZER_FILE else files:
             h.update(f.name.encode() + b"\0" + f.read_bytes())

@@ -71,7 +71,7 @@ def test_greedy_generation_equals_hf_generate_on_the_export(exported):
     with torch.no_grad():
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eom, pad_token_id=tokenizer.pad_id)
     hf_batched = [_until(row[ids.shape[1]:].tolist(), eom) for row in out]
-    hf_single = [_until(hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):].tolist(), eom) for p in prompts]
+    hf_single = [_until(hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=eom)[0, len(p):].tolist(), eom) for p in prompts]
     assert hf_batched == hf_single
     assert generate_batch(ours, prompts, 24, stop_ids=(eom,), pad_id=tokenizer.pad_id) == hf_batched
     assert [generate_batch(ours, [p], 24, stop_ids=(eom,))[0] for p in prompts] == hf_single

@@ -45,7 +45,7 @@ def test_warmup_cosine_schedule():
 # ---------------------------------------------------------------------------- real runs
 def test_pretraining_cli_end_to_end(pretrain_data, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(train_overrides(pretrain_data, out, **{"trainer.max_steps": 6, "checkpoint.keep_last": 1}))
+    result = run_cli(train_overrides(pretrain_data, out, **{"trainer.max_steps": 6, "checkpoint.keep_last": 1, "logging.tensorboard": "true"}))
     records = train_losses(out)
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
     for record in records.values():
@@ -59,6 +59,14 @@ def test_pretraining_cli_end_to_end(pretrain_data, tmp_path):
     assert (checkpoints / LATEST).read_text().strip() == "step_00000006"
     assert (checkpoints / "step_00000006" / COMPLETE).is_file()
     assert "done:" in result.stdout
+    # logging.tensorboard: the same scalars, by step, read back from the event file.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    logged = {(r["step"], k): v for r in read_metrics(out) for k, v in r.items() if k != "step"}
+    read_back = {(e.step, tag): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    assert sorted(read_back) == sorted(logged) and {"loss", "eval_loss", "lr", "mfu"} <= {k for _, k in read_back}
+    assert all(read_back[key] == pytest.approx(value, rel=1e-6) for key, value in logged.items())  # float32 events
 
 
 # The reference runs: the same 4 steps (global batch 8) under ZeRO-3, on 1 process (1x4

@@ -180,9 +180,10 @@ def test_export_loads_without_custom_code_and_logits_equal_the_training_model(ze
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=False).eval()
     assert type(model).__name__ == "CodeGenForCausalLM" and model.dtype == torch.float32
     tokenizer = MossTokenizer.load(hf_dir)
-    eom = tokenizer.token_to_id("<eom>")
-    assert model.generation_config.eos_token_id == eom and model.config.eos_token_id == eom
-    assert json.loads((hf_dir / "generation_config.json").read_text())["eos_token_id"] == eom
+    eoc, eom = tokenizer.token_to_id("<eoc>"), tokenizer.token_to_id("<eom>")
+    # generate() stops where a tool must run (<eoc>) and after the reply (<eom>).
+    assert model.generation_config.eos_token_id == [eoc, eom] and model.config.eos_token_id == eom
+    assert json.loads((hf_dir / "generation_config.json").read_text())["eos_token_id"] == [eoc, eom]
     ours = checkpoint_model(zero3_runs["one"] / "checkpoints" / "step_00000004")
     text = "def add(a, b):\n    return a + b\n中文的句子。 The end."
     x = torch.tensor([tokenizer.encode(text)])
@@ -194,12 +195,12 @@ def test_export_loads_without_custom_code_and_logits_equal_the_training_model(ze
 
 
 @torch.no_grad()
-def greedy(model: CodeGenForCausalLM, ids: list[int], max_new_tokens: int, stop_id: int) -> list[int]:
+def greedy(model: CodeGenForCausalLM, ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...]) -> list[int]:
     """moss-train's model decoding greedily: the whole sequence each step, argmax of the last."""
     new: list[int] = []
     for _ in range(max_new_tokens):
         new.append(int(model(torch.tensor([ids + new]))[0, -1].argmax()))
-        if new[-1] == stop_id:
+        if new[-1] in stop_ids:
             break
     return new
 
@@ -209,12 +210,12 @@ def test_greedy_generate_of_the_export_equals_moss_train_greedy_decoding(zero3_r
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ours = checkpoint_model(zero3_runs["one"] / "checkpoints" / "step_00000004")
-    eom = tokenizer.convert_tokens_to_ids("<eom>")
+    stops = tuple(tokenizer.convert_tokens_to_ids(["<eoc>", "<eom>"]))
     for prompt in ("import os\nimport sys\n\ndef main", "人民日报"):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             hf = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
-        mine = greedy(ours, ids, max_new_tokens=20, stop_id=eom)
+        mine = greedy(ours, ids, max_new_tokens=20, stop_ids=stops)
         assert hf == mine, prompt
     assert len(set(hf)) > 1  # not a degenerate repeat of one token
 
@@ -244,10 +245,12 @@ def test_export_tokenizer_and_chat_template_give_what_training_saw(zero3_runs):
     # Token ids: what SFT trains on is the per-segment encoding of the same dialogue.
     trained = [i for part in moss_format.encode_segments(ours, moss_format.dialogue_segments(dialogue)) for i in part]
     assert hf.apply_chat_template(messages, tokenize=True)["input_ids"] == trained
-    # A conversation ending with a user message is the prompt the chat side builds.
-    prompt_text = hf.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    # A conversation ending with a user message is the prompt the chat side builds, and the
+    # generation prompt is the field the model writes next.
     segments = moss_format.prompt_segments(meta, dialogue.turns[:1], "And 1+1?")
-    assert prompt_text == "".join(s.text for s in segments)
+    assert hf.apply_chat_template(messages[:-1], tokenize=False) == "".join(s.text for s in segments)
+    prompt_text = hf.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt_text == "".join(s.text for s in segments) + "<|Inner Thoughts|>:"
 
 
 def test_sharded_and_low_precision_exports(zero3_runs, tmp_path):

@@ -3,6 +3,7 @@ really saves, time arithmetic, the verdict and the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -168,6 +169,24 @@ def test_cluster_errors_name_the_key(override, key):
     with pytest.raises(ConfigError) as error:
         validate(to_object(compose([override])), world_size=1)
     assert error.value.key == key
+
+
+def test_lora_plan_for_moss16b_on_one_gpu():
+    cfg = to_object(compose(["stage.init_from=."], "moss16b_lora"))
+    validate(cfg, world_size=1)
+    lora_plan = plan.make_plan(cfg)
+    counts, layout = plan.parameter_counts(MOSS_16B), plan.layout_of(cfg)
+    C, r = 6144, 16
+    assert lora_plan.trainable == 34 * r * ((C + 3 * C) + 2 * C + 2 * (C + 4 * C))  # qkv, out, fc_in, fc_out
+    # The adapters as full training counts parameters, plus the frozen base in 16-bit, plus
+    # ZeRO-3's gathered layer without gradients.
+    adapters = plan.model_states(plan.ParameterCounts(lora_plan.trainable, 0, "adapters"), layout)
+    assert lora_plan.states.gpu == pytest.approx(adapters.gpu + 2 * counts.total + 2 * counts.largest_layer)
+    assert lora_plan.full_states.gpu > 8 * lora_plan.states.gpu and lora_plan.fits  # 41 GiB of 80
+    # No weight gradients for the base: 4 N instead of 6 N FLOPs per token (+ the attention).
+    full = plan.make_plan(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, r=0)))
+    assert full.fits is False and 0.6 < lora_plan.step_seconds / full.step_seconds < 0.7
+    assert "LoRA r=16 alpha=32.0 on qkv_proj, out_proj, fc_in, fc_out: 53.5M trainable parameters" in plan.render(lora_plan)
 
 
 # ---------------------------------------------------------------------------- time and verdict

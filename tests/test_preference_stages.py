@@ -253,6 +253,32 @@ def test_preference_trains_on_the_tagged_dialogues_on_two_processes(pretrain_dat
     assert records[3]["loss"] < records[1]["loss"]
 
 
+def test_preference_with_lora_trains_adapters_only(pretrain_data, tag_run, tmp_path):
+    """stage=preference with LoRA on an HF base: the adapters alone train and are saved, and the
+    merged export carries the tag form like any preference export."""
+    from test_export import random_hf_codegen
+
+    from moss_train.checkpoint.export import export_checkpoint
+    from moss_train.checkpoint.sources import MossTrainCheckpoint
+    from moss_train.model import lora
+    from moss_train.tokenizer import MossTokenizer
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    random_hf_codegen(1024, seed=2, n_positions=256, n_ctx=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8).save_pretrained(base)
+    MossTokenizer.load(pretrain_data / "tokenizer").save_pretrained(base)
+    result = run_cli(stage_overrides(pretrain_data, out, **{
+        "stage": "preference", "data": "preference_demo", "data.root": str(tag_run / "conditioned"),
+        "data.train_shards": "[shards/train.*]", "data.valid_shards": "[shards/valid.*]", "data.seq_len": 256,
+        "stage.init_from": str(base), "lora.r": 4, "trainer.max_steps": 3, "trainer.lr": 3e-3,
+    }))
+    assert "LoRA r=4 alpha=16.0 on qkv_proj, out_proj, fc_in, fc_out: 8,192 trainable parameters" in result.stdout
+    records = train_losses(out)
+    assert records[3]["loss"] < records[1]["loss"]
+    assert all(lora.is_adapter(name) for name in MossTrainCheckpoint(out).names)
+    export_checkpoint(out, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "quality.json").read_text()) == json.loads((out / "quality.json").read_text())
+
+
 def test_the_tag_form_travels_to_the_export_and_moss_chat_asks_for_the_best(preference_run, tmp_path):
     from moss_train.chat import format as fmt
     from moss_train.chat.cli import choose_quality
@@ -264,6 +290,14 @@ def test_the_tag_form_travels_to_the_export_and_moss_chat_asks_for_the_best(pref
     assert form == json.loads((out / "quality.json").read_text())
     export_checkpoint(out, tmp_path / "hf")
     assert fmt.find_quality_form(tmp_path / "hf") == form
+    # Its chat template asks for the best tag, in the meta instruction the training data had
+    # (SYSTEM: no capability lines).
+    import transformers
+
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    best = fmt.with_quality(SYSTEM, form["levels"], form["levels"], form["template"])
+    assert prompt == best + "<|Human|>: hi<eoh>\n"
     assert choose_quality(None, form) == (3, 3) and choose_quality("worst", form) == (1, 3)
     assert choose_quality("2/3", form) == (2, 3) and choose_quality(None, None) is None
     with pytest.raises(SystemExit, match="not tag-conditioned"):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from moss_train.chat import format as fmt
 
-PREAMBLES = {"moss": fmt.MOSS_PREAMBLE, "short": fmt.SHORT_PREAMBLE}
 # MOSS 003's recommended sampling (its README): temperature 0.7, top_p 0.8, repetition 1.02.
 DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=0, repetition_penalty=1.02, max_new_tokens=256)
 
@@ -80,7 +79,7 @@ def load_plugins(args: argparse.Namespace, prog: str = "moss-chat") -> dict:
 
 def read_preamble(name: str) -> str:
     """--preamble: a named one (moss, short) or the text of a file."""
-    preamble = PREAMBLES.get(name)
+    preamble = fmt.PREAMBLES.get(name)
     return preamble if preamble is not None else Path(name).read_text(encoding="utf-8")
 
 

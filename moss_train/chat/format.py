@@ -97,6 +97,7 @@ MOSS_PREAMBLE = (
 # A short preamble for small models (the demo set): the capability lines stay the same.
 SHORT_PREAMBLE = "You are an AI assistant whose name is MOSS.\n"
 CAPABILITIES_HEADER = "Capabilities and tools that MOSS can possess.\n"
+PREAMBLES = {"moss": MOSS_PREAMBLE, "short": SHORT_PREAMBLE}  # by name, for the command lines
 
 # Capability lines in moss-003 order: (plugin name, line label, API or None).
 INNER_THOUGHTS_CAPABILITY = "Inner thoughts"
@@ -123,10 +124,14 @@ def meta_instruction(plugins: Iterable[str] = (), inner_thoughts: bool | None = 
     if unknown:
         raise ValueError(f"unknown plugins {sorted(unknown)}; known: {', '.join(ENABLEABLE_PLUGINS)}")
     thoughts = bool(enabled) if inner_thoughts is None else inner_thoughts
-    lines = [f"- {INNER_THOUGHTS_CAPABILITY}: {'enabled' if thoughts else 'disabled'}.\n"]
-    for name, label, api in PLUGIN_CAPABILITIES:
-        lines.append(f"- {label}: enabled. API: {api}\n" if name in enabled else f"- {label}: disabled.\n")
+    lines = [capability_line(INNER_THOUGHTS_CAPABILITY, thoughts)]
+    lines += [capability_line(label, name in enabled, api) for name, label, api in PLUGIN_CAPABILITIES]
     return preamble + CAPABILITIES_HEADER + "".join(lines)
+
+
+def capability_line(label: str, enabled: bool, api: str | None = None) -> str:
+    """``- Calculator: enabled. API: Calculate(expression)``, ``- Web search: disabled.``"""
+    return f"- {label}: enabled. API: {api}\n" if enabled and api else f"- {label}: {'enabled' if enabled else 'disabled'}.\n"
 
 
 # A quality tag (stage=preference): one line appended to the meta instruction; recipes may
@@ -181,6 +186,40 @@ def choose_quality(text: str | None, form: dict | None) -> tuple[int, int] | Non
         return level, levels
     except ValueError:
         raise ValueError(f"wants N/K with 1 <= N <= K, got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- tools
+def plugin_api(plugin: str) -> tuple[str, str]:
+    """(command name, parameter name) of an enableable plugin: ("Calculate", "expression")."""
+    api = next(api for name, _, api in PLUGIN_CAPABILITIES if name == plugin and api)
+    command_name, _, parameter = api.partition("(")
+    return command_name, parameter.rstrip(")")
+
+
+# How a tool's answer sits in the results field (moss-003): the equation solver's and the web
+# search's on the lines after "=>", every other tool's on the same line, in quotes.
+MULTILINE_RESULT_APIS = frozenset({"Solve", "Search"})
+
+
+def command(api: str, argument: str) -> str:
+    """One command as the commands field spells it: ``Calculate("24*15")``."""
+    return f'{api}("{argument}")'
+
+
+def result_line(api: str, argument: str, answer: str, multiline: bool | None = None) -> str:
+    """The results line(s) of one command: ``Calculate("24*15") => '360'``, or for a multi-line
+    tool (default: by its API) ``Solve("x+1=2") =>`` and the answer on the next lines."""
+    multiline = api in MULTILINE_RESULT_APIS if multiline is None else multiline
+    call = command(api, argument)
+    return f"{call} =>\n{answer}" if multiline else f"{call} => '{answer}'"
+
+
+_COMMAND = re.compile(r'\b(\w++)\("((?:[^"\\]|\\.)*+)"\)')  # possessive + \b: linear on any text
+
+
+def parse_commands(commands_text: str | None) -> list[tuple[str, str]]:
+    """(api, argument) pairs of a commands field body, e.g. ``Calculate("1+1")``."""
+    return _COMMAND.findall(commands_text or "")
 
 
 def enabled_plugins(meta: str) -> list[str]:
@@ -246,15 +285,15 @@ class Dialogue:
     turns: list[Turn] = field(default_factory=list)
 
 
+def field_segments(role: str, body: str, turn: int) -> list[Segment]:
+    """One field: marker + ":", its body (when not empty), end token + "\\n"."""
+    spec = FIELD_BY_ROLE[role]
+    body_segments = [Segment(body, role, "body", turn)] if body else []
+    return [Segment(spec.prefix, role, "marker", turn), *body_segments, Segment(spec.suffix, role, "end", turn)]
+
+
 def turn_segments(turn: Turn, index: int) -> list[Segment]:
-    out = []
-    for spec in FIELDS:
-        out.append(Segment(spec.prefix, spec.role, "marker", index))
-        body = turn.body(spec.role)
-        if body:
-            out.append(Segment(body, spec.role, "body", index))
-        out.append(Segment(spec.suffix, spec.role, "end", index))
-    return out
+    return [segment for spec in FIELDS for segment in field_segments(spec.role, turn.body(spec.role), index)]
 
 
 def dialogue_segments(dialogue: Dialogue) -> list[Segment]:
@@ -280,14 +319,7 @@ def prompt_segments(meta: str, history: Sequence[Turn], human: str) -> list[Segm
 
     The model continues with ``<|Inner Thoughts|>: ...<eot>\\n<|Commands|>: ...<eoc>``.
     """
-    segments = dialogue_segments(Dialogue(meta, list(history)))
-    spec = FIELD_BY_ROLE[HUMAN]
-    index = len(history)
-    return segments + [
-        Segment(spec.prefix, HUMAN, "marker", index),
-        Segment(_body(human), HUMAN, "body", index),
-        Segment(spec.suffix, HUMAN, "end", index),
-    ]
+    return dialogue_segments(Dialogue(meta, list(history))) + field_segments(HUMAN, _body(human), len(history))
 
 
 def results_segments(lines: Sequence[str] | None, turn: int) -> list[Segment]:

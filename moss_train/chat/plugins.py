@@ -297,9 +297,9 @@ def result_line(api: str, argument: str, answer: str, multiline: bool = False) -
     """One command's results line(s) in moss-003's layout, as the model will read them: no
     special token spelled out by the argument or the answer, the argument shown up to
     MAX_SHOWN_ARGUMENT_CHARS and each answer line up to MAX_RESULT_LINE_CHARS characters."""
-    call = f'{api}("{_cut(fmt.without_special_tokens(argument), MAX_SHOWN_ARGUMENT_CHARS)}")'
+    shown = _cut(fmt.without_special_tokens(argument), MAX_SHOWN_ARGUMENT_CHARS)
     answer = "\n".join(_cut(line, MAX_RESULT_LINE_CHARS) for line in fmt.without_special_tokens(answer).split("\n"))
-    return f"{call} =>\n{answer}" if multiline else f"{call} => '{answer}'"
+    return fmt.result_line(api, shown, answer, multiline)  # the layout lives in format.py
 
 
 def _cut(text: str, limit: int) -> str:
@@ -322,7 +322,6 @@ class Plugin:
 
     name = ""  # the capability in the meta instruction (format.PLUGIN_CAPABILITIES)
     api = ""  # the command: Calculate("...")
-    multiline = False  # the answer on the lines after "=>" (moss-003's solver and search)
     max_argument_chars = 1024
     max_answer_chars = 4096
 
@@ -352,6 +351,11 @@ class Plugin:
         except Exception as exc:  # a user's backend may raise anything; the chat goes on
             answer, error = NO_RESULT, str(exc) or type(exc).__name__
         return ToolCall(self.api, argument, answer, self.result_line(argument, answer), error)
+
+    @property
+    def multiline(self) -> bool:
+        """The answer on the lines after "=>" (moss-003's solver and search; format.py says which)."""
+        return self.api in fmt.MULTILINE_RESULT_APIS
 
     def run(self, argument: str) -> str:
         return self.call(argument).answer
@@ -393,7 +397,7 @@ class Calculator(SandboxedPlugin):
 
 @register
 class EquationSolver(SandboxedPlugin):
-    name, api, target, multiline = "equation_solver", "Solve", "moss_train.chat.plugins:solve_or_raise", True
+    name, api, target = "equation_solver", "Solve", "moss_train.chat.plugins:solve_or_raise"
     max_argument_chars = MAX_CHARS
 
 
@@ -493,7 +497,7 @@ class ExternalPlugin(Plugin):
 class WebSearch(ExternalPlugin):
     """``Search("query")``: the backend returns snippets, shown numbered as moss-003 did."""
 
-    name, api, multiline = "web_search", "Search", True
+    name, api = "web_search", "Search"
 
     def render(self, value) -> str:
         items = value if isinstance(value, (list, tuple)) else [value]
@@ -534,12 +538,12 @@ def build_plugins(spec: Union[str, Iterable[str]], timeout_s: float = HTTP_TIMEO
 
 # ----------------------------------------------------------------------------- commands
 TOOLS: dict[str, Plugin] = {cls.api: cls() for cls in (Calculator, EquationSolver)}  # the built-ins by API
-_COMMAND = re.compile(r'\b(\w++)\("((?:[^"\\]|\\.)*+)"\)')  # possessive + \b: linear on any text
 
 
 def parse_commands(commands_text: str) -> list[tuple[str, str]]:
-    """(api, argument) pairs of a commands field body, e.g. ``Calculate("1+1")``."""
-    return _COMMAND.findall((commands_text or "")[:MAX_COMMANDS_CHARS])
+    """(api, argument) pairs of a commands field body, e.g. ``Calculate("1+1")`` (its first
+    MAX_COMMANDS_CHARS characters)."""
+    return fmt.parse_commands((commands_text or "")[:MAX_COMMANDS_CHARS])
 
 
 def call_tools(commands_text: str, plugins: Mapping[str, Plugin], budget_s: float = TURN_BUDGET_S) -> list[ToolCall]:

@@ -24,18 +24,21 @@ Vocabulary growth: when the run's tokenizer has more ids than the checkpoint has
 rows, or added tokens past the end of the checkpoint's own tokenizer (e.g. MOSS special
 tokens added to a CodeGen vocabulary, landing in its padding rows), those rows of
 ``transformer.wte``, ``lm_head.weight`` and ``lm_head.bias`` start at the mean of the
-checkpoint's rows.
+checkpoint's rows. A run tokenizer that gives other tokens at the checkpoint's ids is a recipe
+error (``data.tokenizer``) unless ``stage.allow_different_vocab`` is set; where the checkpoint
+carries no tokenizer that can be read, only the sizes are compared (a notice says so).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from moss_train.checkpoint.sources import log, open_source, run_tokenizer_pieces
+from moss_train.checkpoint.sources import log, open_source, run_tokenizer_pieces, weights_fingerprint
 from moss_train.engine.checkpoint import CheckpointError
 from moss_train.engine.distributed import DistInfo, broadcast_object
 from moss_train.errors import ConfigError
@@ -89,12 +92,14 @@ class LoadPlan:
     names: list[str]  # model parameters to copy from the source
     fresh_rows: list[int]  # vocabulary rows to initialise with the mean embedding
     mean_of_rows: int  # the mean is over the checkpoint's first rows (its real tokens)
+    base: dict  # which weights these are: {"path": resolved source, "fingerprint": weights_fingerprint}
 
 
-def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo) -> None:
-    """Copy stage.init_from's weights into the freshly built model (see the module docstring)."""
+def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo) -> Optional[LoadPlan]:
+    """Copy stage.init_from's weights into the freshly built model (see the module docstring);
+    the plan that was followed (None without stage.init_from)."""
     if not cfg.stage.init_from:
-        return
+        return None
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     reads = dist.is_main or not zero3
     source = open_source(cfg.stage.init_from) if reads and not dist.is_main else None
@@ -103,10 +108,14 @@ def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo)
         try:
             source = open_source(cfg.stage.init_from)
             source.verify()  # checksums of a moss-train checkpoint, before any weight is trusted
-            plan = plan_load(model, source, tokenizer, cfg.stage.trust_remote_code)
+            plan = plan_load(model, source, tokenizer, cfg.stage.trust_remote_code, cfg.stage.allow_different_vocab)
+        except ConfigError as exc:  # a recipe error: every rank raises it, naming the key
+            error = exc
         except Exception as exc:  # every rank must learn of it, or the others wait forever
             error = str(exc) if isinstance(exc, CheckpointError) else f"{cfg.stage.init_from}: {type(exc).__name__}: {exc}"
     plan, error = broadcast_object((plan, error))
+    if isinstance(error, ConfigError):
+        raise error
     if error:
         raise CheckpointError(error)
     params = dict(model.named_parameters())
@@ -119,6 +128,7 @@ def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo)
     if dist.is_main:
         grown = f"; {len(plan.fresh_rows)} vocabulary rows start at the mean embedding" if plan.fresh_rows else ""
         log(f"loaded {len(plan.names)} tensors from {cfg.stage.init_from}{grown}")
+    return plan
 
 
 def _gathered(param, zero3: bool):
@@ -133,7 +143,7 @@ def _full_shape(param) -> tuple:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-def plan_load(model, source, tokenizer, trust_remote_code: bool) -> LoadPlan:
+def plan_load(model, source, tokenizer, trust_remote_code: bool, allow_different_vocab: bool = False) -> LoadPlan:
     """Match names and shapes, decide the fresh vocabulary rows; CheckpointError on a mismatch."""
     expected = {name: _full_shape(p) for name, p in model.named_parameters()}
     available = set(source.names)
@@ -159,17 +169,20 @@ def plan_load(model, source, tokenizer, trust_remote_code: bool) -> LoadPlan:
         log(f"{len(fresh)} parameters start freshly initialised (not in the checkpoint): {', '.join(fresh)}")
     model_rows = expected["transformer.wte.weight"][0]
     pieces = source.tokenizer_pieces(trust_remote_code)
-    fresh_rows = fresh_vocab_rows(tokenizer, pieces, source_rows, model_rows)
+    fresh_rows = fresh_vocab_rows(tokenizer, pieces, source_rows, model_rows, allow_different_vocab)
     mean_of_rows = min(source_rows, len(pieces)) if pieces else source_rows
-    return LoadPlan([n for n in expected if n in available], fresh_rows, mean_of_rows)
+    base = {"path": str(Path(source.path).resolve()), "fingerprint": weights_fingerprint(source)}
+    return LoadPlan([n for n in expected if n in available], fresh_rows, mean_of_rows, base)
 
 
-def fresh_vocab_rows(tokenizer, source_pieces: Optional[list[str]], source_rows: int, model_rows: int) -> list[int]:
+def fresh_vocab_rows(
+    tokenizer, source_pieces: Optional[list[str]], source_rows: int, model_rows: int, allow_different_vocab: bool = False
+) -> list[int]:
     """Rows to start at the mean embedding: every row past the checkpoint's, and the run
     tokenizer's ids past the end of the checkpoint's own tokenizer (its added tokens).
 
-    Where both tokenizers have an id, their pieces should agree; when they do not, the
-    checkpoint's embeddings belong to other tokens, which is reported, not hidden.
+    Where both tokenizers have an id, their pieces must agree: otherwise the checkpoint's
+    embeddings belong to other tokens, a ConfigError unless `allow_different_vocab`.
     """
     fresh = set(range(source_rows, model_rows))
     if source_pieces is not None:
@@ -179,10 +192,13 @@ def fresh_vocab_rows(tokenizer, source_pieces: Optional[list[str]], source_rows:
         differ = [i for i in range(common) if ours[i] != theirs[i]]
         if differ:
             i = differ[0]
-            log(
-                f"WARNING: the run's tokenizer and the checkpoint's differ at {len(differ)} of {common} ids "
+            problem = (
+                f"the run's tokenizer and the checkpoint's differ at {len(differ)} of {common} ids "
                 f"(first: id {i} {ours[i]!r} vs {theirs[i]!r}); those embeddings belong to other tokens"
             )
+            if not allow_different_vocab:
+                raise ConfigError("data.tokenizer", f"{problem}: use the checkpoint's tokenizer (or one that only adds tokens at the end), or set stage.allow_different_vocab=true")
+            log(f"WARNING: {problem} (stage.allow_different_vocab)")
         if len(ours) > len(theirs):
             log(f"{len(ours) - len(theirs)} tokens added to the checkpoint's tokenizer: {ours[len(theirs):][:10]}")
             fresh.update(range(len(theirs), min(len(ours), model_rows)))

@@ -16,7 +16,8 @@ has a ``config.json`` whose ``model_type`` is ``codegen`` (``transformers``' Cod
 ``moss`` (the fnlp/moss-moon-003-* releases: the same weights and names, custom code for
 ``transformers``). Configs are read as JSON and mapped here, so no code shipped with a
 checkpoint ever runs; weights are read with safetensors or ``torch.load(weights_only=True)``.
-Only the tokenizer of a MOSS release needs its custom code, and only with ``trust_remote_code``.
+A MOSS release's tokenizer is read from its files (moss_train/tokenizer.py), without its code;
+another tokenizer that needs custom code runs it only with ``stage.trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from moss_train.checkpoint import safe_load
 from moss_train.engine.checkpoint import COMPLETE, LATEST, CheckpointError, read_complete, verify_or_raise
 from moss_train.model.codegen import _HF_BUFFER_SUFFIXES
 from moss_train.model.config import ModelConfig, from_hf_config
-from moss_train.tokenizer import sp_piece
+from moss_train.tokenizer import is_moss_release_tokenizer, moss_release_tokenizer, sp_piece
 
 HF_MODEL_TYPES = ("codegen", "moss")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -102,16 +103,19 @@ class MossTrainCheckpoint:
         parent = self.step_dir.parent
         return parent.parent if parent.name == "checkpoints" else None
 
-    def recipe_tokenizer(self) -> Optional[Path]:
-        """The tokenizer directory the run's recipe (run_dir/config.yaml) names, if it exists."""
+    def recipe(self):
+        """The run's recipe (run_dir/config.yaml, as the run wrote it), or None."""
         config = self.run_dir / "config.yaml" if self.run_dir else None
         if config is None or not config.is_file():
             return None
         from omegaconf import OmegaConf
 
-        path = OmegaConf.load(config).data.tokenizer
-        candidates = [Path(path)] if Path(path).is_absolute() else [Path.cwd() / path, _repo_root() / path]
-        return next((c for c in candidates if c.is_dir()), None)
+        return OmegaConf.load(config)
+
+    def recipe_tokenizer(self) -> Optional[Path]:
+        """The tokenizer directory the run's recipe (run_dir/config.yaml) names, if it exists."""
+        recipe = self.recipe()
+        return recipe_path(recipe.data.tokenizer) if recipe is not None else None
 
     @cached_property
     def _state(self) -> dict:
@@ -149,6 +153,13 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def recipe_path(path: str) -> Optional[Path]:
+    """A path from a run's recipe, where it exists: absolute, or relative to the working
+    directory or the repository (where the launch scripts run)."""
+    candidates = [Path(path)] if Path(path).is_absolute() else [Path.cwd() / path, _repo_root() / path]
+    return next((c for c in candidates if c.exists()), None)
+
+
 # ----------------------------------------------------------------------------- HF / MOSS
 
 
@@ -166,6 +177,9 @@ def hf_model_config(config: dict, where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not one of {', '.join(HF_MODEL_TYPES)}")
     if int(config.get("wbits", 32)) < 16:
         raise CheckpointError(f"{where}: a {config['wbits']}-bit quantized checkpoint cannot be trained; use the fp16 release")
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(f"{where}: a quantized ({method}) export is for inference in transformers; moss-train reads full-precision weights")
     fields = CodeGenConfig().to_dict()
     fields.update(config)
     if "n_positions" not in config and "n_ctx" in config:
@@ -228,6 +242,9 @@ class HFDirectory:
         code (a MOSS release's tokenization_moss.py) loads only with trust_remote_code."""
         if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
             return None
+        if is_moss_release_tokenizer(self.path):  # read from its files; its code never runs
+            tokenizer = moss_release_tokenizer(self.path)
+            return [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))]
         from transformers import AutoTokenizer, PretrainedConfig
 
         try:
@@ -262,6 +279,21 @@ def _pieces(tokenizer) -> list[str]:
 def run_tokenizer_pieces(tokenizer) -> list[str]:
     """A tokenizer's vocabulary in one spelling (spaces as "▁", as sentencepiece stores them)."""
     return [sp_piece(p) for p in _pieces(tokenizer)]
+
+
+# Small tensors that any training changes: together, the identity of a set of weights.
+FINGERPRINT_TENSORS = ("transformer.ln_f.weight", "transformer.ln_f.bias")
+
+
+def weights_fingerprint(source) -> str:
+    """sha256 of a few small tensors of `source` (fp32): tells whether two sources hold the same
+    trained weights (LoRA adapters fit only the base they were trained on), cheaply at any size."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_TENSORS:
+        digest.update(name.encode() + source.tensor(name).detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def open_source(path: str | Path):

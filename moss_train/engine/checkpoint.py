@@ -222,10 +222,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int, dist_info: DistInfo):
+    """`trainable_only`: save (and expect) only the parameters that train (LoRA: the adapters and
+    a reward head); the frozen rest comes from stage.init_from again on resume."""
+
+    def __init__(self, root: str | Path, keep_last: int, dist_info: DistInfo, trainable_only: bool = False):
         self.root = Path(root)
         self.keep_last = keep_last
         self.dist = dist_info
+        self.trainable_only = trainable_only
 
     # ---- reading -------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
@@ -259,7 +263,7 @@ class CheckpointManager:
         safe_load.refuse_unsafe_files(path)
         load_dir, tag = (self._universal_copy(path), path.name) if universal else (path.parent, path.name)
         with safe_load.weights_only():
-            load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+            load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=not self.trainable_only)
         if universal:
             _repair_universal_optimizer_state(engine, load_dir / tag)
             barrier()
@@ -300,7 +304,9 @@ class CheckpointManager:
         if self.dist.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(
+            str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=self.trainable_only
+        )
         torch.save(capture_rng(), tmp_dir / f"rng_rank{self.dist.rank}.pt")
         barrier()
         checksums = self._hash_files(tmp_dir)
@@ -329,7 +335,8 @@ class CheckpointManager:
             if previous:
                 needed = checkpoint_bytes(previous[-1])
             else:
-                numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+                saved = [p for p in engine.module.parameters() if p.requires_grad or not self.trainable_only]
+                numel = sum(getattr(p, "ds_numel", p.numel()) for p in saved)
                 needed = numel * BYTES_PER_PARAM_ESTIMATE
             try:
                 ensure_free_space(self.root, int(needed * FREE_SPACE_MARGIN), f"checkpoint {tag}")

@@ -85,14 +85,19 @@ class Trainer:
         seed_everything(cfg.trainer.seed)  # identical initial weights on every rank and run
         with setup.model_construction_context(self.ds_config):
             model = stage.build_model(cfg, tokenizer)
-        initial_weights.load_initial_weights(model, cfg, tokenizer, self.dist)  # ZeRO-3: per parameter
+        loaded = initial_weights.load_initial_weights(model, cfg, tokenizer, self.dist)  # ZeRO-3: per parameter
         self.model_config = model.config
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist)
+        self.lora_state = setup.add_lora(model, cfg, loaded, self.dist) if cfg.lora.r else None
+        self.checkpoints = CheckpointManager(
+            self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist, trainable_only=self.lora_state is not None
+        )
         self.resume_from = self._resume_path()
         self.universal_resume = self.resume_from is not None and self.checkpoints.needs_universal(self.resume_from)
         if self.universal_resume:  # written by another number of ranks: DeepSpeed re-cuts its shards
             self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
         self.engine, self.scheduler = setup.initialize_engine(model, cfg, self.ds_config)
+        if hasattr(stage, "use_engine"):  # e.g. DPO with LoRA: the reference is this model, adapters off
+            stage.use_engine(self.engine, cfg)
         seed_everything(cfg.trainer.seed + self.dist.rank)  # per-rank streams for dropout etc.
 
         self.plan = GlobalBatchPlan(
@@ -130,6 +135,8 @@ class Trainer:
                 f"{state.get('seed')}, this run has {len(self.data.train)} and {self.cfg.trainer.seed}: "
                 "its data position does not apply (start a new run directory, or trainer.resume=never)"
             )
+        if _adapter_identity(state.get("lora")) != _adapter_identity(self.lora_state):  # adapters fit only their base
+            raise RuntimeError(f"checkpoint {path} holds adapters for {state.get('lora')}, this run is {self.lora_state}")
         self.step = state["step"]
         self.samples_consumed = state["samples_consumed"]
         self.tokens_seen = state.get("tokens_seen", 0)
@@ -146,6 +153,7 @@ class Trainer:
             "seed": self.cfg.trainer.seed,
             "stage": self.cfg.stage.name,
             "model_config": asdict(self.model_config),
+            **({"lora": self.lora_state} if self.lora_state else {}),
         }
 
     # ---- one step ------------------------------------------------------------------------
@@ -234,6 +242,7 @@ class Trainer:
             start_step=self.step,
             progress_bar=cfg.logging.progress_bar,
             wandb_settings=self._wandb_settings(),
+            tensorboard=cfg.logging.tensorboard,
         )
         flops = flops_per_token(self.model_config, self.data.tokens_per_sample)
         peak = peak_tflops(cfg.logging.peak_tflops, self.precision, self.dist.device)
@@ -306,6 +315,14 @@ class Trainer:
             "group": cfg.logging.group,
             "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         }
+
+
+def _adapter_identity(lora_state: dict | None):
+    """What a LoRA checkpoint must share with the run resuming it: the settings and the base's
+    weights (by fingerprint; the base may have moved)."""
+    if not lora_state:
+        return None
+    return {**{k: v for k, v in lora_state.items() if k != "base"}, "base": lora_state["base"]["fingerprint"]}
 
 
 def train(cfg: MossTrainConfig, stage: Stage) -> list[dict]:

@@ -1,4 +1,6 @@
-"""Training metrics to a console progress bar, a JSONL file and wandb (offline by default)."""
+"""Training metrics to a console progress bar, a JSONL file, wandb (offline by default) and, with
+``logging.tensorboard``, TensorBoard event files (``{output_dir}/tensorboard``): the same scalars,
+by step, to every sink."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Optional
 
 import torch
 
+TENSORBOARD_DIR = "tensorboard"  # under the run's output directory: tensorboard --logdir runs/
 # Dense bf16 peak per GPU (TFLOP/s), from the vendors' data sheets, matched on the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0}
 
@@ -120,11 +123,13 @@ class MetricsLogger:
         start_step: int,
         progress_bar: bool,
         wandb_settings: Optional[dict] = None,
+        tensorboard: bool = False,
     ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.bar = None
         self.wandb_run = None
+        self.tensorboard = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,14 +141,23 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         if wandb_settings and wandb_settings.get("mode") != "disabled":
             self.wandb_run = _start_wandb(Path(output_dir), wandb_settings)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD_DIR))
 
     def log(self, record: dict, advance: int = 0) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in record.items() if k != "step"}
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb_run.log(scalars, step=record["step"])
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, global_step=record["step"])
+            self.tensorboard.flush()
         if self.bar is not None:
             shown = {k: record[k] for k in ("loss", "eval_loss", "lr", "tokens_per_s", "mfu") if k in record}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -159,6 +173,8 @@ class MetricsLogger:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()  # in offline mode wandb prints the `wandb sync` command
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def keep_records_until(path: Path, step: int) -> None:

@@ -161,6 +161,27 @@ def initialize_engine(model: nn.Module, cfg: MossTrainConfig, ds_config: dict):
     return engine, scheduler
 
 
+def add_lora(model: nn.Module, cfg: MossTrainConfig, loaded, dist: DistInfo) -> dict:
+    """LoRA adapters (cfg.lora) on the model stage.init_from was just loaded into (`loaded`: the
+    load plan); what checkpoints record of them: the settings and the base they adapt."""
+    from dataclasses import asdict
+
+    from moss_train.errors import ConfigError
+    from moss_train.model import lora
+
+    if loaded.fresh_rows:
+        raise ConfigError(
+            "lora.r", f"the tokenizer adds {len(loaded.fresh_rows)} tokens to {cfg.stage.init_from}'s vocabulary, and LoRA "
+            "leaves the embeddings frozen: their rows would never train (fine-tune fully once, then LoRA from there)"
+        )
+    lora.add_adapters(model, cfg.lora, seed=cfg.trainer.seed)
+    trainable, total = lora.trainable_counts(model)
+    if dist.is_main:
+        print(f"[moss-train] LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}: "
+              f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
+    return {**asdict(cfg.lora), "target_modules": list(cfg.lora.target_modules), "base": loaded.base}
+
+
 def frozen_model(build, init_from: str, *, cfg: MossTrainConfig, tokenizer, dist: DistInfo, ds_config: dict):
     """A model a stage only runs forward (a DPO reference, the reward model that tags): built by
     `build(cfg, tokenizer)` with init_from's architecture and weights, under the run's ZeRO

@@ -27,6 +27,8 @@ SCORE_PREFIX = "score."
 class RewardModel(CodeGenForCausalLM):
     # Parameters a causal-LM checkpoint does not have; stage.init_from leaves them as built.
     fresh_init_prefixes = (SCORE_PREFIX,)
+    # With LoRA (moss_train/model/lora.py) the head trains beside the adapters.
+    trainable_with_adapters = (SCORE_PREFIX,)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

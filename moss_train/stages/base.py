@@ -49,6 +49,11 @@ class StageData:
 
 
 class Stage(Protocol):
+    """Optional hooks the engine calls when a stage has them: ``use_frozen_models(factory)``
+    before build_data (a model it only runs forward, e.g. DPO's reference), ``use_engine(engine,
+    cfg)`` once the trained model's engine exists (DPO with LoRA scores its reference with it), and
+    ``run(cfg)`` instead of the training loop (stage=tag)."""
+
     name: str
 
     def load_tokenizer(self, cfg): ...

@@ -5,7 +5,9 @@ The policy starts from ``stage.init_from`` (an SFT checkpoint); the frozen refer
 computed once, in a first pass before training: the reference is built under the run's ZeRO
 config (engine/setup.py: frozen_model), every rank scores its share of the pairs, the scores
 are gathered, and the reference is dropped before the policy exists — so a step costs one
-forward and backward of the policy, and memory never holds both models' activations.
+forward and backward of the policy, and memory never holds both models' activations. With LoRA
+(``lora.r``) there is no second model at all: the reference is the policy with its adapters
+disabled (its base, stage.init_from), scoring the pairs once the engine exists.
 
 A response's log-probability sums over the tokens the model generates in the last turn
 (moss_train/data/pairs.py). Loss per pair: DPO ``-log sigmoid(beta * h)`` or IPO
@@ -42,13 +44,29 @@ class DPOStage:
 
     def build_data(self, cfg, tokenizer) -> StageData:
         self.beta, self.variant = cfg.preference.beta, cfg.preference.dpo_loss
-        data = pair_data(cfg, tokenizer, self.name)
-        reference = self.frozen_model(lm.build_causal_lm, cfg.preference.reference or cfg.stage.init_from)
-        for dataset in (data.train, data.eval):
-            if dataset is not None:
-                dataset.set_reference(reference_logps(reference, dataset, data.collate, cfg.trainer.micro_batch_size))
-        del reference
+        self.data = data = pair_data(cfg, tokenizer, self.name)
+        if not cfg.lora.r:  # LoRA: the reference is the policy's base, scored in use_engine
+            reference = self.frozen_model(lm.build_causal_lm, cfg.preference.reference or cfg.stage.init_from)
+            self._score_reference(reference, cfg.trainer.micro_batch_size)
+            del reference
         return data
+
+    def use_engine(self, engine, cfg) -> None:
+        """With LoRA: the reference log-probabilities from the policy with its adapters off."""
+        if cfg.lora.r:
+            from moss_train.model.lora import adapters_disabled
+
+            engine.eval()
+            with adapters_disabled(engine.module):
+                self._score_reference(engine, cfg.trainer.micro_batch_size)
+            engine.train()
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                print("[moss-train] dpo reference: the policy with its LoRA adapters disabled (no second model)", flush=True)
+
+    def _score_reference(self, model, micro_batch_size: int) -> None:
+        for dataset in (self.data.train, self.data.eval):
+            if dataset is not None:
+                dataset.set_reference(reference_logps(model, dataset, self.data.collate, micro_batch_size))
 
     def loss(self, model, batch: dict) -> LossTerms:
         policy_chosen, policy_rejected = lm.sequence_logps(model, batch).chunk(2)
