@@ -20,7 +20,7 @@ import transformers
 from safetensors import safe_open
 
 from conftest import BIN, free_port, run_cli, train_overrides
-from moss_train.chat import format as moss_format
+from moss_train import format as moss_format
 from moss_train.checkpoint.chat_template import render_messages
 from moss_train.checkpoint.cli import main as export_main
 from moss_train.checkpoint.export import export_checkpoint

@@ -210,7 +210,7 @@ def test_preference_trains_on_the_tagged_dialogues_on_two_processes(pretrain_dat
 
 
 def test_the_tag_form_travels_to_the_export_and_moss_chat_asks_for_the_best(preference_run, tmp_path):
-    from moss_train.chat import format as fmt
+    from moss_train import format as fmt
     from moss_train.chat.cli import choose_quality
     from moss_train.checkpoint.export import export_checkpoint
 
@@ -266,7 +266,7 @@ def answer_figures(pretrain_data, reward_run):
 
 
 def test_asked_for_the_best_tag_the_model_answers_as_the_reward_model_prefers(preference_run, answer_figures):
-    from moss_train.chat import format as fmt
+    from moss_train import format as fmt
 
     best = answer_figures(preference_run[0], fmt.with_quality(SYSTEM, 3, 3))
     worst = answer_figures(preference_run[0], fmt.with_quality(SYSTEM, 1, 3))

@@ -35,7 +35,7 @@ import torch
 
 from conftest import BIN, cli_env, free_port
 from tool_model import PLUGINS, train_tool_model, write_hf_directory, write_quality_form
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.generate import load_model
 from moss_train.chat.plugins import build_plugins
 from moss_train.chat.protocol import ChatSession, Settings

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 
 PREAMBLES = {"moss": fmt.MOSS_PREAMBLE, "short": fmt.SHORT_PREAMBLE}
 # MOSS 003's recommended sampling (its README): temperature 0.7, top_p 0.8, repetition 1.02.

@@ -1,6 +1,6 @@
 """The Jinja ``chat_template`` of an export, generated from the one MOSS turn format.
 
-Every marker, end token and default body comes from :mod:`moss_train.chat.format`, so the
+Every marker, end token and default body comes from :mod:`moss_train.format`, so the
 template cannot drift from what SFT renders. Messages are OpenAI-style; each user message
 opens a turn and the assistant message after it closes the turn with the four fields the model
 writes or is given::
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from moss_train.chat import format as moss_format
+from moss_train import format as moss_format
 
 ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT = "system", "user", "assistant"
 # Assistant-message keys of the fields besides the reply (the reply is "content").

@@ -40,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.checkpoint.sources import MossTrainCheckpoint, _load_tokenizer, log, open_source
 from moss_train.engine.checkpoint import CheckpointError, ensure_free_space
 from moss_train.model.codegen import CodeGenForCausalLM

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.data import sft
 from moss_train.data.pairs import turn_ends
 from moss_train.data.shards import ShardWriter, dtype_for_vocab
