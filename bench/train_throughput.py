@@ -164,7 +164,7 @@ def run_worker(args, sides: dict) -> int:
     """One side, one subprocess: build, warm up, time `steps` steps, print the result line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.side != "transformers":  # moss-train's own steps run under its launcher's process group
-        from moss_train.engine.distributed import init_distributed
+        from moss_train.distributed import init_distributed
 
         init_distributed()
     model_cfg = replace(CONFIGS[args.config], gradient_checkpointing=args.gradient_checkpointing)

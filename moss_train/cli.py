@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(composed))
             return 0
-        from moss_train.engine.distributed import init_distributed
+        from moss_train.distributed import init_distributed
         from moss_train.engine.loop import train
         from moss_train.stages import get_stage
 

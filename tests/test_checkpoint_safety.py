@@ -23,7 +23,7 @@ from moss_train.engine.checkpoint import (
     ensure_free_space,
     verify_checkpoint,
 )
-from moss_train.engine.distributed import DistInfo
+from moss_train.distributed import DistInfo
 
 KILLED_RUN_SETTINGS = {"trainer.max_steps": 8, "checkpoint.every": 1, "checkpoint.keep_last": 2}
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=None)

@@ -25,7 +25,7 @@ from moss_train.checkpoint.chat_template import render_messages
 from moss_train.checkpoint.cli import main as export_main
 from moss_train.checkpoint.export import export_checkpoint
 from moss_train.checkpoint.sources import MossTrainCheckpoint
-from moss_train.engine.distributed import DistInfo
+from moss_train.distributed import DistInfo
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.reward import RewardModel
 from moss_train.tokenizer import MossTokenizer

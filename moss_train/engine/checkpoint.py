@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from moss_train.engine.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
+from moss_train.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 
 LATEST = "latest"
 COMPLETE = "complete.json"

@@ -101,7 +101,7 @@ def score_sharded(n: int, micro_batch_size: int, score_batch) -> list:
     the result). The results are gathered, so every rank returns all n of them in order."""
     import math
 
-    from moss_train.engine.distributed import all_gather_objects
+    from moss_train.distributed import all_gather_objects
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine: dict[int, object] = {}
