@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(arg)
 
     from moss_train.config import compose, to_object, validate
-    from moss_train.engine.checkpoint import CheckpointError
+    from moss_train.checkpoint.store import CheckpointError
     from moss_train.errors import ConfigError
 
     try:

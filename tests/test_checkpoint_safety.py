@@ -15,7 +15,7 @@ import pytest
 
 from conftest import BIN, REPO, run_cli, train_losses, train_overrides
 from moss_train.checkpoint.cli import main as export_main
-from moss_train.engine.checkpoint import (
+from moss_train.checkpoint.store import (
     COMPLETE,
     LATEST,
     CheckpointError,

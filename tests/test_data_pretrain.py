@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics, run_cli, train_losses, train_overrides
-from moss_train.engine.checkpoint import LATEST
+from moss_train.checkpoint.store import LATEST
 
 SOURCES = ("en", "zh", "code")
 

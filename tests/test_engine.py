@@ -10,7 +10,7 @@ import pytest
 
 from conftest import BIN, free_port, read_metrics, run_cli, train_losses, train_overrides
 from moss_train.data.sampler import GlobalBatchPlan
-from moss_train.engine.checkpoint import COMPLETE, LATEST
+from moss_train.checkpoint.store import COMPLETE, LATEST
 from moss_train.engine.setup import WarmupCosine
 
 

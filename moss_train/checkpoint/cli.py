@@ -28,7 +28,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from moss_train.checkpoint.export import export_checkpoint
-    from moss_train.engine.checkpoint import CheckpointError
+    from moss_train.checkpoint.store import CheckpointError
 
     try:
         export_checkpoint(

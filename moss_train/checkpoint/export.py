@@ -42,7 +42,7 @@ import torch
 
 from moss_train import format as fmt
 from moss_train.checkpoint.sources import MossTrainCheckpoint, _load_tokenizer, log, open_source
-from moss_train.engine.checkpoint import CheckpointError, ensure_free_space
+from moss_train.checkpoint.store import CheckpointError, ensure_free_space
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig, model_vocab_size, to_hf_config
 from moss_train.model.reward import SCORE_PREFIX, RewardModel

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from moss_train.checkpoint.sources import log, open_source, run_tokenizer_pieces
-from moss_train.engine.checkpoint import CheckpointError
+from moss_train.checkpoint.store import CheckpointError
 from moss_train.distributed import DistInfo, broadcast_object
 from moss_train.errors import ConfigError
 from moss_train.model.config import ModelConfig, model_vocab_size

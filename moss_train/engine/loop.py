@@ -24,7 +24,7 @@ from moss_train.checkpoint import init as initial_weights
 from moss_train.config import MossTrainConfig
 from moss_train.data.sampler import GlobalBatchPlan
 from moss_train.engine import setup
-from moss_train.engine.checkpoint import CheckpointManager
+from moss_train.checkpoint.store import CheckpointManager
 from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
 from moss_train.model.config import flops_per_token
