@@ -94,7 +94,7 @@ class FixedBatchStage:
 
     def build_data(self, cfg, tokenizer):
         from moss_train.data.packed import collate_packed
-        from moss_train.stages.base import StageData
+        from moss_train.engine.stage import StageData
         from moss_train.stages.lm import count_label_targets
 
         return StageData(

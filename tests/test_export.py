@@ -65,7 +65,7 @@ from moss_train.config import compose, to_object, validate
 from moss_train.engine.loop import Trainer
 from moss_train.model.reward import RewardModel
 from moss_train.stages import get_stage, lm
-from moss_train.stages.base import LossTerms
+from moss_train.engine.stage import LossTerms
 from moss_train.stages.pretrain import PretrainStage
 
 

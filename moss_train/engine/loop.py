@@ -28,7 +28,7 @@ from moss_train.checkpoint.store import CheckpointManager
 from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
 from moss_train.model.config import flops_per_token
-from moss_train.stages.base import LossTerms, Stage, StageData
+from moss_train.engine.stage import LossTerms, Stage, StageData
 
 
 def seed_everything(seed: int) -> None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from moss_train import format as fmt
 from moss_train.errors import ConfigError
-from moss_train.stages.base import StageData
+from moss_train.engine.stage import StageData
 from moss_train.stages.sft import SFTStage
 
 

@@ -26,7 +26,7 @@ from moss_train.data.shards import open_shards
 from moss_train.errors import ConfigError
 from moss_train.model.reward import RewardModel
 from moss_train.stages import lm
-from moss_train.stages.base import LossTerms, StageData
+from moss_train.engine.stage import LossTerms, StageData
 
 
 def build_reward_model(cfg, tokenizer) -> RewardModel:
