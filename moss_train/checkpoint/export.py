@@ -24,7 +24,7 @@ Reward-model format (a checkpoint whose model is :class:`moss_train.model.reward
     "moss_reward": {"format_version": 1, "head": "score", "read_at": "last_token"}
 
 and the safetensors hold ``transformer.*`` and ``score.weight`` (1 x n_embd), ``score.bias``
-(1). ``RewardModel.from_pretrained(dir)`` loads all of it; with transformers alone,
+(1). ``load_reward_model(dir)`` loads all of it; with transformers alone,
 ``AutoModel.from_pretrained(dir)`` gives the backbone and the reward of a sequence is
 ``last_hidden_state[:, -1] @ score.weight.T + score.bias`` (the tensors read with
 ``safetensors.safe_open``). No generation config is written for a reward model.
