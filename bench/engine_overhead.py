@@ -31,8 +31,8 @@ from bench_report import publish
 def torch_step_fn(model_cfg, precision, batch, args):
     """A plain torch training step with exactly the recipe's model, optimizer, loss and clipping."""
     from moss_train.config import MossTrainConfig
+    from moss_train.distributed import init_distributed
     from moss_train.engine import setup
-    from moss_train.engine.distributed import init_distributed
     from moss_train.model.codegen import CodeGenForCausalLM
     from moss_train.stages.lm import causal_lm_loss
 
@@ -69,7 +69,7 @@ def alternate_in_process(config: str, precision: str, args) -> dict:
     import argparse
     import statistics
 
-    from moss_train.engine.distributed import init_distributed
+    from moss_train.distributed import init_distributed
 
     device = init_distributed().device
     batch_size, seq_len = tt.shape(args, config)

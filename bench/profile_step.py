@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
 
-    from moss_train.engine.distributed import init_distributed
+    from moss_train.distributed import init_distributed
 
     device = init_distributed().device
     batch_size, seq_len = tt.DEFAULT_SHAPES[args.config]

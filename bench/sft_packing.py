@@ -33,7 +33,7 @@ import torch
 
 from data_pipelines.sft import render_sft
 from moss_train.config import compose, to_object, validate
-from moss_train.engine.distributed import init_distributed
+from moss_train.distributed import init_distributed
 from moss_train.engine.loop import Trainer
 from moss_train.model.config import num_parameters
 from moss_train.stages.sft import SFTStage

@@ -95,7 +95,7 @@ class FixedBatchStage:
 
     def build_data(self, cfg, tokenizer):
         from moss_train.data.packed import collate_packed
-        from moss_train.stages.base import StageData
+        from moss_train.engine.stage import StageData
         from moss_train.stages.lm import count_label_targets
 
         return StageData(
@@ -165,7 +165,7 @@ def run_worker(args, sides: dict) -> int:
     """One side, one subprocess: build, warm up, time `steps` steps, print the result line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.side != "transformers":  # moss-train's own steps run under its launcher's process group
-        from moss_train.engine.distributed import init_distributed
+        from moss_train.distributed import init_distributed
 
         init_distributed()
     model_cfg = replace(CONFIGS[args.config], gradient_checkpointing=args.gradient_checkpointing)

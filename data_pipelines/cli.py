@@ -148,7 +148,7 @@ def step_chat_sample(path: Path, dialogues: int) -> None:
     tokenizer learns the markers, meta-instruction lines and tool commands as whole pieces,
     so a dialogue costs fewer tokens; the pretraining shards never contain them."""
     from data_pipelines.demo_dialogues import TRAIN_SEED, make_split
-    from moss_train.chat import format as fmt
+    from moss_train import format as fmt
     from moss_train.data.sft import parse_record
 
     marker = path.with_name(path.name + ".count")

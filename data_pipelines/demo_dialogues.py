@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.plugins import TOOLS
 
 # A problem: (human, inner thoughts, command api, command argument, reply from the tool's answer)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipelines.render_common import ParsedRecord, RecordSource, ShardOutputs, render_records
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.data import sft
 from moss_train.tokenizer import longest_token_chars
 

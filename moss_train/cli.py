@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(arg)
 
     from moss_train.config import check_paths, compose, to_object, validate
-    from moss_train.engine.distributed import launch_rank, stop_with_launcher
+    from moss_train.distributed import launch_rank, stop_with_launcher
     from moss_train.errors import CheckpointError, ConfigError
 
     stop_with_launcher()
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(composed))
             return 0
         check_paths(cfg)  # before the process group: a missing data root fails in seconds
-        from moss_train.engine.distributed import init_distributed
+        from moss_train.distributed import init_distributed
         from moss_train.engine.loop import train
         from moss_train.engine.run_lock import run_directory_lock
         from moss_train.stages import get_stage
@@ -99,7 +99,7 @@ def recipe_failed(error: Exception) -> int:
     import signal
     import time
 
-    from moss_train.engine.distributed import child_processes, launch_rank, torchrun_agent
+    from moss_train.distributed import child_processes, launch_rank, torchrun_agent
 
     if launch_rank() == 0:
         print(f"moss-train: recipe error: {error}", file=sys.stderr, flush=True)

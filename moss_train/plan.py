@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     from moss_train.config import compose, to_object, validate
-    from moss_train.engine.distributed import quiet_third_party_logs
+    from moss_train.distributed import quiet_third_party_logs
 
     quiet_third_party_logs()
     config_name, overrides = parse_args(args)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.generate import DecodingBatch, Row, Sampling, generate_batch, load_model, process_logits
 from moss_train.chat.plugins import NO_RESULT, Plugin, WebSearch, build_plugins
 from moss_train.chat.protocol import ChatSession, Settings, TurnRequest, encode, two_pass

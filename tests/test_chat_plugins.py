@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat import plugins as P
 from moss_train.chat.sandbox import default_sandbox
 

@@ -17,7 +17,7 @@ import torch
 from moss_train.checkpoint import safe_load
 from moss_train.checkpoint.cli import main as export_main
 from moss_train.checkpoint.sources import MossTrainCheckpoint
-from moss_train.engine.checkpoint import (
+from moss_train.checkpoint.store import (
     COMPLETE,
     LATEST,
     CheckpointError,
@@ -26,7 +26,7 @@ from moss_train.engine.checkpoint import (
     sha256_file,
     verify_checkpoint,
 )
-from moss_train.engine.distributed import DistInfo
+from moss_train.distributed import DistInfo
 
 from conftest import BIN, REPO, run_cli, train_losses, train_overrides
 

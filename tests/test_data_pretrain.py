@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from moss_train.engine.checkpoint import LATEST
+from moss_train.checkpoint.store import LATEST
 
 from conftest import read_metrics, run_cli, train_losses, train_overrides
 

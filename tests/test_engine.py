@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moss_train.checkpoint.store import COMPLETE, LATEST
 from moss_train.data.sampler import GlobalBatchPlan
-from moss_train.engine.checkpoint import COMPLETE, LATEST
 from moss_train.engine.setup import WarmupCosine
 
 from conftest import BIN, free_port, read_metrics, run_cli, train_losses, train_overrides

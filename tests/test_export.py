@@ -19,12 +19,12 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from moss_train.chat import format as moss_format
+from moss_train import format as moss_format
 from moss_train.checkpoint.chat_template import render_messages
 from moss_train.checkpoint.cli import main as export_main
-from moss_train.checkpoint.export import export_checkpoint
+from moss_train.checkpoint.export import export_checkpoint, load_reward_model
 from moss_train.checkpoint.sources import MossTrainCheckpoint
-from moss_train.engine.distributed import DistInfo
+from moss_train.distributed import DistInfo
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.reward import RewardModel
 from moss_train.tokenizer import MossTokenizer
@@ -66,7 +66,7 @@ from moss_train.config import compose, to_object, validate
 from moss_train.engine.loop import Trainer
 from moss_train.model.reward import RewardModel
 from moss_train.stages import get_stage, lm
-from moss_train.stages.base import LossTerms
+from moss_train.engine.stage import LossTerms
 from moss_train.stages.pretrain import PretrainStage
 
 
@@ -291,7 +291,7 @@ def test_reward_model_exports_in_its_documented_format(zero3_runs):
     assert "start freshly initialised" in zero3_runs["stdout"] and "score.weight" in zero3_runs["stdout"]
     tokenizer = MossTokenizer.load(hf_dir)
     x = torch.tensor([tokenizer.encode("def f():\n    return 1\n")[:9], tokenizer.encode("今天天气很好。The end.  ")[:9]])
-    reward_model = RewardModel.from_pretrained(hf_dir)
+    reward_model = load_reward_model(hf_dir)
     # The training model: the checkpoint's consolidated weights in a RewardModel.
     source = MossTrainCheckpoint(zero3_runs["reward"])
     trained = RewardModel(source.model_config).eval()

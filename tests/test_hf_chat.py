@@ -1,6 +1,6 @@
 """An export chats and calls tools in plain transformers, as HF chat models do.
 
-- the chat template (generated from moss_train/chat/format.py) renders every moss-003 sample
+- the chat template (generated from moss_train/format.py) renders every moss-003 sample
   dialogue and every demo dialogue token for token as SFT does, tool turns as HF tool_calls +
   tool messages wherever that form can say the same;
 - without a system message it writes the meta instruction the model was trained with, `tools`
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.checkpoint import chat_template as ct
 from moss_train.data import sft
 from moss_train.tokenizer import MossTokenizer
@@ -245,7 +245,7 @@ def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculat
     printed = capsys.readouterr().out
     assert "tool: Calculate('23*17') -> '391'" in printed and "reply: 23*17 = 391." in printed
     from moss_train.chat.generate import load_model
-    from moss_train.engine.checkpoint import CheckpointError
+    from moss_train.checkpoint.store import CheckpointError
 
     with pytest.raises(CheckpointError, match="quantized .bitsandbytes. export is for inference in transformers"):
         load_model(out)  # moss-train itself (moss-chat, stage.init_from) reads full-precision weights only

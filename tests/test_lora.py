@@ -17,8 +17,8 @@ import transformers
 
 from moss_train.checkpoint.export import export_checkpoint
 from moss_train.checkpoint.sources import MossTrainCheckpoint
+from moss_train.checkpoint.store import LATEST
 from moss_train.config import compose, to_object, validate
-from moss_train.engine.checkpoint import LATEST
 from moss_train.errors import ConfigError
 from moss_train.model import lora
 from moss_train.tokenizer import MossTokenizer
@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 from moss_train.config import compose, to_object, validate
-from moss_train.engine.distributed import barrier, init_distributed
+from moss_train.distributed import barrier, init_distributed
 from moss_train.engine.loop import Trainer
 from moss_train.stages import get_stage
 

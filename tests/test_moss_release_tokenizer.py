@@ -138,7 +138,7 @@ def write_release_tokenizer(directory: Path, corpus: list[str], marker: Path) ->
 def sample_texts() -> list[str]:
     if not SAMPLE.is_file():
         return []
-    from moss_train.chat import format as fmt
+    from moss_train import format as fmt
     from moss_train.data import sft
 
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()[::10]
@@ -198,7 +198,7 @@ def init_model(checkpoint: Path, tokenizer_dir: Path, capsys, **stage):
 
     from moss_train.checkpoint.init import adopt_model_config, load_initial_weights
     from moss_train.config import MossTrainConfig
-    from moss_train.engine.distributed import DistInfo
+    from moss_train.distributed import DistInfo
     from moss_train.stages import lm
 
     single = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))

@@ -81,7 +81,7 @@ ENGINE_VS_TORCH = textwrap.dedent(
     from moss_train.engine.loop import Trainer
     from moss_train.model.codegen import CodeGenForCausalLM
     from moss_train.model.config import ModelConfig
-    from moss_train.stages.base import StageData
+    from moss_train.engine.stage import StageData
     from moss_train.stages.lm import causal_lm_loss, count_label_targets
 
     model_cfg = ModelConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from moss_train import format as fmt
 from moss_train import losses
-from moss_train.chat import format as fmt
 from moss_train.data import pairs, sft
 from moss_train.stages.tag import conditioned_example, last_turn_only, quality_levels, quantile_thresholds
 

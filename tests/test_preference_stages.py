@@ -117,13 +117,14 @@ def test_reward_model_learns_a_preference_on_two_processes(reward_run):
 
 def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data, tmp_path):
     """moss-export on the stage=reward run (two ranks, ZeRO-3): the export loads in the project's
-    loader (RewardModel.from_pretrained) and in plain transformers (the backbone, then the
+    loader (checkpoint.export.load_reward_model) and in plain transformers (the backbone, then the
     documented score head by hand), and both score dialogues as the run's consolidated weights
     do; the learned preference ("please") comes along."""
     import transformers
     from safetensors import safe_open
 
     from moss_train.checkpoint.cli import main as export_main
+    from moss_train.checkpoint.export import load_reward_model
     from moss_train.checkpoint.sources import MossTrainCheckpoint
     from moss_train.data import sft
     from moss_train.model.reward import RewardModel
@@ -137,7 +138,7 @@ def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data,
     source = MossTrainCheckpoint(reward_run)
     trained = RewardModel(source.model_config).eval()
     trained.load_state_dict({n: source.tensor(n) for n in source.names})
-    exported = RewardModel.from_pretrained(hf_dir)
+    exported = load_reward_model(hf_dir)
     backbone = transformers.AutoModel.from_pretrained(hf_dir, trust_remote_code=False).eval()
     with safe_open(str(next(hf_dir.glob("*.safetensors"))), framework="pt") as handle:
         weight, bias = handle.get_tensor("score.weight"), handle.get_tensor("score.bias")
@@ -280,7 +281,7 @@ def test_preference_with_lora_trains_adapters_only(pretrain_data, tag_run, tmp_p
 
 
 def test_the_tag_form_travels_to_the_export_and_moss_chat_asks_for_the_best(preference_run, tmp_path):
-    from moss_train.chat import format as fmt
+    from moss_train import format as fmt
     from moss_train.chat.cli import choose_quality
     from moss_train.checkpoint.export import export_checkpoint
 
@@ -344,7 +345,7 @@ def answer_figures(pretrain_data, reward_run):
 
 
 def test_asked_for_the_best_tag_the_model_answers_as_the_reward_model_prefers(preference_run, answer_figures):
-    from moss_train.chat import format as fmt
+    from moss_train import format as fmt
 
     best = answer_figures(preference_run[0], fmt.with_quality(SYSTEM, 3, 3))
     worst = answer_figures(preference_run[0], fmt.with_quality(SYSTEM, 1, 3))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from moss_train.engine.distributed import child_processes
+from moss_train.distributed import child_processes
 
 from conftest import BIN, REPO, cli_env, free_port, run_cli, train_losses, train_overrides
 
@@ -177,7 +177,7 @@ def test_rank_failure_ends_the_job_and_the_next_start_resumes(pretrain_data, one
 HANGING_PEER = """
 import os, sys, time
 import torch, torch.distributed as dist
-from moss_train.engine.distributed import init_distributed
+from moss_train.distributed import init_distributed
 init_distributed(timeout_s=float(sys.argv[1]))
 if dist.get_rank() == 1:
     time.sleep(120)  # stuck outside the collective: a hung device, a dead file system

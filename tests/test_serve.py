@@ -33,7 +33,7 @@ import psutil
 import pytest
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.generate import load_model
 from moss_train.chat.plugins import build_plugins
 from moss_train.chat.protocol import ChatSession, Settings

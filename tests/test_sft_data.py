@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data_pipelines.sft import render_sft
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.config import compose, to_object, validate
 from moss_train.data import sft
 from moss_train.data.packed import PackedSequenceDataset

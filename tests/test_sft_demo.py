@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_pipelines.demo_dialogues import make_split, write_demo_dialogues
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.generate import generate_batch
 from moss_train.chat.plugins import NO_RESULT, TOOLS, calculate, parse_commands, run_commands, solve
 from moss_train.data import sft

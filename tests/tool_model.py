@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.plugins import TOOLS
 from moss_train.checkpoint.export import hf_config, write_tokenizer
 from moss_train.data import sft

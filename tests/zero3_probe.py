@@ -21,8 +21,8 @@ import torch
 def main() -> None:
     out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
     from moss_train.config import compose, to_object, validate
+    from moss_train.distributed import init_distributed
     from moss_train.engine import setup
-    from moss_train.engine.distributed import init_distributed
     from moss_train.model.codegen import CodeGenForCausalLM
 
     cfg = to_object(compose(overrides))

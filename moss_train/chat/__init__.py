@@ -1,1 +1,1 @@
-"""Chat: the MOSS prompt format, generation, and the tools MOSS can call."""
+"""Chat: generation, the two-pass tool protocol, and the tools MOSS can call (the turn format: moss_train.format)."""

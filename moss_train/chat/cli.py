@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 
 # MOSS 003's recommended sampling (its README): temperature 0.7, top_p 0.8, repetition 1.02.
 DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=0, repetition_penalty=1.02, max_new_tokens=256)

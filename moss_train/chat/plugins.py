@@ -40,7 +40,7 @@ from typing import Optional, Union
 
 import sympy
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.sandbox import ToolError, default_sandbox
 
 NO_RESULT = "No result."

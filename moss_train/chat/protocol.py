@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.generate import generate_batch
 from moss_train.chat.plugins import BUILTIN, Plugin, ToolCall, build_plugins, call_tools
 

@@ -1,7 +1,7 @@
 """The Jinja ``chat_template`` of an export, generated from the one MOSS turn format.
 
 Every marker, end token, default body, capability line and result layout comes from
-:mod:`moss_train.chat.format`, so the template cannot drift from what SFT renders. Messages follow
+:mod:`moss_train.format`, so the template cannot drift from what SFT renders. Messages follow
 Hugging Face's conventions, mapped onto MOSS's fields::
 
     {"role": "system", "content": meta}          the whole meta instruction (optional, first);
@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 
 ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL = "system", "user", "assistant", "tool"
 IT, CMD, RES, REPLY, HUMAN = (fmt.FIELD_BY_ROLE[r] for r in (fmt.INNER_THOUGHTS, fmt.COMMANDS, fmt.RESULTS, fmt.MOSS, fmt.HUMAN))

@@ -38,7 +38,7 @@ def parse_args(argv):
 def preamble_argument(value: str | None) -> str | None:
     from pathlib import Path
 
-    from moss_train.chat import format as fmt
+    from moss_train import format as fmt
 
     return value if value is None else fmt.PREAMBLES.get(value) or Path(value).read_text(encoding="utf-8")
 
@@ -46,7 +46,7 @@ def preamble_argument(value: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from moss_train.checkpoint.export import export_checkpoint
-    from moss_train.engine.checkpoint import CheckpointError
+    from moss_train.checkpoint.store import CheckpointError
 
     try:
         export_checkpoint(

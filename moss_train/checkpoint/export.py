@@ -37,7 +37,7 @@ Reward-model format (a checkpoint whose model is :class:`moss_train.model.reward
     "moss_reward": {"format_version": 1, "head": "score", "read_at": "last_token"}
 
 and the safetensors hold ``transformer.*`` and ``score.weight`` (1 x n_embd), ``score.bias``
-(1). ``RewardModel.from_pretrained(dir)`` loads all of it; with transformers alone,
+(1). ``load_reward_model(dir)`` loads all of it; with transformers alone,
 ``AutoModel.from_pretrained(dir)`` gives the backbone and the reward of a sequence is
 ``last_hidden_state[:, -1] @ score.weight.T + score.bias`` (the tensors read with
 ``safetensors.safe_open``). No generation config is written for a reward model.
@@ -55,7 +55,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.checkpoint.chat_template import ChatFormat, build_chat_template
 from moss_train.checkpoint.sources import (
     MossTrainCheckpoint,
@@ -65,10 +65,10 @@ from moss_train.checkpoint.sources import (
     recipe_path,
     weights_fingerprint,
 )
+from moss_train.checkpoint.store import CheckpointError, ensure_free_space
 from moss_train.data.sft import TURN_START
 from moss_train.data.shards import ShardError, TokenShard
 from moss_train.data.token_datasets import resolve_shard_prefixes
-from moss_train.engine.checkpoint import CheckpointError, ensure_free_space
 from moss_train.errors import ConfigError
 from moss_train.model import lora
 from moss_train.model.codegen import CodeGenForCausalLM

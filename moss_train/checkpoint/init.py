@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 
 from moss_train.checkpoint.sources import log, open_source, run_tokenizer_pieces, weights_fingerprint
-from moss_train.engine.checkpoint import CheckpointError
-from moss_train.engine.distributed import DistInfo, broadcast_object
+from moss_train.checkpoint.store import CheckpointError
+from moss_train.distributed import DistInfo, broadcast_object
 from moss_train.errors import ConfigError
 from moss_train.model.config import SHAPE_FIELDS, ModelConfig, model_vocab_size
 from moss_train.tokenizer import sp_piece

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from moss_train.checkpoint import safe_load
-from moss_train.engine.checkpoint import COMPLETE, LATEST, CheckpointError, read_complete, verify_or_raise
+from moss_train.checkpoint.store import COMPLETE, LATEST, CheckpointError, read_complete, verify_or_raise
 from moss_train.model.codegen import _HF_BUFFER_SUFFIXES
 from moss_train.model.config import ModelConfig, from_hf_config
 from moss_train.tokenizer import is_moss_release_tokenizer, moss_release_tokenizer, sp_piece

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.data import sft
 
 PAIRS_SUFFIX = ".pairs.npy"

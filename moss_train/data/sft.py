@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: dialogues → token ids + per-token loss flags → packed or padded batches.
 
 Rendering (offline, in ``moss-data sft``): a record in one of three formats becomes a
-:class:`Conversation` in the MOSS turn format (moss_train/chat/format.py), then token ids and
+:class:`Conversation` in the MOSS turn format (moss_train/format.py), then token ids and
 one flag byte per token, stored in a token shard's ``.mask`` stream:
 
 - ``moss003``  the moss-003 layout (``meta_instruction``, ``num_turns``, ``chat.turn_N`` with the
@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.losses import IGNORE_INDEX
 
 LOSS_DEFAULT = 1

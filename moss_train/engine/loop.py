@@ -21,14 +21,14 @@ import torch
 from omegaconf import OmegaConf
 
 from moss_train.checkpoint import init as initial_weights
+from moss_train.checkpoint.store import CheckpointManager, check_same_model
 from moss_train.config import MossTrainConfig
 from moss_train.data.sampler import GlobalBatchPlan
+from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from moss_train.engine import setup
-from moss_train.engine.checkpoint import CheckpointManager, check_same_model
-from moss_train.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
+from moss_train.engine.stage import LossTerms, Stage, StageData
 from moss_train.model.config import flops_per_token
-from moss_train.stages.base import LossTerms, Stage, StageData
 
 
 def seed_everything(seed: int) -> None:

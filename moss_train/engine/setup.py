@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moss_train.config import MossTrainConfig
-from moss_train.engine.distributed import DistInfo
+from moss_train.distributed import DistInfo
 
 
 @lru_cache(maxsize=1)

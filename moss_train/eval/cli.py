@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.protocol import Settings
 from moss_train.eval import compare, tool_use
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.protocol import Settings, TurnResult
 from moss_train.data.sft import parse_record, render_many
 from moss_train.eval.tool_use import JUDGE_MAX, answer_first_turns, answer_record, called_a_tool, judge_answer, rate

@@ -23,7 +23,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat.plugins import TOOLS, parse_commands
 from moss_train.chat.protocol import Settings, TurnRequest, TurnResult, builtin_plugins, two_pass
 from moss_train.data.sft import parse_record

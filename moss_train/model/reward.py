@@ -8,12 +8,12 @@ for packed sequences the last token of each document (``read_positions`` of shap
 
 Exported by ``moss-export`` as an HF directory that plain ``transformers`` loads too (see
 :mod:`moss_train.checkpoint.export`): ``config.json`` of ``CodeGenModel`` with a
-``moss_reward`` entry, and safetensors holding ``transformer.*`` and ``score.{weight,bias}``.
+``moss_reward`` entry, and safetensors holding ``transformer.*`` and ``score.{weight,bias}``;
+``moss_train.checkpoint.export.load_reward_model`` loads it (the model layer does not read checkpoints).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -52,10 +52,3 @@ class RewardModel(CodeGenForCausalLM):
             read_positions = torch.full((B,), T - 1, dtype=torch.long, device=hidden.device)
         index = read_positions.reshape(B, -1, 1).expand(-1, -1, C)
         return self.score(hidden.gather(1, index)).reshape(read_positions.shape)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "RewardModel":
-        """Load a reward model exported by moss-export (fp32 parameters, eval mode)."""
-        from moss_train.checkpoint.export import load_reward_model
-
-        return load_reward_model(directory)

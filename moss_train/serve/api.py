@@ -40,7 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat import protocol
 from moss_train.chat.cli import DEFAULTS
 from moss_train.chat.generate import Sampling

@@ -60,7 +60,7 @@ def model_entries(specs: list[str]) -> list[tuple[str, str]]:
 def build_models(args: argparse.Namespace) -> list:
     import torch
 
-    from moss_train.chat import format as fmt
+    from moss_train import format as fmt
     from moss_train.chat.generate import load_model
     from moss_train.chat.sandbox import default_sandbox
     from moss_train.serve.api import ServedModel

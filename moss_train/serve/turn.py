@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.chat import protocol
 from moss_train.chat.generate import Row, Sampling
 from moss_train.chat.plugins import Plugin

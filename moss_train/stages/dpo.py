@@ -23,8 +23,8 @@ import torch
 
 from moss_train import losses
 from moss_train.data.pairs import PairDataset
+from moss_train.engine.stage import LossTerms, StageData
 from moss_train.stages import lm
-from moss_train.stages.base import LossTerms, StageData
 from moss_train.stages.reward import pair_data, score_sharded
 
 

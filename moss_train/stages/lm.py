@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from moss_train.engine.stage import LossTerms
 from moss_train.errors import ConfigError
 from moss_train.losses import IGNORE_INDEX, summed_per_row, token_cross_entropy
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import padded_vocab_size
-from moss_train.stages.base import LossTerms
 from moss_train.tokenizer import MossTokenizer
 from moss_train.tokenizer import load_tokenizer as load_any_tokenizer
 

@@ -5,7 +5,7 @@ scored turn, its quality tag as a line of the meta instruction (``- Response qua
 ``preference.quality_template`` at tagging time), loss on that turn only. Training is SFT
 (stages/sft.py) on those shards; the stage checks that they carry tags and keeps the tag
 form with the run (``quality.json``: levels, template, thresholds), so inference asks for a
-tag the way training saw it (``moss_train.chat.format.with_quality``; moss-chat ``--quality``,
+tag the way training saw it (``moss_train.format.with_quality``; moss-chat ``--quality``,
 default the best level).
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
+from moss_train.engine.stage import StageData
 from moss_train.errors import ConfigError
-from moss_train.stages.base import StageData
 from moss_train.stages.sft import SFTStage
 
 

@@ -21,9 +21,9 @@ from moss_train.data.blend import BlendedDataset, SourceExhaustedError
 from moss_train.data.packed import DocumentPackedDataset, PackedSequenceDataset, collate_packed
 from moss_train.data.shards import open_shards
 from moss_train.data.token_datasets import resolve_shard_prefixes
+from moss_train.engine.stage import StageData
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
-from moss_train.stages.base import StageData
 
 log = logging.getLogger(__name__)
 

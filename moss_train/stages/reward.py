@@ -23,10 +23,10 @@ import torch.distributed as dist
 from moss_train import losses
 from moss_train.data.pairs import PairDataset, collate_pairs, count_pairs, pairs_path
 from moss_train.data.shards import open_shards
+from moss_train.engine.stage import LossTerms, StageData
 from moss_train.errors import ConfigError
 from moss_train.model.reward import RewardModel
 from moss_train.stages import lm
-from moss_train.stages.base import LossTerms, StageData
 
 
 def build_reward_model(cfg, tokenizer) -> RewardModel:
@@ -101,7 +101,7 @@ def score_sharded(n: int, micro_batch_size: int, score_batch) -> list:
     the result). The results are gathered, so every rank returns all n of them in order."""
     import math
 
-    from moss_train.engine.distributed import all_gather_objects
+    from moss_train.distributed import all_gather_objects
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine: dict[int, object] = {}

@@ -24,9 +24,9 @@ from moss_train.data.sft import (
     collate_padded,
 )
 from moss_train.data.shards import open_shards
+from moss_train.engine.stage import LossTerms, StageData
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
-from moss_train.stages.base import LossTerms, StageData
 
 
 class SFTStage:

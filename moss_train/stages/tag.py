@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moss_train.chat import format as fmt
+from moss_train import format as fmt
 from moss_train.data import sft
 from moss_train.data.pairs import turn_ends
 from moss_train.data.shards import ShardWriter, dtype_for_vocab
+from moss_train.distributed import barrier, broadcast_object, init_distributed
 from moss_train.engine import setup
-from moss_train.engine.distributed import barrier, broadcast_object, init_distributed
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
 from moss_train.stages.reward import build_reward_model, score_sharded

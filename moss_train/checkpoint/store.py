@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from moss_train.checkpoint import safe_load
-from moss_train.engine.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
+from moss_train.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from moss_train.errors import CheckpointError, ConfigError
 from moss_train.model.config import SHAPE_FIELDS
 
