@@ -137,6 +137,19 @@ def quiet_third_party_logs() -> None:
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800
 
 
+def _skip_shared_memory_collectives() -> None:
+    """One CPU process has no peer to reduce with, so DeepSpeed's shared-memory collectives op is
+    not built: its first build costs a fresh environment about a minute of compiling (every
+    quickstart on a new clone), for collectives that never leave the process. The op is marked
+    incompatible in DeepSpeed's own table of compatible ops, which its comm backend consults."""
+    from deepspeed import ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistInfo:
     """Initialise the default process group (idempotent: the first call's timeout holds) and
     return this process's place in it."""
@@ -149,6 +162,8 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistInf
     if not dist.is_initialized():
         import deepspeed
 
+        if os.environ.get("WORLD_SIZE") == "1" and not torch.cuda.is_available():
+            _skip_shared_memory_collectives()
         deepspeed.init_distributed(
             dist_backend=backend_name(), auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
         )
