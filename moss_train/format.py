@@ -261,6 +261,12 @@ class Turn:
         return getattr(self, role)
 
 
+def body_text(body: str) -> str:
+    """A field body as plain text: its one leading space dropped, nothing else (the inverse of
+    Turn.from_text, so a turn read back from its texts renders token for token as it was)."""
+    return body[1:] if body.startswith(" ") else body
+
+
 def _body(text: str | None) -> str:
     return NONE_BODY if text is None else " " + text
 

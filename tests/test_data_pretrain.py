@@ -101,6 +101,7 @@ def test_per_source_loss_sums_add_up_to_the_loss(tmp_path):
             assert float(alone.loss_sum) == pytest.approx(float(terms.sums[f"loss_{name}"]), rel=1e-6)
 
 
+@pytest.mark.slow  # two real pretraining runs: ~20 s quiet
 def test_packed_documents_never_see_each_other_in_the_pretraining_stage(pretrain_data, tmp_path):
     """The held-out loss at the initial weights, through moss-train's pretraining stage, its
     collator and its DeepSpeed engine (two real runs): documents packed four to six to a row

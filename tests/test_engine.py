@@ -114,8 +114,8 @@ def test_zero3_one_process_equals_two_processes(zero3_reference):
 @pytest.mark.parametrize(
     "zero",
     [
-        pytest.param(["deepspeed.zero_stage=0"], id="zero0"),
-        pytest.param(["deepspeed=zero2"], id="zero2"),
+        pytest.param(["deepspeed.zero_stage=0"], id="zero0", marks=pytest.mark.slow),  # two-rank runs: ~10-13 s each
+        pytest.param(["deepspeed=zero2"], id="zero2", marks=pytest.mark.slow),
         # slow: DeepSpeedCPUAdam is compiled on first use (minutes on a fresh machine)
         pytest.param(["deepspeed=zero3_offload"], id="zero3_offload", marks=pytest.mark.slow),
     ],
@@ -162,6 +162,7 @@ def _resume_copy(run: Path, step: str, into: Path) -> Path:
     return into
 
 
+@pytest.mark.slow  # three real runs (two on two ranks) and a universal-checkpoint conversion: ~40 s quiet
 def test_resume_on_another_number_of_ranks_continues_the_uninterrupted_run(pretrain_data, tmp_path):
     """2 ranks -> 1 -> 2 through DeepSpeed's universal checkpoint: the uninterrupted run's
     losses to 1e-5 (a step's loss does not depend on the rank count) and its data position. A
@@ -192,6 +193,7 @@ def test_resume_on_another_number_of_ranks_continues_the_uninterrupted_run(pretr
     assert "n_embd=64, n_layer=2, this run builds n_embd=96, n_layer=3" in other_model.stderr
 
 
+@pytest.mark.slow  # a two-rank run under the deepspeed launcher: ~20 s quiet
 def test_deepspeed_launcher_runs_the_cli(pretrain_data, zero3_reference, tmp_path):
     """`deepspeed -m moss_train ...` passes --local_rank; Hydra's parsing must not trip on it.
     It starts two ranks (two optimizer-state shards in the checkpoint) that train as one process does."""

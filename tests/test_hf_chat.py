@@ -201,6 +201,7 @@ def calculator_export(pretrain_data, tmp_path_factory):
     return root / "hf"
 
 
+@pytest.mark.slow  # trains its calculator model: ~22 s quiet
 def test_the_docs_two_pass_example_calls_the_calculator_with_transformers_alone(calculator_export):
     from moss_train.chat.generate import load_model
     from moss_train.chat.plugins import build_plugins

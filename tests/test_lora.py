@@ -115,6 +115,7 @@ def trained_counts(log: str) -> tuple[int, int]:
     return int(trainable.replace(",", "")), int(total.replace(",", ""))
 
 
+@pytest.mark.slow  # the lora_runs fixture trains four real runs: ~30 s quiet
 def test_only_the_adapters_train_and_are_saved(lora_runs):
     base_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(lora_runs["base"]).parameters())
     assert trained_counts(lora_runs["logs"]["one"]) == (ADAPTER_PARAMS, base_params + ADAPTER_PARAMS)
@@ -131,6 +132,7 @@ def test_only_the_adapters_train_and_are_saved(lora_runs):
     assert sorted(n for n in reward.names if not lora.is_adapter(n)) == ["score.bias", "score.weight"]
 
 
+@pytest.mark.slow  # the lora_runs fixture trains four real runs: ~30 s quiet
 def test_lora_on_one_and_two_processes_agrees_and_resume_is_exact(lora_runs):
     root = lora_runs["root"]
     one, two, resumed = (train_losses(root / name) for name in ("one", "two", "resumed"))
@@ -144,6 +146,7 @@ def test_lora_on_one_and_two_processes_agrees_and_resume_is_exact(lora_runs):
         assert (resumed[step]["loss"], resumed[step]["lr"], resumed[step]["grad_norm"]) == (two[step]["loss"], two[step]["lr"], two[step]["grad_norm"])
 
 
+@pytest.mark.slow  # the lora_runs fixture trains four real runs: ~30 s quiet
 def test_dpo_reference_is_the_base_with_the_adapters_disabled(lora_runs):
     log = lora_runs["logs"]["dpo"]
     assert "dpo reference: the policy with its LoRA adapters disabled (no second model)" in log
@@ -171,6 +174,7 @@ def held_out_loss(model, tokenizer_dir, sft_dir) -> float:
     return total / count
 
 
+@pytest.mark.slow  # the lora_runs fixture trains four real runs: ~30 s quiet
 def test_merged_and_adapter_exports_give_the_peft_models_logits_and_a_lower_held_out_loss(lora_runs, tmp_path):
     from peft import PeftModel
 
@@ -200,6 +204,7 @@ def test_merged_and_adapter_exports_give_the_peft_models_logits_and_a_lower_held
     assert json.loads((tmp_path / "reward" / "config.json").read_text())["architectures"] == ["CodeGenModel"]
 
 
+@pytest.mark.slow  # the lora_runs fixture trains four real runs: ~30 s quiet
 def test_an_adapter_fits_only_its_base(lora_runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lora_runs["root"] / "one", run)

@@ -254,6 +254,7 @@ def test_preference_trains_on_the_tagged_dialogues_on_two_processes(pretrain_dat
     assert records[3]["loss"] < records[1]["loss"]
 
 
+@pytest.mark.slow  # a two-rank LoRA run: ~10 s quiet
 def test_preference_with_lora_trains_adapters_only(pretrain_data, tag_run, tmp_path):
     """stage=preference with LoRA on an HF base: the adapters alone train and are saved, and the
     merged export carries the tag form like any preference export."""

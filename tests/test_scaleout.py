@@ -252,6 +252,7 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # two torchrun jobs and a kill: ~25 s quiet
 def test_killing_torchrun_stops_its_ranks_and_frees_the_run_directory(pretrain_data, tmp_path):
     """1. A torchrun job holds its run directory: a second job there refuses, naming rank 0's pid
     and host. 2. SIGKILL to torchrun's process group (ranks run in sessions of their own) left

@@ -167,9 +167,7 @@ def summary_line(result: dict) -> str:
 
 def _plain(body: str) -> str | None:
     """A field body as plain text (its leading space dropped; " None" -> None)."""
-    if body == fmt.NONE_BODY:
-        return None
-    return body[1:] if body.startswith(" ") else body
+    return None if body == fmt.NONE_BODY else fmt.body_text(body)
 
 
 def answer_fields(answer: TurnResult) -> dict:

@@ -237,7 +237,7 @@ def results_json(calls: list[ToolCall]) -> list[dict]:
 def moss_json(outcome: Outcome, prepared: Prepared) -> dict:
     result = outcome.result
     return {
-        "inner_thoughts": result.inner_thoughts.strip(), "commands": result.commands.strip(), "results": results_json(result.tool_calls),
+        "inner_thoughts": fmt.body_text(result.inner_thoughts), "commands": fmt.body_text(result.commands), "results": results_json(result.tool_calls),
         "plugins": prepared.plugins, "quality": prepared.quality,
     }
 
