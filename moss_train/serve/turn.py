@@ -113,8 +113,12 @@ async def stream_turn(
         # Each pass samples from a generator seeded with the request's seed, as two_pass does.
         row = Row(prompt_ids, budget, frozenset(stops), options.sampling, _generator(options.seed))
         async with contextlib.aclosing(engine.tokens(row)) as tokens:
+            count = 0
             async for _ in tokens:
-                text = tokenizer.decode(row.tokens)
+                # The text as of this token: the engine thread may be tokens ahead of this task,
+                # and a delta per token keeps the stream's pace the model's, not the scheduler's.
+                count += 1
+                text = tokenizer.decode(row.tokens[:count])
                 for field in fields:
                     delta = shown.update(field, protocol.field_so_far(text, _ROLE_OF[field]), complete=False)
                     if delta:
