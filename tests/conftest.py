@@ -100,3 +100,12 @@ def read_metrics(output_dir: Path) -> list[dict]:
 def train_losses(output_dir: Path) -> dict[int, dict]:
     """Per-step training records (those with a training loss), by step."""
     return {r["step"]: r for r in read_metrics(output_dir) if "loss" in r}
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

@@ -17,6 +17,8 @@ from moss_train import format as fmt
 from moss_train.chat import plugins as P
 from moss_train.chat.sandbox import default_sandbox
 
+from conftest import process_running
+
 CALC, SOLVE = P.TOOLS["Calculate"], P.TOOLS["Solve"]
 
 
@@ -200,15 +202,6 @@ sandbox.call("moss_train.chat.plugins:solve_or_raise", "x^(1/3)+x^(1/5)+x^(1/7)=
 """
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_the_tool_worker_dies_with_its_parent(sig):
     """A slow Solve kept its worker at 98% of a core for over a minute after the chat was
@@ -217,13 +210,13 @@ def test_the_tool_worker_dies_with_its_parent(sig):
     try:
         worker = int(parent.stdout.readline())
         time.sleep(0.5)  # the worker is inside solve
-        assert _running(worker)
+        assert process_running(worker)
         parent.send_signal(sig)
         parent.wait(10)
         deadline = time.monotonic() + 10
-        while _running(worker) and time.monotonic() < deadline:
+        while process_running(worker) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _running(worker), f"tool worker {worker} outlived its parent ({sig.name})"
+        assert not process_running(worker), f"tool worker {worker} outlived its parent ({sig.name})"
     finally:
         parent.kill()
         parent.wait()

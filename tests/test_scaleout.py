@@ -18,7 +18,7 @@ import pytest
 
 from moss_train.distributed import child_processes
 
-from conftest import BIN, REPO, cli_env, free_port, run_cli, train_losses, train_overrides
+from conftest import BIN, REPO, cli_env, free_port, process_running, run_cli, train_losses, train_overrides
 
 STEPS = {"trainer.max_steps": 4, "trainer.threads": 1}
 MULTINODE = str(REPO / "launch" / "multinode_deepspeed.sh")
@@ -235,15 +235,6 @@ def test_zero3_builds_moss16b_layers_sharded(vocab, tmp_path):
 
 
 # ---------------------------------------------------------------------------- no process left behind
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def _wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -276,7 +267,7 @@ def test_killing_torchrun_stops_its_ranks_and_frees_the_run_directory(pretrain_d
 
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-        _wait_for(lambda: not any(_running(pid) for pid in ranks), 30, f"ranks {ranks} to stop after torchrun was killed")
+        _wait_for(lambda: not any(process_running(pid) for pid in ranks), 30, f"ranks {ranks} to stop after torchrun was killed")
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
