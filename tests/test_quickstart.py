@@ -18,7 +18,7 @@ TRAINING = ["pretrain", "sft", "reward", "preference", "dpo"]
 RATES = ["tool_use_right", "reward_eval_accuracy", "best_tag_right", "worst_tag_right", "dpo_right", "sft_right"]
 
 
-@pytest.mark.slow  # eleven commands, each starting Python, torch and DeepSpeed: about 5 min on 2 quiet cores
+@pytest.mark.slow  # eleven commands, each starting Python, torch and DeepSpeed: about 2 min on 2 quiet cores
 def test_the_shrunken_quickstart_writes_summary_export_and_pictures(tmp_path):
     out = tmp_path / "runs"
     result = subprocess.run(
