@@ -19,7 +19,6 @@ already complete and consistent with the requested settings and with the step be
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import logging
@@ -29,16 +28,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from moss_train.files import sha256_file
+
 log = logging.getLogger("moss-data")
 MB = 1024 * 1024
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _budgets(args) -> dict[str, int]:
@@ -112,9 +105,9 @@ def step_tokenizer(
     weights = {k: v for k, v in weights.items() if k in sources}
     if not weights:
         raise SystemExit(f"moss-data: none of the weighted sources has a corpus in {corpus} (found {sorted(sources)})")
-    provenance = {"corpus_dir": str(corpus.resolve()), "corpus_manifest_sha256": _sha256(corpus_manifest) if corpus_manifest.is_file() else None}
+    provenance = {"corpus_dir": str(corpus.resolve()), "corpus_manifest_sha256": sha256_file(corpus_manifest) if corpus_manifest.is_file() else None}
     if "chat" in weights:  # the tokenizer-only sample of rendered dialogues (--chat-sample)
-        provenance["chat_sample_sha256"] = _sha256(Path(sources["chat"][0]))
+        provenance["chat_sample_sha256"] = sha256_file(Path(sources["chat"][0]))
     if not force and tokenizer_is_complete(out):
         meta = json.loads((out / META_FILE).read_text())
         tr = meta.get("training", {})

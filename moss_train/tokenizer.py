@@ -46,6 +46,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from moss_train.files import sha256_file
+
 log = logging.getLogger(__name__)
 
 MOSS_SPECIAL_TOKENS = [
@@ -95,14 +97,6 @@ def longest_token_chars(tokenizer) -> int:
 
 class TokenizerError(RuntimeError):
     """A tokenizer directory is missing, incomplete or inconsistent."""
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            h.update(block)
-    return h.hexdigest()
 
 
 class MossTokenizer:

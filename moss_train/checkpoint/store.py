@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -43,6 +42,7 @@ import torch
 from moss_train.checkpoint import safe_load
 from moss_train.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from moss_train.errors import CheckpointError, ConfigError
+from moss_train.files import sha256_file
 from moss_train.model.config import SHAPE_FIELDS
 
 LATEST = "latest"
@@ -52,14 +52,6 @@ TMP_PREFIX = ".tmp-"
 # master weights (4) + Adam's two moments (8) + the module's own copy (up to 4).
 BYTES_PER_PARAM_ESTIMATE = 16
 FREE_SPACE_MARGIN = 1.1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_complete(directory: Path) -> dict:

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from moss_train.files import sha256_file
+
 FORMAT = "moss-token-shard"
 FORMAT_VERSION = 1
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -76,14 +78,6 @@ MASK_DTYPE = np.dtype("u1")
 def mask_path(prefix: str | os.PathLike) -> Path:
     """The optional per-token mask stream of the shard at `prefix`."""
     return Path(f"{prefix}.{MASK_EXT}")
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _MaskStream:
@@ -255,7 +249,7 @@ class ShardWriter:
                 "tokenizer_hash": self.tokenizer_hash,
                 "source": self.source,
                 "bin_sha256": self._bin_hash.hexdigest(),
-                "idx_sha256": _sha256_file(self._tmp["idx"]),
+                "idx_sha256": sha256_file(self._tmp["idx"]),
                 "provenance": self.provenance,
             }
             if self._mask is not None:
@@ -370,7 +364,7 @@ class TokenShard:
         """Recompute sha256 of ``.bin``, ``.idx`` (and ``.mask``); raise ShardChecksumError naming a bad file."""
         for ext in ("bin", "idx"):
             want = self.manifest.get(f"{ext}_sha256")
-            got = _sha256_file(self.paths[ext])
+            got = sha256_file(self.paths[ext])
             if got != want:
                 raise ShardChecksumError(
                     f"{self.paths[ext]}: sha256 {got} does not match the manifest ({want}); "
@@ -378,7 +372,7 @@ class TokenShard:
                 )
         if self.has_mask:
             path, want = mask_path(self.prefix), self.manifest["mask"].get("sha256")
-            got = _sha256_file(path) if path.is_file() else "missing"
+            got = sha256_file(path) if path.is_file() else "missing"
             if got != want:
                 raise ShardChecksumError(f"{path}: sha256 {got} does not match the manifest ({want})")
 
