@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -173,7 +174,7 @@ def stage_record(step: Step, seconds: float) -> dict:
     return row
 
 
-def figures(out: Path, runs: dict[str, Path]) -> dict:
+def figures(runs: dict[str, Path], comparison: dict) -> dict:
     from moss_train.eval.report import read_metrics
 
     result: dict = {}
@@ -197,7 +198,6 @@ def figures(out: Path, runs: dict[str, Path]) -> dict:
     accuracy, pairs = reward_eval[-1]["eval_accuracy"], reward_eval[-1]["eval_samples"]
     add("reward_eval_accuracy", {"rate": accuracy, "n": pairs, "stderr": (accuracy * (1 - accuracy) / pairs) ** 0.5})
 
-    comparison = json.loads((out / "comparison.json").read_text())
     for name, key in (("best_tag_right", "best_tag"), ("worst_tag_right", "worst_tag"), ("dpo_right", "dpo"), ("sft_right", "sft")):
         add(name, comparison[key]["right"])
     result["right_by_quality_level"] = {level: row["right"]["rate"] for level, row in comparison.get("by_level", {}).items()}
@@ -239,19 +239,20 @@ def main(argv=None) -> int:
     pipeline = steps(plan, out, data, Path(sys.executable).parent)
     for step in pipeline:  # the quickstart always trains from scratch
         if step.run_dir is not None:
-            subprocess.run(["rm", "-rf", str(step.run_dir)], check=True)
-    subprocess.run(["rm", "-rf", str(out / "export")], check=True)
+            shutil.rmtree(step.run_dir, ignore_errors=True)
+    shutil.rmtree(out / "export", ignore_errors=True)
     stages = [{"name": "install", "wall_s": round(args.install_seconds, 1)}] if args.install_seconds else []
     for step in pipeline:
         stages.append(stage_record(step, run_step(step, out / "logs")))
     summary = {"wall_s": 0.0, "cpu": cpu_description(), "smoke": args.smoke, "stages": stages}
-    summary["figures"] = figures(out, {s.name: s.run_dir for s in pipeline if s.run_dir is not None})
+    runs = {s.name: s.run_dir for s in pipeline if s.run_dir is not None}
+    comparison = json.loads((out / "comparison.json").read_text())
+    summary["figures"] = figures(runs, comparison)
 
     from moss_train.eval.report import draw_report
 
     summary["wall_s"] = round(args.install_seconds + time.perf_counter() - started, 1)
-    comparison = json.loads((out / "comparison.json").read_text())
-    summary["report_panels"] = draw_report(summary, {s.name: s.run_dir for s in pipeline if s.run_dir is not None}, comparison, out / "report.png")
+    summary["report_panels"] = draw_report(summary, runs, comparison, out / "report.png")
     summary["wall_s"] = round(args.install_seconds + time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print_table(stages, summary["wall_s"])
