@@ -17,8 +17,8 @@ autocast), attention through SDPA (flash kernels), fused AdamW on both sides, an
 name is recorded. On a CPU the precisions are fp32 and bf16 autocast.
 
 MFU is against the measured matmul peak of the machine (moss_train.engine.metrics: the best
-short matmul of this run and of earlier runs, cached), printed beside it, fp32 and bf16; on a
-GPU against the data-sheet dense bf16 peak.
+2048^3 / 4096^3 matmul in the step's precision, measured once per CPU model and flags and
+cached), printed beside it, fp32 and bf16; on a GPU against the data-sheet dense bf16 peak.
 
     python bench/train_throughput.py                                  # ~60M config, fp32 + bf16 autocast
     python bench/train_throughput.py --configs small,medium --write   # also append the table to RESULTS.md

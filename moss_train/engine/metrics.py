@@ -20,21 +20,18 @@ TENSORBOARD_DIR = "tensorboard"  # under the run's output directory: tensorboard
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0}
 
 
-def measure_cpu_peak_tflops(precision: str, sizes: tuple[int, ...] = (512, 1024), seconds: float = 0.5) -> float:
-    """The fastest matmul this process gets, in TFLOP/s: each matmul is timed alone for
-    `seconds` per size, and the best one counts. On a shared machine most matmuls share the
-    cores with other work; the best short one saw them (nearly) free, so the figure stays close
-    to the machine's peak under load, where an average over a window falls with the load (and
-    MFU against it came out above 100%)."""
+def measure_cpu_peak_tflops(precision: str, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> float:
+    """The machine's matmul peak in TFLOP/s: the best of `repeats` large square matmuls per
+    size, in the step's precision, after one warm-up (oneDNN picks and caches its kernel).
+    Large sizes because small ones never reach the peak (at 512 and 1024 the figure came out
+    a third low, so MFU against it read high)."""
     dtype = torch.bfloat16 if precision in ("bf16", "bf16-autocast") else torch.float32
     best = 0.0
     for size in sizes:
         a = torch.randn(size, size, dtype=dtype)
         b = torch.randn(size, size, dtype=dtype)
-        for _ in range(2):  # warm-up: oneDNN picks and caches its kernel
-            a @ b
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
+        a @ b
+        for _ in range(repeats):
             start = time.perf_counter()
             a @ b
             best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e12)
@@ -46,36 +43,42 @@ def _peak_cache_file() -> Path:
     return Path(root) / "moss-train" / "cpu_matmul_peak.json"
 
 
-def _cpu_model() -> str:
+# The CPU flags that decide which matmul kernels run (AMX and AVX512-BF16 change bf16 by 10x).
+MATMUL_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
+
+
+def _cpu_identity() -> str:
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return f"{model} [{' '.join(f for f in MATMUL_FLAGS if f in flags) or 'no listed flags'}]"
 
 
 def cpu_peak_tflops(precision: str, cache_file: Optional[Path] = None) -> tuple[float, str]:
-    """The CPU matmul peak for MFU: the best of this run's measurement and every earlier one
-    on this machine, precision, thread count and torch version (kept in ~/.cache/moss-train), so
-    a run that meets a loaded machine is still measured against the peak its matmuls can reach.
-    Returns (TFLOP/s, a line saying where the figure came from)."""
+    """The CPU matmul peak for MFU, measured once per CPU model and flags, precision, thread
+    count and torch version, and cached in ~/.cache/moss-train (delete the file to measure
+    again). Returns (TFLOP/s, a line saying what the figure is and where it came from)."""
     cache_file = cache_file or _peak_cache_file()
     dtype = "bf16" if precision in ("bf16", "bf16-autocast") else "fp32"
-    key = f"{_cpu_model()} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
-    measured = measure_cpu_peak_tflops(precision)
+    key = f"{_cpu_identity()} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    cached = float(cache.get(key, 0.0)) if isinstance(cache, dict) else 0.0
-    peak = max(measured, cached)
-    if measured > cached:
-        _write_atomically(cache_file, {**(cache if isinstance(cache, dict) else {}), key: measured})
-    source = f"measured {measured:.3f} now, best cached {cached:.3f} ({cache_file})" if cached else f"measured now ({cache_file})"
-    return peak, f"CPU {dtype} matmul peak {peak:.3f} TFLOP/s: {source}"
+    cache = cache if isinstance(cache, dict) else {}
+    if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
+        peak, source = float(cache[key]), f"cached ({cache_file})"
+    else:
+        peak, source = measure_cpu_peak_tflops(precision), f"measured now ({cache_file})"
+        _write_atomically(cache_file, {**cache, key: peak})
+    return peak, f"CPU {dtype} matmul peak {peak:.3f} TFLOP/s (best 2048^3 / 4096^3 matmul), {source}"
 
 
 def _write_atomically(path: Path, data: dict) -> None:
