@@ -50,12 +50,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
 
 CONFIGS = {
+    # The quickstart's model (recipes/model/tiny.yaml with its 8000-piece demo tokenizer).
+    "tiny": ModelConfig(name="tiny", vocab_size=8000, n_positions=512, n_embd=128, n_layer=2, n_head=4, rotary_dim=16),
     "small": ModelConfig(name="small", vocab_size=32000, n_positions=2048, n_embd=512, n_layer=8, n_head=8, rotary_dim=32),
     "medium": ModelConfig(name="medium", vocab_size=32000, n_positions=2048, n_embd=768, n_layer=12, n_head=12, rotary_dim=32),
     "1.3b": ModelConfig(name="1.3b", vocab_size=32000, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, rotary_dim=64),
 }
 # (batch, seq) per config unless given on the command line.
-DEFAULT_SHAPES = {"small": (4, 512), "medium": (4, 512), "1.3b": (4, 2048)}
+DEFAULT_SHAPES = {"tiny": (16, 512), "small": (4, 512), "medium": (4, 512), "1.3b": (4, 2048)}
 
 
 # ----------------------------------------------------------------------------- the sides (worker)
