@@ -178,10 +178,10 @@ def with_test_failure(stage):
         return stage
     loss = stage.loss
 
-    def failing_loss(model, batch):
+    def failing_loss(ctx, model, batch):
         if model.training and model.global_steps + 1 == step:  # global_steps: steps completed
             raise RuntimeError(f"{FAIL_AT_STEP_ENV}={spec}: injected failure at step {step}")
-        return loss(model, batch)
+        return loss(ctx, model, batch)
 
     stage.loss = failing_loss
     return stage

@@ -330,6 +330,16 @@ def check_paths(cfg: MossTrainConfig) -> None:
     _check(Path(cfg.data.tokenizer).exists(), "data.tokenizer", f"no tokenizer at {cfg.data.tokenizer}{hint}")
 
 
+def recipe_tokenizer(cfg: MossTrainConfig):
+    """The tokenizer data.tokenizer names: a MOSS tokenizer directory or any HF tokenizer directory."""
+    from moss_train.tokenizer import load_tokenizer
+
+    path = Path(cfg.data.tokenizer)
+    hint = f"; prepare the data with: {cfg.data.prepare_hint}" if cfg.data.prepare_hint else ""
+    _check(path.exists(), "data.tokenizer", f"no tokenizer at {path}{hint}")
+    return load_tokenizer(path)
+
+
 def _validate_trainer(trainer: TrainerConfig, world_size: int) -> None:
     _check(trainer.max_steps > 0, "trainer.max_steps", f"must be positive, got {trainer.max_steps}")
     _check(trainer.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")

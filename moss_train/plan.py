@@ -313,9 +313,10 @@ def resolve_model(cfg: MossTrainConfig) -> ModelConfig:
     """The recipe's model with its vocabulary size (vocab_size 0: from the recipe's tokenizer)."""
     if cfg.model.vocab_size > 0:
         return cfg.model
-    from moss_train.stages.lm import load_tokenizer, resolve_model_config
+    from moss_train.config import recipe_tokenizer
+    from moss_train.stages.lm import resolve_model_config
 
-    return resolve_model_config(cfg, load_tokenizer(cfg))
+    return resolve_model_config(cfg, recipe_tokenizer(cfg))
 
 
 def make_plan(cfg: MossTrainConfig, model: Optional[ModelConfig] = None) -> Plan:

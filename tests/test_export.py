@@ -76,7 +76,7 @@ class ToyRewardStage(PretrainStage):
 
     build_model = staticmethod(lambda cfg, tok: RewardModel(lm.resolve_model_config(cfg, tok)))
 
-    def loss(self, model, batch):
+    def loss(self, ctx, model, batch):
         rewards = model(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids")).float()
         targets = batch["labels"].ne(-100).sum()  # what the engine counts for this batch
         error = ((rewards - (batch["input_ids"][:, -1] % 2).float()) ** 2).sum()
@@ -365,13 +365,13 @@ def write_moss_dir(path: Path, hf_model, tokenizer: MossTokenizer, marker: Path)
 def import_into_model(directory: Path, data_dir: Path, trust_remote_code: bool = False) -> CodeGenForCausalLM:
     """stage.init_from as the trainer does it (adopt the config, build, load), in one process."""
     from moss_train.checkpoint.init import adopt_model_config, load_initial_weights
-    from moss_train.config import MossTrainConfig
+    from moss_train.config import MossTrainConfig, recipe_tokenizer
     from moss_train.stages import lm
 
     cfg = MossTrainConfig()
     cfg.stage.init_from, cfg.stage.trust_remote_code = str(directory), trust_remote_code
     cfg.data.tokenizer, cfg.data.seq_len = str(data_dir / "tokenizer"), 64
-    tokenizer = lm.load_tokenizer(cfg)
+    tokenizer = recipe_tokenizer(cfg)
     cfg = adopt_model_config(cfg, tokenizer, SINGLE)
     model = lm.build_causal_lm(cfg, tokenizer)
     load_initial_weights(model, cfg, tokenizer, SINGLE)

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from moss_train.config import compose, to_object, validate
 from moss_train.data import sft
 from moss_train.data.packed import PackedSequenceDataset
 from moss_train.data.shards import ShardChecksumError, ShardWriter, TokenShard, mask_path, open_shards
+from moss_train.engine.stage import StageContext
 from moss_train.errors import ConfigError
 from moss_train.stages.lm import build_causal_lm
 from moss_train.stages.sft import SFTStage
@@ -360,11 +362,13 @@ def _stage_data(shards_dir: Path, pretrain_data: Path, tmp_path: Path, **sft_set
     cfg = to_object(compose(overrides))
     stage = SFTStage()
     tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
-    return cfg, stage, tokenizer, stage.build_data(cfg, tokenizer)
+    ctx = StageContext(cfg, tokenizer)
+    data = stage.build_data(ctx)
+    return replace(ctx, data=data), stage, tokenizer, data
 
 
 def test_packed_samples_keep_conversations_apart(sample_shards, pretrain_data, tmp_path):
-    cfg, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path)
+    _, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path)
     conversations = data.train.conversations
     seen = 0
     for b in range(len(data.train)):
@@ -392,14 +396,14 @@ def test_packed_and_padded_batches_give_the_same_losses(sample_shards, pretrain_
     torch.manual_seed(0)
     results = {}
     for packing in ("packed", "padded"):
-        cfg, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path / packing, packing=packing)
+        ctx, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path / packing, packing=packing)
         torch.manual_seed(0)
-        model = build_causal_lm(cfg, tokenizer).eval()
+        model = build_causal_lm(ctx.cfg, tokenizer).eval()
         totals = Counter()
         with torch.no_grad():
             for start in range(0, len(data.eval), 2):
                 batch = data.collate([data.eval[i] for i in range(start, min(start + 2, len(data.eval)))])
-                terms = stage.loss(model, batch)
+                terms = stage.loss(ctx, model, batch)
                 totals["loss"] += terms.loss_sum.item()
                 totals["targets"] += terms.num_targets.item()
                 for name, value in terms.sums.items():
@@ -447,4 +451,4 @@ def test_sft_recipe_errors_name_the_key(pretrain_data, tmp_path):
         writer.add_document([5, 6, 7])  # a pretraining shard: no mask stream
     cfg = to_object(compose(["stage=sft", "data=sft_demo", f"data.root={tmp_path}", f"data.tokenizer={pretrain_data / 'tokenizer'}", f"run.output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.train_shards.*loss-mask"):
-        SFTStage().build_data(cfg, tokenizer)
+        SFTStage().build_data(StageContext(cfg, tokenizer))

@@ -26,6 +26,7 @@ document, margin. A ranked list of K responses stores K documents for its K(K-1)
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ import torch
 
 from moss_train import format as fmt
 from moss_train.data import sft
+from moss_train.data.shards import open_shards
+from moss_train.data.token_datasets import resolve_shard_prefixes
+from moss_train.errors import ConfigError
 
 PAIRS_SUFFIX = ".pairs.npy"
 
@@ -307,3 +311,32 @@ def collate_pairs(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]
 
 def count_pairs(batch: dict) -> int:
     return int(batch["margin"].numel())
+
+
+def open_pair_shards(cfg, patterns, key: str, tokenizer) -> list:
+    """The pair shards the recipe's patterns name (mask stream + pairs index), or ConfigError."""
+    prefixes = resolve_shard_prefixes(cfg.data.root, list(patterns), key, cfg.data.prepare_hint)
+    shards = open_shards(prefixes, expect_tokenizer_hash=tokenizer.hash)
+    for shard in shards:
+        if not shard.has_mask or not pairs_path(shard.prefix).is_file():
+            raise ConfigError(key, f"{shard.prefix!r} is not a pair shard (mask stream + {pairs_path(shard.prefix).name}) written by moss-data pairs")
+    return shards
+
+
+def pair_datasets(cfg, tokenizer, stage_name: str, is_main: bool) -> tuple[PairDataset, PairDataset | None]:
+    """The recipe's train and held-out pairs fitted to data.seq_len (stage=reward and stage=dpo);
+    what fitting did is printed and kept with the run (pair_data.json, by rank 0)."""
+    data = cfg.data
+    if not data.train_shards:
+        raise ConfigError("data.train_shards", f"stage={stage_name} reads pair shards (moss-data pairs) from data.train_shards")
+    train = PairDataset(open_pair_shards(cfg, data.train_shards, "data.train_shards", tokenizer), data.seq_len)
+    valid = PairDataset(open_pair_shards(cfg, data.valid_shards, "data.valid_shards", tokenizer), data.seq_len) if data.valid_shards else None
+    report = {"train": train.report.as_dict(), "valid": valid.report.as_dict() if valid else None}
+    if is_main:
+        print(f"[moss-train] {stage_name} pairs (seq_len {data.seq_len}): {report}", flush=True)
+        out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pair_data.json").write_text(json.dumps({"seq_len": data.seq_len, **report}, indent=1) + "\n")
+    if len(train) == 0:
+        raise ConfigError("data.seq_len", f"no training pair fits in {data.seq_len} tokens: {report['train']}")
+    return train, valid if valid is not None and len(valid) else None

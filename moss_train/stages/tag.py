@@ -1,7 +1,8 @@
 """Stage `tag`: score every assistant turn with the reward model; quality tags by quantile.
 
-Trains nothing: ``run(cfg)`` builds the reward model (``preference.reward_model``, a stage=reward
-checkpoint) frozen under the run's ZeRO config (engine/setup.py: frozen_model), and scores the
+Trains nothing (a job, engine/stage.py): the stage declares the reward model
+(``preference.reward_model``, a stage=reward checkpoint) as a frozen model, which the engine
+builds under the run's ZeRO config (engine/setup.py: frozen_model); ``run`` scores the
 dialogues of ``preference.tag_inputs`` (jsonl: moss003 / messages / alpaca): each dialogue is
 rendered as for SFT and read at the end of each of its turns, one forward per dialogue. The
 dialogues are spread over the ranks and the scores gathered.
@@ -34,11 +35,10 @@ from moss_train import format as fmt
 from moss_train.data import sft
 from moss_train.data.pairs import turn_ends
 from moss_train.data.shards import ShardWriter, dtype_for_vocab
-from moss_train.distributed import barrier, broadcast_object, init_distributed
-from moss_train.engine import setup
+from moss_train.distributed import broadcast_object, score_sharded
+from moss_train.engine.stage import FrozenModel, JobStage, StageContext
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
-from moss_train.stages.reward import build_reward_model, score_sharded
 
 LOSS_BITS = sft.LOSS_DEFAULT | sft.LOSS_MOSS_REFERENCE
 
@@ -67,35 +67,28 @@ def last_turn_only(flags: np.ndarray) -> np.ndarray:
     return flags
 
 
-class TagStage:
+class TagStage(JobStage):
     name = "tag"
 
-    load_tokenizer = staticmethod(lm.load_tokenizer)
-
-    def run(self, cfg) -> list[dict]:
-        dist_info = init_distributed(cfg.cluster.collective_timeout_s)
-        setup.tune_cpu(cfg, dist_info)
-        ds_config = setup.deepspeed_config(cfg, setup.resolve_precision(cfg.trainer.precision, dist_info.device), dist_info.world_size)
-        tokenizer = self.load_tokenizer(cfg)
-        self._check_reward_model(cfg.preference.reward_model, dist_info)
-        model = setup.frozen_model(build_reward_model, cfg.preference.reward_model, cfg=cfg, tokenizer=tokenizer, dist=dist_info, ds_config=ds_config)
-        out = Path(cfg.run.output_dir)
-        files = [self._score_file(cfg, Path(path), tokenizer, model) for path in cfg.preference.tag_inputs]
-        if dist_info.is_main:
-            self._write(cfg, out, files, tokenizer)
-        barrier()
-        return []
-
-    @staticmethod
-    def _check_reward_model(path: str, dist_info) -> None:
+    def frozen_models(self, ctx: StageContext) -> dict[str, FrozenModel]:
+        """The reward model, once rank 0 has checked that it is one."""
         from moss_train.checkpoint.sources import open_source
 
+        path = ctx.cfg.preference.reward_model
         problem = None
-        if dist_info.is_main and "score.weight" not in open_source(path).names:
+        if ctx.is_main and "score.weight" not in open_source(path).names:
             problem = f"{path} has no reward head (score.*): give a stage=reward checkpoint"
         problem = broadcast_object(problem)
         if problem:
             raise ConfigError("preference.reward_model", problem)
+        return {"reward": FrozenModel(lm.build_reward_model, path)}
+
+    def run(self, ctx: StageContext) -> list[dict]:
+        cfg = ctx.cfg
+        files = [self._score_file(cfg, Path(path), ctx.tokenizer, ctx.frozen["reward"]) for path in cfg.preference.tag_inputs]
+        if ctx.is_main:
+            self._write(cfg, Path(cfg.run.output_dir), files, ctx.tokenizer)
+        return []
 
     def _score_file(self, cfg, path: Path, tokenizer, model) -> dict:
         """Parse, render and score one dialogue file (every rank reads it; scores are shared)."""
