@@ -22,7 +22,7 @@ from safetensors import safe_open
 from moss_train import format as moss_format
 from moss_train.checkpoint.chat_template import render_messages
 from moss_train.checkpoint.cli import main as export_main
-from moss_train.checkpoint.export import export_checkpoint, load_reward_model
+from moss_train.checkpoint.export import REWARD, export_checkpoint, load_model
 from moss_train.checkpoint.sources import MossTrainCheckpoint
 from moss_train.distributed import DistInfo
 from moss_train.model.codegen import CodeGenForCausalLM
@@ -291,7 +291,7 @@ def test_reward_model_exports_in_its_documented_format(zero3_runs):
     assert "start freshly initialised" in zero3_runs["stdout"] and "score.weight" in zero3_runs["stdout"]
     tokenizer = MossTokenizer.load(hf_dir)
     x = torch.tensor([tokenizer.encode("def f():\n    return 1\n")[:9], tokenizer.encode("今天天气很好。The end.  ")[:9]])
-    reward_model = load_reward_model(hf_dir)
+    reward_model = load_model(hf_dir, REWARD)
     # The training model: the checkpoint's consolidated weights in a RewardModel.
     source = MossTrainCheckpoint(zero3_runs["reward"])
     trained = RewardModel(source.model_config).eval()

@@ -203,9 +203,9 @@ def calculator_export(pretrain_data, tmp_path_factory):
 
 @pytest.mark.slow  # trains its calculator model: ~22 s quiet
 def test_the_docs_two_pass_example_calls_the_calculator_with_transformers_alone(calculator_export):
-    from moss_train.chat.generate import load_model
     from moss_train.chat.plugins import build_plugins
     from moss_train.chat.protocol import ChatSession, Settings
+    from moss_train.checkpoint.export import load_model
     from moss_train.tokenizer import load_tokenizer
 
     question = "What is 23 times 17?"
@@ -245,7 +245,7 @@ def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculat
     example["main"](str(out), "What is 23 times 17?")
     printed = capsys.readouterr().out
     assert "tool: Calculate('23*17') -> '391'" in printed and "reply: 23*17 = 391." in printed
-    from moss_train.chat.generate import load_model
+    from moss_train.checkpoint.export import load_model
     from moss_train.checkpoint.store import CheckpointError
 
     with pytest.raises(CheckpointError, match="quantized .bitsandbytes. export is for inference in transformers"):
