@@ -21,6 +21,7 @@ from moss_train.data.sft import (
     collate_padded,
 )
 from moss_train.data.shards import open_shards
+from moss_train.data.token_datasets import resolve_shard_prefixes
 from moss_train.engine.stage import LossTerms, StageContext, StageData
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
@@ -74,7 +75,7 @@ def _conversations(ctx: StageContext, stage_name: str):
 
 def dialogue_shards(cfg, patterns, key: str, tokenizer) -> list:
     """The shards the patterns name, each checked to carry a loss-mask stream."""
-    prefixes = lm.resolve_shards(cfg.data.root, patterns, key, cfg.data.prepare_hint)
+    prefixes = resolve_shard_prefixes(cfg.data.root, list(patterns), key, cfg.data.prepare_hint)
     shards = open_shards(prefixes, expect_tokenizer_hash=tokenizer.hash)
     plain = [s.prefix for s in shards if not s.has_mask]
     if plain:

@@ -3,11 +3,9 @@ loss and sequence log-probabilities. Stage modules import this and never each ot
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -41,19 +39,6 @@ def build_causal_lm(cfg, tokenizer: MossTokenizer) -> CodeGenForCausalLM:
 def build_reward_model(cfg, tokenizer: MossTokenizer) -> RewardModel:
     """The causal LM's backbone with a scalar head (model/reward.py)."""
     return RewardModel(resolve_model_config(cfg, tokenizer))
-
-
-def resolve_shards(root: str, patterns: list[str], key: str, prepare_hint: str = "") -> list[str]:
-    """Shard prefixes matching the recipe's patterns (a shard is complete once its .json exists)."""
-    prefixes: list[str] = []
-    for pattern in patterns:
-        full = pattern if Path(pattern).is_absolute() else str(Path(root) / pattern)
-        matches = sorted(m[: -len(".json")] for m in glob.glob(full + ".json"))
-        if not matches:
-            hint = f"; prepare the data with: {prepare_hint}" if prepare_hint else ""
-            raise ConfigError(key, f"no shard matches {full!r}{hint}")
-        prefixes.extend(matches)
-    return prefixes
 
 
 def pair_data(ctx: StageContext, stage_name: str) -> StageData:
