@@ -23,7 +23,7 @@ from moss_train.checkpoint import init as initial_weights
 from moss_train.checkpoint.store import CheckpointManager, check_same_model
 from moss_train.config import MossTrainConfig
 from moss_train.data.sampler import GlobalBatchPlan
-from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, rank_batches
 from moss_train.engine import setup
 from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
 from moss_train.engine.stage import JOB, TRAIN, JobStage, LossTerms, Stage, StageContext, StageData, TrainingStage
@@ -215,15 +215,12 @@ class Trainer:
         if samples == 0:
             return {}
         # Every sample counts, so the figure does not depend on the world size. Every rank runs
-        # the same number of forward passes (ZeRO-3 gathers are collective): in the last, partial
-        # pass a rank left without samples runs sample 0 and drops its sums.
-        passes = -(-samples // (micro * world))
+        # the same number of forward passes (rank_batches): in the last, partial pass a rank left
+        # without samples runs sample 0 and drops its sums.
         self.engine.eval()
         sums = MetricSums()
-        for p in range(passes):
-            start = (p * world + self.dist.rank) * micro
-            indices = range(start, min(start + micro, samples))
-            batch = _to_device(self.data.collate([dataset[i] for i in (indices or range(1))]), self.dist.device)
+        for indices in rank_batches(samples, micro, self.dist.rank, world):
+            batch = _to_device(self.data.collate([dataset[i] for i in (indices or [0])]), self.dist.device)
             with setup.autocast_context(self.precision, self.dist.device):
                 terms = self.stage.loss(self.ctx, self.engine, batch)
             if indices:
