@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from moss_train import format as fmt
+from moss_train.data.packed import packed_row
 from moss_train.losses import IGNORE_INDEX
 
 LOSS_DEFAULT = 1
@@ -393,32 +394,11 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         return len(self.bins)
 
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
-        L = self.seq_len
-        input_ids = np.full(L, self.pad_id, dtype=np.int64)
-        labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
-        position_ids = np.zeros(L, dtype=np.int64)
-        segment_ids = np.zeros(L, dtype=np.int64)
-        category_ids = np.full(L, -1, dtype=np.int64)
-        at = 0
-        for seg, j in enumerate(self.bins[b]):
+        pieces = []
+        for j in self.bins[b]:
             ids, flags = self.conversations.tokens(j)
-            n = len(ids)
-            input_ids[at : at + n] = ids
-            labels[at : at + n] = _targets(ids, flags, self.loss_bit)
-            position_ids[at : at + n] = np.arange(n)
-            segment_ids[at : at + n] = seg
-            category_ids[at : at + n] = self.conversations.category_ids[j]
-            at += n
-        # Padding: its own segment, positions from 0, no labels.
-        position_ids[at:] = np.arange(L - at)
-        segment_ids[at:] = len(self.bins[b])
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(position_ids),
-            "segment_ids": torch.from_numpy(segment_ids),
-            "category_ids": torch.from_numpy(category_ids),
-        }
+            pieces.append((ids, _targets(ids, flags, self.loss_bit), self.conversations.category_ids[j]))
+        return packed_row(pieces, self.seq_len, self.pad_id, "category_ids")
 
 
 class PaddedSFTDataset(torch.utils.data.Dataset):
