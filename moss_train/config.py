@@ -130,7 +130,7 @@ class LoggingConfig:
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning (stage=sft); see moss_train/data/sft.py."""
+    """Supervised fine-tuning (stage=sft, stage=preference); see moss_train/data/sft.py."""
 
     # default: loss on inner thoughts, commands and replies; moss_reference: the original MOSS
     # recipe (everything but the meta instruction and the content of plugin results).

@@ -139,10 +139,10 @@ def sample_texts() -> list[str]:
     if not SAMPLE.is_file():
         return []
     from moss_train import format as fmt
-    from moss_train.data import sft
+    from moss_train.data import parsing
 
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()[::10]
-    return [fmt.render(sft.parse_record(json.loads(line)).dialogue) for line in lines if line.strip()]
+    return [fmt.render(parsing.parse_record(json.loads(line)).dialogue) for line in lines if line.strip()]
 
 
 @pytest.fixture(scope="module")

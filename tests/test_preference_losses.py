@@ -11,7 +11,7 @@ import torch
 
 from moss_train import format as fmt
 from moss_train import losses
-from moss_train.data import pairs, sft
+from moss_train.data import pairs, parsing, rendering
 from moss_train.stages.tag import conditioned_example, last_turn_only, quality_levels, quantile_thresholds
 
 
@@ -94,14 +94,14 @@ def test_conditioned_example_trains_only_the_tagged_turn(tokenizer):
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
     ]}
-    conversation = sft.parse_record(record)
+    conversation = parsing.parse_record(record)
     example = conditioned_example(conversation, 1, 2, 3, fmt.QUALITY_TEMPLATE)
     assert example.dialogue.meta_instruction.endswith("- Response quality: 2/3\n")
-    ids, flags = sft.render(tokenizer, example)
+    ids, flags = rendering.render(tokenizer, example)
     kept = last_turn_only(flags)
-    second_turn = int(np.flatnonzero(flags & sft.TURN_START)[1])
-    assert (flags[:second_turn] & sft.LOSS_DEFAULT).any()  # the first reply had loss before
-    assert not (kept[:second_turn] & (sft.LOSS_DEFAULT | sft.LOSS_MOSS_REFERENCE)).any()
+    second_turn = int(np.flatnonzero(flags & rendering.TURN_START)[1])
+    assert (flags[:second_turn] & rendering.LOSS_DEFAULT).any()  # the first reply had loss before
+    assert not (kept[:second_turn] & (rendering.LOSS_DEFAULT | rendering.LOSS_MOSS_REFERENCE)).any()
     assert (kept[second_turn:] == flags[second_turn:]).all()
 
 
@@ -155,19 +155,19 @@ def test_pair_records_in_every_format(tokenizer):
 @pytest.mark.parametrize(
     "record, reason",
     [
-        ([1, 2], sft.NOT_AN_OBJECT),
-        ({"prompt": "Q"}, sft.UNKNOWN_FORMAT),
+        ([1, 2], parsing.NOT_AN_OBJECT),
+        ({"prompt": "Q"}, parsing.UNKNOWN_FORMAT),
         ({"prompt": "Q", "chosen": "a", "rejected": "a"}, pairs.IDENTICAL_RESPONSES),
         ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}, pairs.CONTEXTS_DIFFER),
         ({"prompt": "Q", "responses": ["a", "b"], "scores": [1, 1]}, pairs.NO_PAIR),
         ({"prompt": "Q", "responses": ["a", "b"], "scores": [1]}, pairs.BAD_SCORES),
         ({"prompt": "Q", "responses": ["a"]}, pairs.NO_RESPONSES),
-        ({"prompt": "Q", "chosen": 3, "rejected": "a"}, sft.MALFORMED_FIELD),
-        ({"chosen": "Human: no leading newlines", "rejected": "x"}, sft.WRONG_ROLE_ORDER),  # no prompt at all
+        ({"prompt": "Q", "chosen": 3, "rejected": "a"}, parsing.MALFORMED_FIELD),
+        ({"chosen": "Human: no leading newlines", "rejected": "x"}, parsing.WRONG_ROLE_ORDER),  # no prompt at all
     ],
 )
 def test_bad_pair_records_are_rejected_by_reason(record, reason):
-    with pytest.raises(sft.RecordError) as error:
+    with pytest.raises(parsing.RecordError) as error:
         pairs.parse_pair_record(record)
     assert error.value.reason == reason
 

@@ -126,7 +126,7 @@ def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data,
     from moss_train.checkpoint.cli import main as export_main
     from moss_train.checkpoint.export import REWARD, load_model
     from moss_train.checkpoint.sources import MossTrainCheckpoint
-    from moss_train.data import sft
+    from moss_train.data import parsing, rendering
     from moss_train.model.reward import RewardModel
     from moss_train.tokenizer import load_tokenizer
 
@@ -149,7 +149,7 @@ def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data,
         polite = i % 2 == 0
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."},
                     {"role": "assistant", "content": reply(rng, polite)}]
-        ids, _ = sft.render(tokenizer, sft.parse_record({"messages": messages}))
+        ids, _ = rendering.render(tokenizer, parsing.parse_record({"messages": messages}))
         x = torch.from_numpy(ids)[None]
         with torch.no_grad():
             ours, theirs = exported(x), trained(x)
@@ -208,13 +208,13 @@ def test_tag_scores_every_turn_with_the_reward_model_on_two_processes(tag_run, r
 
     # The sharded, gathered scores are the reward model's own, in the right order.
     from moss_train.checkpoint.export import REWARD, load_model
-    from moss_train.data import sft
+    from moss_train.data import parsing, rendering
     from moss_train.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(reward_run, REWARD), load_tokenizer(pretrain_data / "tokenizer")
     for record in tagged[:3] + tagged[-3:]:
         original = {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
-        ids, _ = sft.render(tokenizer, sft.parse_record(original))
+        ids, _ = rendering.render(tokenizer, parsing.parse_record(original))
         with torch.no_grad():
             last = float(model(torch.from_numpy(ids)[None])[0])
         assert last == pytest.approx(record["messages"][-1]["reward"], abs=1e-4)
@@ -325,7 +325,7 @@ def answer_figures(pretrain_data, reward_run):
     """figures(model_dir, meta) -> (share of sampled replies with "please", their mean reward
     under the reward model), over one prompt per word."""
     from moss_train.checkpoint.export import REWARD, load_model
-    from moss_train.data import sft
+    from moss_train.data import parsing, rendering
     from moss_train.tokenizer import load_tokenizer
 
     tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), load_model(reward_run, REWARD)
@@ -336,7 +336,7 @@ def answer_figures(pretrain_data, reward_run):
         rewards = []
         for prompt, text in answers:
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
-            ids, _ = sft.render(tokenizer, sft.parse_record({"messages": messages}))
+            ids, _ = rendering.render(tokenizer, parsing.parse_record({"messages": messages}))
             with torch.no_grad():
                 rewards.append(float(reward_model(torch.from_numpy(ids)[None])[0]))
         return float(np.mean(["please" in text.split() for _, text in answers])), float(np.mean(rewards))
@@ -370,14 +370,14 @@ def greedy_figures(model_dir, tokenizer, reward_model, records) -> dict:
     """What moss-eval compare should report for one model at temperature 0, computed here one
     answer at a time: moss-chat's two-pass protocol, the judge, the reward of each dialogue alone."""
     from moss_train.checkpoint.export import load_model
-    from moss_train.data import sft
+    from moss_train.data import parsing, rendering
     from moss_train.eval import tool_use
 
     answers = tool_use.answer_first_turns(load_model(model_dir), tokenizer, records)
     scores = [tool_use.judge_answer(r, a) for r, a in zip(records, answers)]
     rewards = []
     for record, answer in zip(records, answers):
-        ids, _ = sft.render(tokenizer, sft.parse_record(tool_use.answer_record(record, answer)))
+        ids, _ = rendering.render(tokenizer, parsing.parse_record(tool_use.answer_record(record, answer)))
         with torch.no_grad():
             rewards.append(float(reward_model(torch.from_numpy(ids)[None])[0]))
     return {

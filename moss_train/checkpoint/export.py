@@ -66,7 +66,7 @@ from moss_train.checkpoint.sources import (
     weights_fingerprint,
 )
 from moss_train.checkpoint.store import CheckpointError, ensure_free_space
-from moss_train.data.sft import TURN_START
+from moss_train.data.rendering import TURN_START
 from moss_train.data.shards import ShardError, TokenShard
 from moss_train.data.token_datasets import resolve_shard_prefixes
 from moss_train.errors import ConfigError

@@ -23,6 +23,7 @@ source (by index) each token comes from, for per-source losses.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -199,6 +200,30 @@ def packed_row(pieces: Sequence[tuple], seq_len: int, pad_id: int, group_key: st
         "position_ids": torch.from_numpy(position_ids),
         group_key: torch.from_numpy(group_ids),
     }
+
+
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each item, longest first, goes to the fullest bin it still fits.
+
+    Deterministic (ties by index); near-optimal fill for the length mixes of dialogue data.
+    """
+    order = sorted(range(len(lengths)), key=lambda j: (-int(lengths[j]), j))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin id), sorted
+    for j in order:
+        need = int(lengths[j])
+        if need > capacity:
+            raise ValueError(f"item {j} of length {need} exceeds the bin capacity {capacity}")
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            space, b = free.pop(at)
+        else:
+            space, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(j)
+        if space - need > 0:
+            bisect.insort(free, (space - need, b))
+    return bins
 
 
 def collate_packed(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

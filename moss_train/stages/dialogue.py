@@ -13,13 +13,8 @@ from pathlib import Path
 import torch
 
 from moss_train.data.packed import collate_packed
-from moss_train.data.sft import (
-    LOSS_MASKS,
-    PackedSFTDataset,
-    PaddedSFTDataset,
-    SFTConversations,
-    collate_padded,
-)
+from moss_train.data.rendering import LOSS_MASKS
+from moss_train.data.sft import PackedSFTDataset, PaddedSFTDataset, SFTConversations, collate_padded
 from moss_train.data.shards import open_shards
 from moss_train.data.token_datasets import resolve_shard_prefixes
 from moss_train.engine.stage import LossTerms, StageContext, StageData

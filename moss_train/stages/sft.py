@@ -1,6 +1,7 @@
 """Stage `sft`: supervised fine-tuning on rendered MOSS dialogues (shards with a mask stream).
 
-Data comes from ``moss-data sft`` (one shard per split and category, see
+Data comes from ``moss-data sft`` (one shard per split and category: records parsed by
+moss_train/data/parsing.py, rendered by moss_train/data/rendering.py; datasets in
 moss_train/data/sft.py). The loss is next-token cross-entropy on the tokens the recipe's
 ``sft.loss_mask`` selects; evaluation adds token accuracy on those tokens, and both per
 category (``loss_cat_<name>``, ``accuracy_cat_<name>``) where the data has categories

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from moss_train import format as fmt
-from moss_train.data import sft
+from moss_train.data import parsing, rendering
 from moss_train.data.pairs import turn_ends
 from moss_train.data.shards import ShardWriter, dtype_for_vocab
 from moss_train.distributed import broadcast_object, score_sharded
@@ -40,7 +40,7 @@ from moss_train.engine.stage import FrozenModel, JobStage, StageContext
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
 
-LOSS_BITS = sft.LOSS_DEFAULT | sft.LOSS_MOSS_REFERENCE
+LOSS_BITS = rendering.LOSS_DEFAULT | rendering.LOSS_MOSS_REFERENCE
 
 
 def quantile_thresholds(scores, levels: int) -> list[float]:
@@ -53,16 +53,16 @@ def quality_levels(scores, thresholds) -> list[int]:
     return [int(level) + 1 for level in np.searchsorted(np.asarray(thresholds), np.asarray(scores, dtype=np.float64), side="right")]
 
 
-def conditioned_example(conversation: sft.Conversation, turn: int, level: int, levels: int, template: str) -> sft.Conversation:
+def conditioned_example(conversation: parsing.Conversation, turn: int, level: int, levels: int, template: str) -> parsing.Conversation:
     """The dialogue up to `turn`, its meta instruction carrying the turn's quality tag."""
     dialogue = fmt.Dialogue(fmt.with_quality(conversation.dialogue.meta_instruction, level, levels, template), conversation.dialogue.turns[: turn + 1])
-    return sft.Conversation(dialogue, conversation.category, conversation.id)
+    return parsing.Conversation(dialogue, conversation.category, conversation.id)
 
 
 def last_turn_only(flags: np.ndarray) -> np.ndarray:
     """Loss flags kept on the last turn only (earlier turns are context for the tagged one)."""
     flags = flags.copy()
-    last = int(np.flatnonzero(flags & sft.TURN_START)[-1])
+    last = int(np.flatnonzero(flags & rendering.TURN_START)[-1])
     flags[:last] &= ~np.uint8(LOSS_BITS)
     return flags
 
@@ -99,15 +99,15 @@ class TagStage(JobStage):
             records_in += 1
             try:
                 record = json.loads(line)
-                conversations.append(sft.parse_record(record))
+                conversations.append(parsing.parse_record(record))
                 records.append(record)
             except ValueError as error:  # RecordError is a ValueError, as is bad JSON
                 rejects.append({"file": str(path), "line": lineno, "reason": getattr(error, "reason", "invalid_json"), "detail": str(error), "record": line[:2000]})
-        rendered = sft.render_many(tokenizer, conversations)
-        kept = [sft.kept_length(flags, cfg.data.seq_len) for _, flags in rendered]
+        rendered = rendering.render_many(tokenizer, conversations)
+        kept = [rendering.kept_length(flags, cfg.data.seq_len) for _, flags in rendered]
         fits = [j for j, n in enumerate(kept) if n > 0]
         for j in (j for j, n in enumerate(kept) if n == 0):
-            rejects.append({"file": str(path), "reason": sft.FIRST_TURN_TOO_LONG, "detail": f"{len(rendered[j][0])} tokens > data.seq_len {cfg.data.seq_len}", "record": json.dumps(records[j], ensure_ascii=False)[:2000]})
+            rejects.append({"file": str(path), "reason": parsing.FIRST_TURN_TOO_LONG, "detail": f"{len(rendered[j][0])} tokens > data.seq_len {cfg.data.seq_len}", "record": json.dumps(records[j], ensure_ascii=False)[:2000]})
         device = getattr(model, "device", torch.device("cpu"))
 
         def score(indices: list[int]) -> list[list[float]]:
@@ -149,7 +149,7 @@ class TagStage(JobStage):
                         counts.update(levels)
                         tagged.write(json.dumps(tag_record(record, scores, levels), ensure_ascii=False) + "\n")
                         examples.extend(conditioned_example(conversation, t, level, pref.levels, pref.quality_template) for t, level in enumerate(levels))
-                for conversation, (ids, flags) in zip(examples, sft.render_many(tokenizer, examples)):
+                for conversation, (ids, flags) in zip(examples, rendering.render_many(tokenizer, examples)):
                     key = f"{name}.{conversation.category}"
                     if key not in writers:
                         writers[key] = ShardWriter(conditioned_tmp / key, dtype_for_vocab(tokenizer.vocab_size), tokenizer.hash,
