@@ -9,10 +9,11 @@ from functools import partial
 
 import torch
 
+from moss_train import losses
 from moss_train.data.pairs import collate_pairs, count_pairs, pair_datasets
 from moss_train.engine.stage import LossTerms, StageContext, StageData
 from moss_train.errors import ConfigError
-from moss_train.losses import IGNORE_INDEX, summed_per_row, token_cross_entropy
+from moss_train.losses import IGNORE_INDEX, token_cross_entropy
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import padded_vocab_size
 from moss_train.model.reward import RewardModel
@@ -91,10 +92,8 @@ def causal_lm_loss(model, batch: dict, group_names: Sequence[str] = ()) -> LossT
 
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """Per row: the summed log-probability of its labelled tokens (labels != -100), in fp32,
-    from the target positions' logits only, through the memory-lean token_cross_entropy."""
-    logits, labels, targets = target_logits(model, batch)
-    token_loss, _ = token_cross_entropy(logits, labels)
-    return -summed_per_row(token_loss, targets)
+    from the target positions' logits only (losses.sequence_logps)."""
+    return losses.sequence_logps(*target_logits(model, batch))
 
 
 def count_label_targets(batch: dict) -> int:
