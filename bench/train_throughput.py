@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from moss_train.engine.stage import TrainingStage
 from moss_train.model.config import ModelConfig, flops_per_token, num_parameters, to_hf_config
 
 from bench_report import publish
@@ -74,7 +75,7 @@ def make_batch(model_cfg: ModelConfig, batch_size: int, seq_len: int, device: to
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
-class FixedBatchStage:
+class FixedBatchStage(TrainingStage):
     """A stage whose every sample is the benchmark batch, so the Trainer's own step is timed."""
 
     name = "bench"
@@ -83,7 +84,7 @@ class FixedBatchStage:
         self.samples = samples
 
     @staticmethod
-    def loss(model, batch):
+    def loss(ctx, model, batch):
         from moss_train.stages.lm import causal_lm_loss
 
         return causal_lm_loss(model, batch)
@@ -96,7 +97,7 @@ class FixedBatchStage:
 
         return CodeGenForCausalLM(cfg.model)
 
-    def build_data(self, cfg, tokenizer):
+    def build_data(self, ctx):
         from moss_train.data.packed import collate_packed
         from moss_train.engine.stage import StageData
         from moss_train.stages.lm import count_label_targets

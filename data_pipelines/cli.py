@@ -142,7 +142,7 @@ def step_chat_sample(path: Path, dialogues: int) -> None:
     so a dialogue costs fewer tokens; the pretraining shards never contain them."""
     from data_pipelines.demo_dialogues import TRAIN_SEED, make_split
     from moss_train import format as fmt
-    from moss_train.data.sft import parse_record
+    from moss_train.data.parsing import parse_record
 
     marker = path.with_name(path.name + ".count")
     if path.is_file() and marker.is_file() and marker.read_text().strip() == str(dialogues):

@@ -109,8 +109,8 @@ def sample_judged_pairs(model_dir, tokenizer_dir, dialogues: Path, out: Path, sa
     record per prompt whose answers differ) and ``samples.jsonl`` (every answer, judged).
     `with_reference`: the dialogue's own answer joins the ranking (judged like the samples), so a
     prompt the model always gets wrong still gives pairs (a weak model's whole sample would tie)."""
-    from moss_train.chat.generate import load_model
     from moss_train.chat.protocol import Settings
+    from moss_train.checkpoint.export import load_model
     from moss_train.eval import tool_use
 
     model, tokenizer = load_model(model_dir), load_tokenizer(tokenizer_dir)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from data_pipelines.ingest import Bad, InputError, InputUnit, UnitReader, expand_inputs
-from moss_train.data.sft import RecordError
+from moss_train.data.parsing import RecordError
 from moss_train.data.shards import ShardWriter, dtype_for_vocab
 from moss_train.tokenizer import load_tokenizer
 

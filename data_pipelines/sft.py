@@ -19,7 +19,7 @@ from pathlib import Path
 
 from data_pipelines.render_common import ParsedRecord, RecordSource, ShardOutputs, render_records
 from moss_train import format as fmt
-from moss_train.data import sft
+from moss_train.data import parsing, rendering
 from moss_train.tokenizer import longest_token_chars
 
 CHUNK = 256  # conversations rendered per tokenizer batch
@@ -37,10 +37,10 @@ class _Outputs(ShardOutputs):
         self.loss_tokens: Counter = Counter()
         self.token_chars = longest_token_chars(self.tokenizer)
 
-    def write(self, split: str, conversation: sft.Conversation, ids, flags) -> None:
+    def write(self, split: str, conversation: parsing.Conversation, ids, flags) -> None:
         category = conversation.category
         self.writer((split, category), f"{split}.{category}", source=category).add_document(ids, flags)
-        for name, bit in sft.LOSS_MASKS.items():
+        for name, bit in rendering.LOSS_MASKS.items():
             self.loss_tokens[name] += int(((flags & bit) > 0).sum())
 
     def close(self) -> dict:
@@ -77,7 +77,7 @@ def render_sft(
         "format": format,
         "tokenizer_dir": str(tokenizer_dir),
         "max_length": max_length,
-        "mask_bits": {"loss_default": sft.LOSS_DEFAULT, "loss_moss_reference": sft.LOSS_MOSS_REFERENCE, "turn_start": sft.TURN_START},
+        "mask_bits": {"loss_default": rendering.LOSS_DEFAULT, "loss_moss_reference": rendering.LOSS_MOSS_REFERENCE, "turn_start": rendering.TURN_START},
     }
     return render_records(
         RecordSource(inputs, valid_inputs, valid_fraction, seed),
@@ -85,7 +85,7 @@ def render_sft(
         out,
         provenance=provenance,
         make_outputs=_Outputs,
-        parse=lambda record: sft.parse_record(record, format, meta_instruction, category_from),
+        parse=lambda record: parsing.parse_record(record, format, meta_instruction, category_from),
         render_chunk=lambda pending, outputs: _render_chunk(pending, outputs, max_length),
         chunk_size=CHUNK,
     )
@@ -97,22 +97,22 @@ def _render_chunk(pending: list[ParsedRecord], outputs: _Outputs, max_length: in
     fitting, dropped = [], []
     for record in pending:
         turns = len(record.parsed.dialogue.turns)
-        fit = sft.turns_within_chars(record.parsed, max_length * outputs.token_chars) if max_length else turns
+        fit = rendering.turns_within_chars(record.parsed, max_length * outputs.token_chars) if max_length else turns
         if fit == 0:
             limit = max_length * outputs.token_chars
             detail = f"the first turn spans over {limit} characters, more than {max_length} tokens hold (a token spans at most {outputs.token_chars})"
-            outputs.reject(record.where, sft.FIRST_TURN_TOO_LONG, detail, record.raw)
+            outputs.reject(record.where, parsing.FIRST_TURN_TOO_LONG, detail, record.raw)
             continue
-        fitting.append(record._replace(parsed=sft.first_turns(record.parsed, fit)) if fit < turns else record)
+        fitting.append(record._replace(parsed=rendering.first_turns(record.parsed, fit)) if fit < turns else record)
         dropped.append(turns - fit)
-    rendered = sft.render_many(outputs.tokenizer, [record.parsed for record in fitting])
+    rendered = rendering.render_many(outputs.tokenizer, [record.parsed for record in fitting])
     for (where, split, raw, conversation), (ids, flags), turns_dropped in zip(fitting, rendered, dropped):
         if max_length and len(ids) > max_length:
-            kept = sft.kept_length(flags, max_length)
+            kept = rendering.kept_length(flags, max_length)
             if kept == 0:
-                outputs.reject(where, sft.FIRST_TURN_TOO_LONG, f"{len(ids)} tokens; the first turn does not fit in {max_length}", raw)
+                outputs.reject(where, parsing.FIRST_TURN_TOO_LONG, f"{len(ids)} tokens; the first turn does not fit in {max_length}", raw)
                 continue
-            turns_dropped += int(((flags[kept:] & sft.TURN_START) > 0).sum())
+            turns_dropped += int(((flags[kept:] & rendering.TURN_START) > 0).sum())
             ids, flags = ids[:kept], flags[:kept]
         if turns_dropped:
             outputs.truncated += 1
@@ -178,7 +178,7 @@ def add_parser(sub) -> None:
     p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this share of --input (by content hash)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (the base model's)")
     p.add_argument("--out", required=True, help="output directory (shards/, rejects.jsonl, summary.json)")
-    p.add_argument("--format", default="auto", choices=["auto", *sft.FORMATS], help="input format (default: per record)")
+    p.add_argument("--format", default="auto", choices=["auto", *parsing.FORMATS], help="input format (default: per record)")
     p.add_argument("--meta-instruction", help="meta instruction for every record (text, or @FILE)")
     p.add_argument("--plugins", help="or: the MOSS meta instruction with these plugins enabled (e.g. calculator,equation_solver)")
     p.add_argument("--category", default="plugins", choices=["plugins", "field"],

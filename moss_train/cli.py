@@ -15,37 +15,15 @@ import sys
 USAGE = __doc__
 
 
-def split_launcher_args(argv: list[str]) -> tuple[list[str], int | None]:
-    """Remove `--local_rank=N` / `--local_rank N` (added by the deepspeed launcher) from argv."""
-    rest, local_rank, i = [], None, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith(("--local_rank=", "--local-rank=")):
-            local_rank = int(arg.split("=", 1)[1])
-        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
-            local_rank = int(argv[i + 1])
-            i += 1
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, local_rank
-
-
 def main(argv: list[str] | None = None) -> int:
-    args, local_rank = split_launcher_args(list(sys.argv[1:] if argv is None else argv))
-    if local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    if any(a in ("-h", "--help") for a in args):
+    from moss_train.config import parse_recipe_args
+
+    args = parse_recipe_args(sys.argv[1:] if argv is None else argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.help:
         print(USAGE)
         return 0
-    print_only = "--cfg" in args
-    config_name = "config"
-    overrides = []
-    for arg in args:
-        if arg.startswith("--config-name="):
-            config_name = arg.split("=", 1)[1]
-        elif arg != "--cfg":
-            overrides.append(arg)
 
     from moss_train.config import check_paths, compose, to_object, validate
     from moss_train.distributed import launch_rank, stop_with_launcher
@@ -53,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
 
     stop_with_launcher()
     try:
-        composed = compose(overrides, config_name)
+        composed = compose(args.overrides, args.config_name)
         cfg = to_object(composed)
         validate(cfg)
-        if print_only:
+        if args.print_only:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(composed))
@@ -178,10 +156,10 @@ def with_test_failure(stage):
         return stage
     loss = stage.loss
 
-    def failing_loss(model, batch):
+    def failing_loss(ctx, model, batch):
         if model.training and model.global_steps + 1 == step:  # global_steps: steps completed
             raise RuntimeError(f"{FAIL_AT_STEP_ENV}={spec}: injected failure at step {step}")
-        return loss(model, batch)
+        return loss(ctx, model, batch)
 
     stage.loss = failing_loss
     return stage

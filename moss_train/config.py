@@ -130,7 +130,7 @@ class LoggingConfig:
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning (stage=sft); see moss_train/data/sft.py."""
+    """Supervised fine-tuning (stage=sft, stage=preference); see moss_train/data/sft.py."""
 
     # default: loss on inner thoughts, commands and replies; moss_reference: the original MOSS
     # recipe (everything but the meta instruction and the content of plugin results).
@@ -250,6 +250,36 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="moss_train_schema", node=MossTrainConfig)
 
 
+@dataclass
+class RecipeArgs:
+    """A command line of moss-train / moss-plan: which recipe, and its Hydra overrides."""
+
+    config_name: str = "config"
+    overrides: List[str] = field(default_factory=list)
+    print_only: bool = False  # --cfg: print the composed recipe and exit
+    help: bool = False
+    local_rank: Optional[int] = None  # --local_rank N, as the deepspeed launcher adds it
+
+
+def parse_recipe_args(argv: List[str], recipe_positional: bool = False) -> RecipeArgs:
+    """`[RECIPE] [--config-name NAME] [--cfg] [--local_rank N] [-h] OVERRIDES...`: every
+    argument that is not one of these options is a Hydra override, in order. With
+    `recipe_positional`, a first argument without ``=`` names the recipe (``--config-name`` wins)."""
+    import argparse
+
+    argv = list(argv)
+    config_name = "config"
+    if recipe_positional and argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        config_name = argv.pop(0).removesuffix(".yaml")
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config-name", dest="config_name", default=config_name)
+    parser.add_argument("--cfg", dest="print_only", action="store_true")
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int)
+    parser.add_argument("-h", "--help", dest="help", action="store_true")
+    known, overrides = parser.parse_known_args(argv)
+    return RecipeArgs(overrides=overrides, **vars(known))
+
+
 def compose(overrides: List[str], config_name: str = "config") -> DictConfig:
     """Compose a recipe from recipes/ with Hydra overrides, typed by MossTrainConfig.
 
@@ -328,6 +358,16 @@ def check_paths(cfg: MossTrainConfig) -> None:
     if cfg.stage.name != "tag":  # tag reads preference.tag_inputs, checked by validate
         _check(Path(cfg.data.root).is_dir(), "data.root", f"no such directory: {cfg.data.root}{hint}")
     _check(Path(cfg.data.tokenizer).exists(), "data.tokenizer", f"no tokenizer at {cfg.data.tokenizer}{hint}")
+
+
+def recipe_tokenizer(cfg: MossTrainConfig):
+    """The tokenizer data.tokenizer names: a MOSS tokenizer directory or any HF tokenizer directory."""
+    from moss_train.tokenizer import load_tokenizer
+
+    path = Path(cfg.data.tokenizer)
+    hint = f"; prepare the data with: {cfg.data.prepare_hint}" if cfg.data.prepare_hint else ""
+    _check(path.exists(), "data.tokenizer", f"no tokenizer at {path}{hint}")
+    return load_tokenizer(path)
 
 
 def _validate_trainer(trainer: TrainerConfig, world_size: int) -> None:

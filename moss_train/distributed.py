@@ -210,3 +210,28 @@ def broadcast_object(obj, src: int = 0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def rank_batches(n: int, micro_batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's micro-batches of items 0..n-1: every world_size-th micro-batch, in order.
+
+    Every rank gets the same number of them, because a ZeRO-3 forward is collective (each layer's
+    parameters are gathered from all ranks): in the last pass a rank left without items gets an
+    empty list, and must still run a forward (on any item) and drop its result."""
+    passes = -(-n // (micro_batch_size * world_size))
+    starts = ((p * world_size + rank) * micro_batch_size for p in range(passes))
+    return [list(range(start, min(start + micro_batch_size, n))) for start in starts]
+
+
+def score_sharded(n: int, micro_batch_size: int, score_batch) -> list:
+    """`score_batch(indices) -> one result per index` over items 0..n-1, spread over the ranks
+    (rank_batches; a rank with nothing left scores item 0 and drops it). The results are
+    gathered, so every rank returns all n of them in order."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine: dict[int, object] = {}
+    for indices in rank_batches(n, micro_batch_size, rank, world):
+        mine.update(zip(indices, score_batch(indices or [0])))
+    merged: dict[int, object] = {}
+    for part in all_gather_objects(mine):
+        merged.update(part)
+    return [merged[i] for i in range(n)]

@@ -1,7 +1,7 @@
 """THE MOSS prompt format (moss-003): meta instruction, turn fields, markers and end tokens.
 
 Everything that writes or reads MOSS dialogues derives from this module: SFT rendering
-(moss_train/data/sft.py), the chat template of an HF export, and chat inference. The layout is
+(moss_train/data/rendering.py), the chat template of an HF export, and chat inference. The layout is
 moss-003's, byte for byte::
 
     {meta instruction: preamble + "Capabilities and tools that MOSS can possess.\\n" + lines}

@@ -90,11 +90,19 @@ def summed_per_row(token_values: torch.Tensor, targets: torch.Tensor) -> torch.T
     return torch.zeros(targets.shape[0], dtype=token_values.dtype, device=token_values.device).index_add(0, rows, token_values)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels -> per row the summed log-probability of the labelled
-    tokens (labels != -100), in fp32 (only the labelled rows of the logits are read)."""
-    targets = labels != IGNORE_INDEX
-    token_loss, _ = token_cross_entropy(logits[targets], labels[targets])
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the summed log-probability of its labelled tokens (labels != -100), in fp32,
+    through token_cross_entropy: chunk by chunk, so no vocabulary-sized fp32 buffer exists and
+    the logits are not copied.
+
+    (B, T, V) logits and (B, T) labels; or, as DPO's model computes them (only at the target
+    positions, ``logits_at``), the (N, V) logits and (N,) labels of the N True positions of the
+    (B, T) mask `targets`.
+    """
+    if targets is None:
+        token_loss, _ = token_cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return -token_loss.view(labels.shape).sum(dim=1)
+    token_loss, _ = token_cross_entropy(logits, labels)
     return -summed_per_row(token_loss, targets)
 
 

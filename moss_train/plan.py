@@ -313,9 +313,10 @@ def resolve_model(cfg: MossTrainConfig) -> ModelConfig:
     """The recipe's model with its vocabulary size (vocab_size 0: from the recipe's tokenizer)."""
     if cfg.model.vocab_size > 0:
         return cfg.model
-    from moss_train.stages.lm import load_tokenizer, resolve_model_config
+    from moss_train.config import recipe_tokenizer
+    from moss_train.stages.lm import resolve_model_config
 
-    return resolve_model_config(cfg, load_tokenizer(cfg))
+    return resolve_model_config(cfg, recipe_tokenizer(cfg))
 
 
 def make_plan(cfg: MossTrainConfig, model: Optional[ModelConfig] = None) -> Plan:
@@ -493,31 +494,18 @@ def _verdict_lines(plan: Plan) -> list[str]:
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str]) -> tuple[str, list[str]]:
-    """`[RECIPE] [--config-name=RECIPE] OVERRIDES...` -> (config name, overrides)."""
-    config_name, overrides = "config", []
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config-name="):
-            config_name = arg.split("=", 1)[1]
-        elif i == 0 and "=" not in arg and not arg.startswith("-"):
-            config_name = arg.removesuffix(".yaml")
-        else:
-            overrides.append(arg)
-    return config_name, overrides
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
+    from moss_train.config import compose, parse_recipe_args, to_object, validate
+
+    args = parse_recipe_args(sys.argv[1:] if argv is None else argv, recipe_positional=True)
+    if args.help:
         print(__doc__)
         return 0
-    from moss_train.config import compose, to_object, validate
     from moss_train.distributed import quiet_third_party_logs
 
     quiet_third_party_logs()
-    config_name, overrides = parse_args(args)
     try:
-        cfg = to_object(compose(overrides, config_name))
+        cfg = to_object(compose(args.overrides, args.config_name))
         validate(cfg, world_size=cfg.cluster.nodes * cfg.cluster.gpus_per_node)
         plan = make_plan(cfg)
     except ConfigError as error:

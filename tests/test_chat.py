@@ -20,10 +20,10 @@ import torch
 import transformers
 
 from moss_train import format as fmt
-from moss_train.chat.generate import DecodingBatch, Row, Sampling, generate_batch, load_model, process_logits
+from moss_train.chat.generate import DecodingBatch, Row, Sampling, generate_batch, process_logits
 from moss_train.chat.plugins import NO_RESULT, Plugin, WebSearch, build_plugins
 from moss_train.chat.protocol import ChatSession, Settings, TurnRequest, encode, two_pass
-from moss_train.checkpoint.export import export_checkpoint
+from moss_train.checkpoint.export import export_checkpoint, load_model
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig
 from moss_train.tokenizer import MossTokenizer

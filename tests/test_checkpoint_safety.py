@@ -259,7 +259,7 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(finished_run, tmp_path
     with pytest.raises(CheckpointError, match=f"{victim.name} would run code when loaded: it names posix.system"):
         manager.load(engine=None, path=copy)  # refused before DeepSpeed reads anything
     with pytest.raises(CheckpointError, match=victim.name):
-        _ = MossTrainCheckpoint(copy).names  # stage.init_from, moss-chat (chat.generate.load_model)
+        _ = MossTrainCheckpoint(copy).names  # stage.init_from, moss-chat (checkpoint.export.load_model)
     assert export_main([str(copy), str(tmp_path / "hf")]) == 1
     assert f"{victim.name} would run code" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "hf").exists()

@@ -52,6 +52,7 @@ def test_stop_when_a_source_runs_out_fails_up_front(pretrain_data, tmp_path):
     """on_exhausted=stop: the stage refuses a run that needs more samples than a source has,
     before any model exists, naming the source (the CLI prints it as a recipe error, exit 2)."""
     from moss_train.config import compose, to_object, validate
+    from moss_train.engine.stage import StageContext
     from moss_train.errors import ConfigError
     from moss_train.stages.pretrain import PretrainStage
     from moss_train.tokenizer import load_tokenizer
@@ -60,11 +61,11 @@ def test_stop_when_a_source_runs_out_fails_up_front(pretrain_data, tmp_path):
     cfg = to_object(compose(overrides))
     validate(cfg, world_size=1)
     stage = PretrainStage()
-    data = stage.build_data(cfg, load_tokenizer(cfg.data.tokenizer))  # 4 steps: enough data
-    assert not data.shuffle and stage.source_names == list(SOURCES)
+    data = stage.build_data(StageContext(cfg, load_tokenizer(cfg.data.tokenizer)))  # 4 steps: enough data
+    assert not data.shuffle and list(data.group_names) == list(SOURCES)
     cfg.trainer.max_steps = len(data.train) // cfg.trainer.global_batch_size + 1
     with pytest.raises(ConfigError, match=r"data\.sources\.(en|zh|code): data source '(en|zh|code)' runs out after \d+"):
-        stage.build_data(cfg, load_tokenizer(cfg.data.tokenizer))
+        stage.build_data(StageContext(cfg, load_tokenizer(cfg.data.tokenizer)))
 
 
 def test_per_source_loss_sums_add_up_to_the_loss(tmp_path):

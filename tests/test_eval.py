@@ -10,7 +10,7 @@ import pytest
 from data_pipelines.demo_dialogues import make_split
 from moss_train import format as fmt
 from moss_train.chat.plugins import parse_commands
-from moss_train.data.sft import parse_record
+from moss_train.data.parsing import parse_record
 from moss_train.eval import tool_use
 
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from moss_train import format as moss_format
 from moss_train.checkpoint.chat_template import render_messages
 from moss_train.checkpoint.cli import main as export_main
-from moss_train.checkpoint.export import export_checkpoint, load_reward_model
+from moss_train.checkpoint.export import REWARD, export_checkpoint, load_model
 from moss_train.checkpoint.sources import MossTrainCheckpoint
 from moss_train.distributed import DistInfo
 from moss_train.model.codegen import CodeGenForCausalLM
@@ -76,7 +76,7 @@ class ToyRewardStage(PretrainStage):
 
     build_model = staticmethod(lambda cfg, tok: RewardModel(lm.resolve_model_config(cfg, tok)))
 
-    def loss(self, model, batch):
+    def loss(self, ctx, model, batch):
         rewards = model(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids")).float()
         targets = batch["labels"].ne(-100).sum()  # what the engine counts for this batch
         error = ((rewards - (batch["input_ids"][:, -1] % 2).float()) ** 2).sum()
@@ -291,7 +291,7 @@ def test_reward_model_exports_in_its_documented_format(zero3_runs):
     assert "start freshly initialised" in zero3_runs["stdout"] and "score.weight" in zero3_runs["stdout"]
     tokenizer = MossTokenizer.load(hf_dir)
     x = torch.tensor([tokenizer.encode("def f():\n    return 1\n")[:9], tokenizer.encode("今天天气很好。The end.  ")[:9]])
-    reward_model = load_reward_model(hf_dir)
+    reward_model = load_model(hf_dir, REWARD)
     # The training model: the checkpoint's consolidated weights in a RewardModel.
     source = MossTrainCheckpoint(zero3_runs["reward"])
     trained = RewardModel(source.model_config).eval()
@@ -365,13 +365,13 @@ def write_moss_dir(path: Path, hf_model, tokenizer: MossTokenizer, marker: Path)
 def import_into_model(directory: Path, data_dir: Path, trust_remote_code: bool = False) -> CodeGenForCausalLM:
     """stage.init_from as the trainer does it (adopt the config, build, load), in one process."""
     from moss_train.checkpoint.init import adopt_model_config, load_initial_weights
-    from moss_train.config import MossTrainConfig
+    from moss_train.config import MossTrainConfig, recipe_tokenizer
     from moss_train.stages import lm
 
     cfg = MossTrainConfig()
     cfg.stage.init_from, cfg.stage.trust_remote_code = str(directory), trust_remote_code
     cfg.data.tokenizer, cfg.data.seq_len = str(data_dir / "tokenizer"), 64
-    tokenizer = lm.load_tokenizer(cfg)
+    tokenizer = recipe_tokenizer(cfg)
     cfg = adopt_model_config(cfg, tokenizer, SINGLE)
     model = lm.build_causal_lm(cfg, tokenizer)
     load_initial_weights(model, cfg, tokenizer, SINGLE)

@@ -23,7 +23,7 @@ import transformers
 
 from moss_train import format as fmt
 from moss_train.checkpoint import chat_template as ct
-from moss_train.data import sft
+from moss_train.data import parsing
 from moss_train.tokenizer import MossTokenizer
 
 from conftest import BIN, REPO, run_cli
@@ -64,7 +64,7 @@ def test_every_moss003_sample_dialogue_renders_token_for_token(tokenizers):
     if not SAMPLE.is_file():
         pytest.skip(f"the shared moss-003 sample is not at {SAMPLE} (set MOSS_SHARED_DIR)")
     records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    hf_form, moss_fields = check_dialogues([sft.parse_record(r).dialogue for r in records], tokenizers)
+    hf_form, moss_fields = check_dialogues([parsing.parse_record(r).dialogue for r in records], tokenizers)
     print(f"moss-003 sample: {len(records)} dialogues; tool turns as HF tool_calls: {hf_form}, as MOSS fields: {moss_fields}")
     # MOSS fields only where moss-003's own data breaks its layout ("<|Results|>:\nNone\n" with no
     # command, text-to-image results without the command line).
@@ -74,7 +74,7 @@ def test_every_moss003_sample_dialogue_renders_token_for_token(tokenizers):
 def test_every_demo_dialogue_renders_token_for_token_with_hf_tool_calls(tokenizers):
     from data_pipelines.demo_dialogues import make_split
 
-    dialogues = [sft.parse_record(r).dialogue for r in make_split(300, seed=7)]
+    dialogues = [parsing.parse_record(r).dialogue for r in make_split(300, seed=7)]
     hf_form, moss_fields = check_dialogues(dialogues, tokenizers)
     tool_turns = sum(1 for d in dialogues for t in d.turns if t.commands != fmt.NONE_BODY)
     assert hf_form == tool_turns > 150 and moss_fields == 0  # every tool turn in the HF form
@@ -203,9 +203,9 @@ def calculator_export(pretrain_data, tmp_path_factory):
 
 @pytest.mark.slow  # trains its calculator model: ~22 s quiet
 def test_the_docs_two_pass_example_calls_the_calculator_with_transformers_alone(calculator_export):
-    from moss_train.chat.generate import load_model
     from moss_train.chat.plugins import build_plugins
     from moss_train.chat.protocol import ChatSession, Settings
+    from moss_train.checkpoint.export import load_model
     from moss_train.tokenizer import load_tokenizer
 
     question = "What is 23 times 17?"
@@ -245,7 +245,7 @@ def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculat
     example["main"](str(out), "What is 23 times 17?")
     printed = capsys.readouterr().out
     assert "tool: Calculate('23*17') -> '391'" in printed and "reply: 23*17 = 391." in printed
-    from moss_train.chat.generate import load_model
+    from moss_train.checkpoint.export import load_model
     from moss_train.checkpoint.store import CheckpointError
 
     with pytest.raises(CheckpointError, match="quantized .bitsandbytes. export is for inference in transformers"):

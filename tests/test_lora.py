@@ -158,7 +158,7 @@ def test_dpo_reference_is_the_base_with_the_adapters_disabled(lora_runs):
 
 def held_out_loss(model, tokenizer_dir, sft_dir) -> float:
     """Mean token loss of `model` (transformers) on the held-out demo dialogues' trained tokens."""
-    from moss_train.data import sft as sft_data
+    from moss_train.data import rendering
     from moss_train.data.shards import open_shards
 
     shards = open_shards(sorted(str(p)[: -len(".json")] for p in (sft_dir / "shards").glob("valid.*.json")))
@@ -166,7 +166,7 @@ def held_out_loss(model, tokenizer_dir, sft_dir) -> float:
     for shard in shards:
         for i in range(len(shard)):
             ids = torch.from_numpy(shard.document(i).astype("int64"))[None]
-            targets = torch.from_numpy((shard.document_mask(i) & sft_data.LOSS_DEFAULT).astype(bool))[1:]
+            targets = torch.from_numpy((shard.document_mask(i) & rendering.LOSS_DEFAULT).astype(bool))[1:]
             with torch.no_grad():
                 logits = model(ids).logits[0, :-1].float()
             losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")

@@ -139,10 +139,10 @@ def sample_texts() -> list[str]:
     if not SAMPLE.is_file():
         return []
     from moss_train import format as fmt
-    from moss_train.data import sft
+    from moss_train.data import parsing
 
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()[::10]
-    return [fmt.render(sft.parse_record(json.loads(line)).dialogue) for line in lines if line.strip()]
+    return [fmt.render(parsing.parse_record(json.loads(line)).dialogue) for line in lines if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def init_model(checkpoint: Path, tokenizer_dir: Path, capsys, **stage):
     import torch
 
     from moss_train.checkpoint.init import adopt_model_config, load_initial_weights
-    from moss_train.config import MossTrainConfig
+    from moss_train.config import MossTrainConfig, recipe_tokenizer
     from moss_train.distributed import DistInfo
     from moss_train.stages import lm
 
@@ -207,7 +207,7 @@ def init_model(checkpoint: Path, tokenizer_dir: Path, capsys, **stage):
     for key, value in stage.items():
         setattr(cfg.stage, key, value)
     cfg.data.tokenizer, cfg.data.seq_len = str(tokenizer_dir), 64
-    tokenizer = lm.load_tokenizer(cfg)
+    tokenizer = recipe_tokenizer(cfg)
     cfg = adopt_model_config(cfg, tokenizer, single)
     model = lm.build_causal_lm(cfg, tokenizer)
     load_initial_weights(model, cfg, tokenizer, single)

@@ -81,7 +81,7 @@ ENGINE_VS_TORCH = textwrap.dedent(
     from moss_train.engine.loop import Trainer
     from moss_train.model.codegen import CodeGenForCausalLM
     from moss_train.model.config import ModelConfig
-    from moss_train.engine.stage import StageData
+    from moss_train.engine.stage import StageData, TrainingStage
     from moss_train.stages.lm import causal_lm_loss, count_label_targets
 
     model_cfg = ModelConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
@@ -89,12 +89,12 @@ ENGINE_VS_TORCH = textwrap.dedent(
     labels = torch.cat([ids[:, 1:], torch.full((4, 1), -100)], dim=1)
     labels[0, :10] = -100  # uneven targets per row: the token mean is over the whole batch
 
-    class Fixed:
+    class Fixed(TrainingStage):
         name = "fixed"
-        loss = staticmethod(causal_lm_loss)
+        def loss(self, ctx, model, batch): return causal_lm_loss(model, batch)
         def load_tokenizer(self, cfg): return None
         def build_model(self, cfg, tok): return CodeGenForCausalLM(cfg.model)
-        def build_data(self, cfg, tok):
+        def build_data(self, ctx):
             samples = [{"input_ids": ids[i], "labels": labels[i]} for i in range(4)]
             return StageData(train=samples, eval=None, collate=collate_packed, count_targets=count_label_targets,
                              tokens_per_sample=32, shuffle=False)

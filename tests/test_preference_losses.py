@@ -11,7 +11,7 @@ import torch
 
 from moss_train import format as fmt
 from moss_train import losses
-from moss_train.data import pairs, sft
+from moss_train.data import pairs, parsing, rendering
 from moss_train.stages.tag import conditioned_example, last_turn_only, quality_levels, quantile_thresholds
 
 
@@ -69,6 +69,53 @@ def test_sequence_logps_sums_the_labelled_tokens():
     assert losses.sequence_logps(logits, labels).tolist() == pytest.approx([float(x) for x in expected], rel=1e-6)
 
 
+SEQUENCE_LOGPS_MEMORY = r"""
+import json, resource, sys
+import torch
+from moss_train import losses
+
+torch.set_num_threads(1)
+batch, length, vocab = 2, 1024, 107008  # MOSS's vocabulary, 2k tokens: fp32 logits of 0.84 GiB
+generator = torch.Generator().manual_seed(0)
+logits = torch.rand(batch, length, vocab, generator=generator).mul_(8)
+labels = torch.randint(0, vocab, (batch, length), generator=generator)
+labels[:, ::3] = -100
+peak_kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the high-water mark
+with torch.no_grad():
+    before = peak_kib()
+    if sys.argv[1] == "lean":
+        logps = losses.sequence_logps(logits, labels).double()
+    else:  # the reference: one fp32 value per vocabulary entry and token
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).double()
+        logps = torch.where(labels != -100, picked, 0.0).sum(dim=1)
+    after = peak_kib()
+print(json.dumps({"peak_mib": (after - before) / 1024, "logits_mib": logits.numel() * 4 / 2**20, "logps": logps.tolist()}))
+"""
+
+
+def test_sequence_logps_peak_memory_is_a_fraction_of_the_full_log_softmax():
+    """DPO's sequence log-probabilities go through the chunked token_cross_entropy: at MOSS's
+    107k vocabulary and 2k tokens, their peak memory above the logits is under a quarter of what
+    the full fp32 log_softmax adds (each measured as the peak RSS of a fresh process, whose
+    high-water mark only the one computation moves), and the values equal the full log_softmax's."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+
+    measured = {}
+    for form in ("lean", "full"):
+        result = subprocess.run([sys.executable, "-c", SEQUENCE_LOGPS_MEMORY, form], cwd=REPO, env=cli_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        measured[form] = json.loads(result.stdout.strip().splitlines()[-1])
+    lean, full = measured["lean"], measured["full"]
+    assert full["peak_mib"] > 0.9 * full["logits_mib"]  # the measurement sees the full buffer
+    assert lean["peak_mib"] < 0.25 * full["peak_mib"], {form: m["peak_mib"] for form, m in measured.items()}
+    assert lean["logps"] == pytest.approx(full["logps"], rel=1e-5)
+
+
 def test_quantile_tagging():
     scores = np.arange(100, dtype=float)  # 0..99
     thresholds = quantile_thresholds(scores, 5)
@@ -94,14 +141,14 @@ def test_conditioned_example_trains_only_the_tagged_turn(tokenizer):
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
     ]}
-    conversation = sft.parse_record(record)
+    conversation = parsing.parse_record(record)
     example = conditioned_example(conversation, 1, 2, 3, fmt.QUALITY_TEMPLATE)
     assert example.dialogue.meta_instruction.endswith("- Response quality: 2/3\n")
-    ids, flags = sft.render(tokenizer, example)
+    ids, flags = rendering.render(tokenizer, example)
     kept = last_turn_only(flags)
-    second_turn = int(np.flatnonzero(flags & sft.TURN_START)[1])
-    assert (flags[:second_turn] & sft.LOSS_DEFAULT).any()  # the first reply had loss before
-    assert not (kept[:second_turn] & (sft.LOSS_DEFAULT | sft.LOSS_MOSS_REFERENCE)).any()
+    second_turn = int(np.flatnonzero(flags & rendering.TURN_START)[1])
+    assert (flags[:second_turn] & rendering.LOSS_DEFAULT).any()  # the first reply had loss before
+    assert not (kept[:second_turn] & (rendering.LOSS_DEFAULT | rendering.LOSS_MOSS_REFERENCE)).any()
     assert (kept[second_turn:] == flags[second_turn:]).all()
 
 
@@ -155,19 +202,19 @@ def test_pair_records_in_every_format(tokenizer):
 @pytest.mark.parametrize(
     "record, reason",
     [
-        ([1, 2], sft.NOT_AN_OBJECT),
-        ({"prompt": "Q"}, sft.UNKNOWN_FORMAT),
+        ([1, 2], parsing.NOT_AN_OBJECT),
+        ({"prompt": "Q"}, parsing.UNKNOWN_FORMAT),
         ({"prompt": "Q", "chosen": "a", "rejected": "a"}, pairs.IDENTICAL_RESPONSES),
         ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}, pairs.CONTEXTS_DIFFER),
         ({"prompt": "Q", "responses": ["a", "b"], "scores": [1, 1]}, pairs.NO_PAIR),
         ({"prompt": "Q", "responses": ["a", "b"], "scores": [1]}, pairs.BAD_SCORES),
         ({"prompt": "Q", "responses": ["a"]}, pairs.NO_RESPONSES),
-        ({"prompt": "Q", "chosen": 3, "rejected": "a"}, sft.MALFORMED_FIELD),
-        ({"chosen": "Human: no leading newlines", "rejected": "x"}, sft.WRONG_ROLE_ORDER),  # no prompt at all
+        ({"prompt": "Q", "chosen": 3, "rejected": "a"}, parsing.MALFORMED_FIELD),
+        ({"chosen": "Human: no leading newlines", "rejected": "x"}, parsing.WRONG_ROLE_ORDER),  # no prompt at all
     ],
 )
 def test_bad_pair_records_are_rejected_by_reason(record, reason):
-    with pytest.raises(sft.RecordError) as error:
+    with pytest.raises(parsing.RecordError) as error:
         pairs.parse_pair_record(record)
     assert error.value.reason == reason
 

@@ -117,16 +117,16 @@ def test_reward_model_learns_a_preference_on_two_processes(reward_run):
 
 def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data, tmp_path):
     """moss-export on the stage=reward run (two ranks, ZeRO-3): the export loads in the project's
-    loader (checkpoint.export.load_reward_model) and in plain transformers (the backbone, then the
+    loader (checkpoint.export.load_model) and in plain transformers (the backbone, then the
     documented score head by hand), and both score dialogues as the run's consolidated weights
     do; the learned preference ("please") comes along."""
     import transformers
     from safetensors import safe_open
 
     from moss_train.checkpoint.cli import main as export_main
-    from moss_train.checkpoint.export import load_reward_model
+    from moss_train.checkpoint.export import REWARD, load_model
     from moss_train.checkpoint.sources import MossTrainCheckpoint
-    from moss_train.data import sft
+    from moss_train.data import parsing, rendering
     from moss_train.model.reward import RewardModel
     from moss_train.tokenizer import load_tokenizer
 
@@ -138,7 +138,7 @@ def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data,
     source = MossTrainCheckpoint(reward_run)
     trained = RewardModel(source.model_config).eval()
     trained.load_state_dict({n: source.tensor(n) for n in source.names})
-    exported = load_reward_model(hf_dir)
+    exported = load_model(hf_dir, REWARD)
     backbone = transformers.AutoModel.from_pretrained(hf_dir, trust_remote_code=False).eval()
     with safe_open(str(next(hf_dir.glob("*.safetensors"))), framework="pt") as handle:
         weight, bias = handle.get_tensor("score.weight"), handle.get_tensor("score.bias")
@@ -149,7 +149,7 @@ def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data,
         polite = i % 2 == 0
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."},
                     {"role": "assistant", "content": reply(rng, polite)}]
-        ids, _ = sft.render(tokenizer, sft.parse_record({"messages": messages}))
+        ids, _ = rendering.render(tokenizer, parsing.parse_record({"messages": messages}))
         x = torch.from_numpy(ids)[None]
         with torch.no_grad():
             ours, theirs = exported(x), trained(x)
@@ -207,14 +207,14 @@ def test_tag_scores_every_turn_with_the_reward_model_on_two_processes(tag_run, r
     assert np.mean(polite) > np.mean(rude) + 1  # the learned preference, as tags
 
     # The sharded, gathered scores are the reward model's own, in the right order.
-    from moss_train.checkpoint.export import load_reward_model
-    from moss_train.data import sft
+    from moss_train.checkpoint.export import REWARD, load_model
+    from moss_train.data import parsing, rendering
     from moss_train.tokenizer import load_tokenizer
 
-    model, tokenizer = load_reward_model(reward_run), load_tokenizer(pretrain_data / "tokenizer")
+    model, tokenizer = load_model(reward_run, REWARD), load_tokenizer(pretrain_data / "tokenizer")
     for record in tagged[:3] + tagged[-3:]:
         original = {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
-        ids, _ = sft.render(tokenizer, sft.parse_record(original))
+        ids, _ = rendering.render(tokenizer, parsing.parse_record(original))
         with torch.no_grad():
             last = float(model(torch.from_numpy(ids)[None])[0])
         assert last == pytest.approx(record["messages"][-1]["reward"], abs=1e-4)
@@ -324,12 +324,11 @@ def sampled_replies(model, tokenizer, meta: str, prompts: list[str], samples: in
 def answer_figures(pretrain_data, reward_run):
     """figures(model_dir, meta) -> (share of sampled replies with "please", their mean reward
     under the reward model), over one prompt per word."""
-    from moss_train.chat.generate import load_model
-    from moss_train.checkpoint.export import load_reward_model
-    from moss_train.data import sft
+    from moss_train.checkpoint.export import REWARD, load_model
+    from moss_train.data import parsing, rendering
     from moss_train.tokenizer import load_tokenizer
 
-    tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), load_reward_model(reward_run)
+    tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), load_model(reward_run, REWARD)
     prompts = [f"Tell me about the {word}." for word in WORDS]
 
     def figures(model_dir, meta: str) -> tuple[float, float]:
@@ -337,7 +336,7 @@ def answer_figures(pretrain_data, reward_run):
         rewards = []
         for prompt, text in answers:
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
-            ids, _ = sft.render(tokenizer, sft.parse_record({"messages": messages}))
+            ids, _ = rendering.render(tokenizer, parsing.parse_record({"messages": messages}))
             with torch.no_grad():
                 rewards.append(float(reward_model(torch.from_numpy(ids)[None])[0]))
         return float(np.mean(["please" in text.split() for _, text in answers])), float(np.mean(rewards))
@@ -370,15 +369,15 @@ def dpo_run(pretrain_data, pair_data, preference_run, tmp_path_factory):
 def greedy_figures(model_dir, tokenizer, reward_model, records) -> dict:
     """What moss-eval compare should report for one model at temperature 0, computed here one
     answer at a time: moss-chat's two-pass protocol, the judge, the reward of each dialogue alone."""
-    from moss_train.chat.generate import load_model
-    from moss_train.data import sft
+    from moss_train.checkpoint.export import load_model
+    from moss_train.data import parsing, rendering
     from moss_train.eval import tool_use
 
     answers = tool_use.answer_first_turns(load_model(model_dir), tokenizer, records)
     scores = [tool_use.judge_answer(r, a) for r, a in zip(records, answers)]
     rewards = []
     for record, answer in zip(records, answers):
-        ids, _ = sft.render(tokenizer, sft.parse_record(tool_use.answer_record(record, answer)))
+        ids, _ = rendering.render(tokenizer, parsing.parse_record(tool_use.answer_record(record, answer)))
         with torch.no_grad():
             rewards.append(float(reward_model(torch.from_numpy(ids)[None])[0]))
     return {
@@ -395,7 +394,7 @@ def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data,
     tag-conditioned run, so that run is the DPO's SFT start: --sft names it. A separate plain
     SFT run would add minutes of two-process training to the suite for no new code path.)"""
     from data_pipelines.demo_dialogues import write_demo_dialogues
-    from moss_train.checkpoint.export import load_reward_model
+    from moss_train.checkpoint.export import REWARD, load_model
     from moss_train.eval import cli as moss_eval
     from moss_train.eval.tool_use import JUDGE_MAX, checked
     from moss_train.tokenizer import load_tokenizer
@@ -418,7 +417,7 @@ def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data,
             assert f"{name:<10} right" in printed and math.isfinite(row["reward_mean"])
     assert figures["sampling"] == {"samples": 1, "temperature": 0.0, "top_p": 0.8, "seed": 0}
 
-    tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), load_reward_model(reward_run)
+    tokenizer, reward_model = load_tokenizer(pretrain_data / "tokenizer"), load_model(reward_run, REWARD)
     records = checked(json.loads(line) for line in valid.read_text().splitlines())[:4]
     for name, model_dir in (("dpo", dpo_run), ("sft", preference_run[0])):
         expected, row = greedy_figures(model_dir, tokenizer, reward_model, records), figures[name]

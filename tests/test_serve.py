@@ -35,9 +35,9 @@ import torch
 
 from moss_train import format as fmt
 from moss_train.chat import protocol
-from moss_train.chat.generate import load_model
 from moss_train.chat.plugins import build_plugins
 from moss_train.chat.protocol import ChatSession, Settings
+from moss_train.checkpoint.export import load_model
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig
 from moss_train.tokenizer import MossTokenizer

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,10 @@ import torch
 from data_pipelines.sft import render_sft
 from moss_train import format as fmt
 from moss_train.config import compose, to_object, validate
-from moss_train.data import sft
-from moss_train.data.packed import PackedSequenceDataset
+from moss_train.data import parsing, rendering, sft
+from moss_train.data.packed import PackedSequenceDataset, pack_best_fit
 from moss_train.data.shards import ShardChecksumError, ShardWriter, TokenShard, mask_path, open_shards
+from moss_train.engine.stage import StageContext
 from moss_train.errors import ConfigError
 from moss_train.stages.lm import build_causal_lm
 from moss_train.stages.sft import SFTStage
@@ -50,7 +52,7 @@ def moss003_text(record: dict) -> str:
 
 
 def decoded_spans(tokenizer, ids, flags, bit) -> list[str]:
-    return [tokenizer.decode(ids[a:b]) for a, b in sft.loss_spans(flags, bit)]
+    return [tokenizer.decode(ids[a:b]) for a, b in rendering.loss_spans(flags, bit)]
 
 
 # ------------------------------------------------------------------------------ the format
@@ -64,7 +66,7 @@ def test_meta_instructions_are_rebuilt_from_their_capability_lines(sample_record
 
 def test_rendering_is_the_moss003_text_exactly(sample_records):
     for record in sample_records:
-        conversation = sft.parse_record(record)
+        conversation = parsing.parse_record(record)
         assert fmt.render(conversation.dialogue) == moss003_text(record)
 
 
@@ -72,8 +74,8 @@ def test_loss_masks_on_every_real_conversation(sample_records, tokenizer):
     """Decode the loss-bearing spans of every sample conversation under both masks and compare
     them with the text fields they must be (default: inner thoughts + commands, then the reply,
     per turn; moss_reference: everything but the meta instruction and the results' content)."""
-    conversations = [sft.parse_record(r) for r in sample_records]
-    rendered = sft.render_many(tokenizer, conversations)
+    conversations = [parsing.parse_record(r) for r in sample_records]
+    rendered = rendering.render_many(tokenizer, conversations)
     checked, mismatches = Counter(), []
     for record, conversation, (ids, flags) in zip(sample_records, conversations, rendered):
         turns = list(record["chat"].values())
@@ -88,12 +90,12 @@ def test_loss_masks_on_every_real_conversation(sample_records, tokenizer):
             pending = results[body_end:] + t["MOSS"]
         reference.append(pending)
         assert tokenizer.decode(ids) == moss003_text(record)
-        got_default = decoded_spans(tokenizer, ids, flags, sft.LOSS_DEFAULT)
-        got_reference = decoded_spans(tokenizer, ids, flags, sft.LOSS_MOSS_REFERENCE)
+        got_default = decoded_spans(tokenizer, ids, flags, rendering.LOSS_DEFAULT)
+        got_reference = decoded_spans(tokenizer, ids, flags, rendering.LOSS_MOSS_REFERENCE)
         if got_default != default or got_reference != reference:
             mismatches.append(record["source_file"])
         # Nothing of the meta instruction, the human turns or the results carries the default loss.
-        text_off = tokenizer.decode(ids[(flags & sft.LOSS_DEFAULT) == 0])
+        text_off = tokenizer.decode(ids[(flags & rendering.LOSS_DEFAULT) == 0])
         assert all(t["Human"] in text_off and t["Tool Responses"] in text_off for t in turns)
         checked[conversation.category] += 1
     print(f"\nmask check on the moss-003 sample: {sum(checked.values())} conversations {dict(checked)}, mismatches {len(mismatches)}")
@@ -111,29 +113,29 @@ def test_messages_and_alpaca_records(tokenizer):
             {"role": "assistant", "content": "4"},
         ]
     }
-    conversation = sft.parse_record(messages)
+    conversation = parsing.parse_record(messages)
     assert conversation.dialogue.meta_instruction == "You are MOSS.\n" and len(conversation.dialogue.turns) == 2
-    ids, flags = sft.render(tokenizer, conversation)
+    ids, flags = rendering.render(tokenizer, conversation)
     none_fields = "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n"
-    assert decoded_spans(tokenizer, ids, flags, sft.LOSS_DEFAULT) == [
+    assert decoded_spans(tokenizer, ids, flags, rendering.LOSS_DEFAULT) == [
         none_fields, "<|MOSS|>: Hello! 你好<eom>\n", none_fields, "<|MOSS|>: 4<eom>\n"
     ]
-    alpaca = sft.parse_record({"instruction": "Translate", "input": "cat", "output": "猫"}, meta_instruction="M\n")
+    alpaca = parsing.parse_record({"instruction": "Translate", "input": "cat", "output": "猫"}, meta_instruction="M\n")
     assert fmt.render(alpaca.dialogue) == (
         "M\n<|Human|>: Translate\n\ncat<eoh>\n" + none_fields + "<|Results|>: None<eor>\n<|MOSS|>: 猫<eom>\n"
     )
-    assert sft.parse_record({"instruction": "Hi", "output": "Hello"}).category == "plain"
+    assert parsing.parse_record({"instruction": "Hi", "output": "Hello"}).category == "plain"
 
 
 BAD_RECORDS = [
-    ("[1, 2]", sft.NOT_AN_OBJECT),
-    ('{"text": "no dialogue here"}', sft.UNKNOWN_FORMAT),
+    ("[1, 2]", parsing.NOT_AN_OBJECT),
+    ('{"text": "no dialogue here"}', parsing.UNKNOWN_FORMAT),
     ("{not json", "invalid_json"),
-    ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', sft.WRONG_ROLE_ORDER),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', sft.WRONG_ROLE_ORDER),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}', sft.UNKNOWN_ROLE),
-    ('{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}', sft.NON_STRING_CONTENT),
-    ('{"instruction": 5, "output": "x"}', sft.NON_STRING_CONTENT),
+    ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', parsing.WRONG_ROLE_ORDER),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', parsing.WRONG_ROLE_ORDER),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}', parsing.UNKNOWN_ROLE),
+    ('{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}', parsing.NON_STRING_CONTENT),
+    ('{"instruction": 5, "output": "x"}', parsing.NON_STRING_CONTENT),
 ]
 
 
@@ -157,8 +159,8 @@ def test_bad_input_is_counted_by_reason_and_written_to_rejects(sample_records, t
     assert {type(r["conversation_id"]) for r in sample_records} == {int, str}
     assert any("category" not in r for r in sample_records)
     good += [r for r in sample_records if "category" not in r][:3]
-    breakages = {"missing_field": sft.MISSING_FIELD, "num_turns": sft.NUM_TURNS_MISMATCH, "non_string": sft.NON_STRING_CONTENT,
-                 "turn_order": sft.WRONG_TURN_ORDER, "malformed": sft.MALFORMED_FIELD}
+    breakages = {"missing_field": parsing.MISSING_FIELD, "num_turns": parsing.NUM_TURNS_MISMATCH, "non_string": parsing.NON_STRING_CONTENT,
+                 "turn_order": parsing.WRONG_TURN_ORDER, "malformed": parsing.MALFORMED_FIELD}
     lines = [json.dumps(r, ensure_ascii=False) for r in good]
     multi_turn = [r for r in good if r["num_turns"] >= 2]
     lines += [json.dumps(_broken(multi_turn[i], how), ensure_ascii=False) for i, how in enumerate(breakages)]
@@ -166,16 +168,16 @@ def test_bad_input_is_counted_by_reason_and_written_to_rejects(sample_records, t
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")  # a blank line is not a record
     # A limit some first turns exceed (skipped) and some conversations exceed later (cut).
-    rendered = sft.render_many(tokenizer, [sft.parse_record(r) for r in good])
-    first_turns = sorted(int(np.append(np.flatnonzero(flags & sft.TURN_START), len(ids))[1]) for ids, flags in rendered)
+    rendered = rendering.render_many(tokenizer, [parsing.parse_record(r) for r in good])
+    first_turns = sorted(int(np.append(np.flatnonzero(flags & rendering.TURN_START), len(ids))[1]) for ids, flags in rendered)
     limit = first_turns[len(first_turns) // 4]
-    too_long = sum(sft.kept_length(flags, limit) == 0 for _, flags in rendered)
-    cut = sum(0 < sft.kept_length(flags, limit) < len(ids) for ids, flags in rendered)
+    too_long = sum(rendering.kept_length(flags, limit) == 0 for _, flags in rendered)
+    cut = sum(0 < rendering.kept_length(flags, limit) < len(ids) for ids, flags in rendered)
     assert too_long > 0 and cut > 0
 
     summary = render_sft([path], pretrain_data / "tokenizer", tmp_path / "out", max_length=limit)
     expected = Counter(breakages.values()) + Counter(reason for _, reason in BAD_RECORDS)
-    expected[sft.FIRST_TURN_TOO_LONG] = too_long
+    expected[parsing.FIRST_TURN_TOO_LONG] = too_long
     assert summary["rejected_by_reason"] == dict(sorted(expected.items()))
     assert summary["truncated"] == cut
     assert summary["records_in"] == len(lines) == summary["conversations_written"] + summary["rejected"]
@@ -189,15 +191,15 @@ def test_bad_input_is_counted_by_reason_and_written_to_rejects(sample_records, t
 def test_whole_turn_truncation(sample_records, tokenizer):
     long_ones = [r for r in sample_records if r["num_turns"] >= 4][:20]
     for record in long_ones:
-        ids, flags = sft.render(tokenizer, sft.parse_record(record))
-        turn_starts = np.flatnonzero(flags & sft.TURN_START)
+        ids, flags = rendering.render(tokenizer, parsing.parse_record(record))
+        turn_starts = np.flatnonzero(flags & rendering.TURN_START)
         assert len(turn_starts) == record["num_turns"]
         limit = int(turn_starts[2]) + 5  # room for two whole turns and a little of the third
-        kept = sft.kept_length(flags, limit)
+        kept = rendering.kept_length(flags, limit)
         turns = list(record["chat"].values())
         assert tokenizer.decode(ids[:kept]) == record["meta_instruction"] + "".join(t[k] for t in turns[:2] for k in FIELD_KEYS)
-        assert sft.kept_length(flags, int(turn_starts[1]) - 1) == 0  # the first turn does not fit: skipped
-        assert sft.kept_length(flags, len(ids)) == len(ids)
+        assert rendering.kept_length(flags, int(turn_starts[1]) - 1) == 0  # the first turn does not fit: skipped
+        assert rendering.kept_length(flags, len(ids)) == len(ids)
 
 
 # ------------------------------------------------------------------- inputs as tokenize reads them
@@ -273,7 +275,7 @@ def test_an_interrupted_render_leaves_no_temporary_files(pretrain_data, tmp_path
         seen.append(record)
         if len(seen) == 3:
             raise KeyboardInterrupt
-        return sft.parse_record(record)
+        return parsing.parse_record(record)
 
     with pytest.raises(KeyboardInterrupt):
         render_records(RecordSource([path]), pretrain_data / "tokenizer", out, provenance={}, make_outputs=_Outputs,
@@ -290,7 +292,7 @@ def test_a_huge_record_is_refused_by_its_characters_before_tokenizing(pretrain_d
     started = time.monotonic()
     summary = render_sft([path], pretrain_data / "tokenizer", tmp_path / "out", max_length=1024)
     seconds = time.monotonic() - started
-    assert summary["rejected_by_reason"] == {sft.FIRST_TURN_TOO_LONG: 1} and _rejects(tmp_path / "out")[0]["line"] == 1
+    assert summary["rejected_by_reason"] == {parsing.FIRST_TURN_TOO_LONG: 1} and _rejects(tmp_path / "out")[0]["line"] == 1
     assert summary["conversations_written"] == 2 and (summary["truncated"], summary["turns_dropped"]) == (1, 1)
     assert seconds < 15, f"{seconds:.1f} s: the huge turns were tokenized"
     written = open_shards([p.with_suffix("") for p in sorted((tmp_path / "out" / "shards").glob("*.json"))])
@@ -328,13 +330,13 @@ def test_mask_stream_round_trip_and_checksum(tmp_path):
 def test_best_fit_packing():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 100, size=300)
-    bins = sft.pack_best_fit(lengths, 128)
+    bins = pack_best_fit(lengths, 128)
     assert sorted(j for b in bins for j in b) == list(range(300))
     assert all(sum(lengths[j] for j in b) <= 128 for b in bins)
     assert len(bins) <= int(np.ceil(lengths.sum() / 128 * 1.1))  # close to the lower bound
-    assert bins == sft.pack_best_fit(lengths, 128)
+    assert bins == pack_best_fit(lengths, 128)
     with pytest.raises(ValueError, match="exceeds"):
-        sft.pack_best_fit([129], 128)
+        pack_best_fit([129], 128)
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +344,7 @@ def sample_shards(sample_records, pretrain_data, tmp_path_factory) -> Path:
     """60 real conversations (10 per category) rendered into SFT shards."""
     per_category: dict[str, list] = {}
     for record in sample_records:
-        per_category.setdefault(sft.parse_record(record).category, []).append(record)
+        per_category.setdefault(parsing.parse_record(record).category, []).append(record)
     chosen = [r for records in per_category.values() for r in records[:10]]
     out = tmp_path_factory.mktemp("sft-sample")
     (out / "in.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
@@ -360,11 +362,13 @@ def _stage_data(shards_dir: Path, pretrain_data: Path, tmp_path: Path, **sft_set
     cfg = to_object(compose(overrides))
     stage = SFTStage()
     tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
-    return cfg, stage, tokenizer, stage.build_data(cfg, tokenizer)
+    ctx = StageContext(cfg, tokenizer)
+    data = stage.build_data(ctx)
+    return replace(ctx, data=data), stage, tokenizer, data
 
 
 def test_packed_samples_keep_conversations_apart(sample_shards, pretrain_data, tmp_path):
-    cfg, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path)
+    _, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path)
     conversations = data.train.conversations
     seen = 0
     for b in range(len(data.train)):
@@ -376,7 +380,7 @@ def test_packed_samples_keep_conversations_apart(sample_shards, pretrain_data, t
             assert sample["input_ids"][at : at + n].tolist() == ids.tolist()
             assert (sample["segment_ids"][at : at + n] == segment).all()
             assert sample["position_ids"][at : at + n].tolist() == list(range(n))
-            expected = np.where(flags[1:] & sft.LOSS_DEFAULT, ids[1:], sft.IGNORE_INDEX).tolist() + [sft.IGNORE_INDEX]
+            expected = np.where(flags[1:] & rendering.LOSS_DEFAULT, ids[1:], sft.IGNORE_INDEX).tolist() + [sft.IGNORE_INDEX]
             assert sample["labels"][at : at + n].tolist() == expected  # none across the boundary
             at += n
             seen += 1
@@ -392,14 +396,14 @@ def test_packed_and_padded_batches_give_the_same_losses(sample_shards, pretrain_
     torch.manual_seed(0)
     results = {}
     for packing in ("packed", "padded"):
-        cfg, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path / packing, packing=packing)
+        ctx, stage, tokenizer, data = _stage_data(sample_shards, pretrain_data, tmp_path / packing, packing=packing)
         torch.manual_seed(0)
-        model = build_causal_lm(cfg, tokenizer).eval()
+        model = build_causal_lm(ctx.cfg, tokenizer).eval()
         totals = Counter()
         with torch.no_grad():
             for start in range(0, len(data.eval), 2):
                 batch = data.collate([data.eval[i] for i in range(start, min(start + 2, len(data.eval)))])
-                terms = stage.loss(model, batch)
+                terms = stage.loss(ctx, model, batch)
                 totals["loss"] += terms.loss_sum.item()
                 totals["targets"] += terms.num_targets.item()
                 for name, value in terms.sums.items():
@@ -447,4 +451,4 @@ def test_sft_recipe_errors_name_the_key(pretrain_data, tmp_path):
         writer.add_document([5, 6, 7])  # a pretraining shard: no mask stream
     cfg = to_object(compose(["stage=sft", "data=sft_demo", f"data.root={tmp_path}", f"data.tokenizer={pretrain_data / 'tokenizer'}", f"run.output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.train_shards.*loss-mask"):
-        SFTStage().build_data(cfg, tokenizer)
+        SFTStage().build_data(StageContext(cfg, tokenizer))

@@ -13,7 +13,7 @@ from data_pipelines.demo_dialogues import make_split, write_demo_dialogues
 from moss_train import format as fmt
 from moss_train.chat.generate import generate_batch
 from moss_train.chat.plugins import NO_RESULT, TOOLS, calculate, parse_commands, run_commands, solve
-from moss_train.data import sft
+from moss_train.data import parsing
 from moss_train.eval.tool_use import JUDGE_MAX, check_reply, judge
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig
@@ -63,7 +63,7 @@ def test_demo_dialogues_really_ran_their_tools(tmp_path):
     assert len(train) == 400 and len(valid) == 60
     tool_turns = checked = direct_answers = 0
     for record in train + valid:
-        conversation = sft.parse_record(record)  # valid moss-003 records
+        conversation = parsing.parse_record(record)  # valid moss-003 records
         for turn in conversation.dialogue.turns:
             for api, argument in parse_commands(turn.commands):
                 # The results field is exactly what the tool returns now, and the reply states it.
@@ -82,7 +82,7 @@ def test_demo_dialogues_really_ran_their_tools(tmp_path):
             checked += 1
     assert tool_turns > 250  # of ~470 problems; DIRECT_SHARE are answered without the tool
     assert 0.2 < direct_answers / checked < 0.4  # DIRECT_SHARE of the problems skip the enabled tool
-    categories = Counter(sft.parse_record(r).category for r in train)
+    categories = Counter(parsing.parse_record(r).category for r in train)
     assert {"calculator", "equation_solver", "mix"} <= set(categories)
     assert {r["category"] for r in train} == {"demo_en", "demo_zh"}  # bilingual
     train_prompts = {r["chat"]["turn_1"]["Human"] for r in train if "check" in r}

@@ -82,7 +82,7 @@ def test_sft_from_a_checkpoint_packed_with_per_category_eval_and_the_tool_figure
     # The held-out tool-use figure (moss-eval tool-use): this checkpoint's own greedy answers,
     # judged; recomputed here answer by answer (moss-chat's two-pass protocol), so the counts
     # and the replies reported are the model's, not merely numbers in range.
-    from moss_train.chat.generate import load_model
+    from moss_train.checkpoint.export import load_model
     from moss_train.eval import tool_use
     from moss_train.tokenizer import load_tokenizer
 

@@ -1,6 +1,6 @@
 """A tiny real model that calls MOSS's tools: trained in seconds on a few tool-use dialogues.
 
-The dialogues are rendered by the real SFT renderer (moss_train/data/sft.py), their results
+The dialogues are rendered by the real SFT renderer (moss_train/data/rendering.py), their results
 come from the real calculator and equation solver, and the model is the real CodeGen model
 trained until it reproduces them greedily; it is written as an HF directory (config.json,
 safetensors, the tokenizer with its chat template) that moss-chat and moss-serve load like any
@@ -17,7 +17,7 @@ import torch
 from moss_train import format as fmt
 from moss_train.chat.plugins import TOOLS
 from moss_train.checkpoint.export import hf_config, write_tokenizer
-from moss_train.data import sft
+from moss_train.data import parsing, rendering
 from moss_train.losses import IGNORE_INDEX, token_cross_entropy
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import ModelConfig
@@ -52,14 +52,14 @@ def train_tool_model(tokenizer, out_dir: Path, max_steps: int = 400, lr: float =
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
     model = CodeGenForCausalLM(cfg)
-    rows = sft.render_many(tokenizer, [sft.Conversation(d, "tools") for d in dialogues()])
+    rows = rendering.render_many(tokenizer, [parsing.Conversation(d, "tools") for d in dialogues()])
     longest = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), longest), tokenizer.pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
     for r, (row_ids, flags) in enumerate(rows):
         ids[r, : len(row_ids)] = torch.as_tensor(row_ids)
         target = torch.as_tensor(row_ids[1:])
-        labels[r, : len(row_ids) - 1] = torch.where(torch.as_tensor(flags[1:] & sft.LOSS_DEFAULT > 0), target, IGNORE_INDEX)
+        labels[r, : len(row_ids) - 1] = torch.where(torch.as_tensor(flags[1:] & rendering.LOSS_DEFAULT > 0), target, IGNORE_INDEX)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     targets = labels != IGNORE_INDEX
     for step in range(1, max_steps + 1):  # noqa: B007 (returned: the steps it took)

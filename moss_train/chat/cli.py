@@ -84,8 +84,8 @@ def read_preamble(name: str) -> str:
 
 
 def build_session(args: argparse.Namespace):
-    from moss_train.chat.generate import load_model
     from moss_train.chat.protocol import ChatSession, Settings
+    from moss_train.checkpoint.export import load_model
 
     plugins = load_plugins(args)
     preamble = read_preamble(args.preamble)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -386,16 +385,3 @@ def generate_batch(
     while batch.rows:
         batch.step()
     return [row.tokens for row in rows]
-
-
-def load_model(path: str | Path) -> CodeGenForCausalLM:
-    """An fp32 model in eval mode from a moss-train checkpoint (a step, checkpoints or run
-    directory; ZeRO shards consolidated) or an HF CodeGen / MOSS directory, through the same
-    weight sources as ``stage.init_from`` (moss_train/checkpoint/sources.py)."""
-    from moss_train.checkpoint.sources import open_source
-
-    source = open_source(path)
-    source.verify()  # a moss-train checkpoint's checksums, before its weights are used
-    model = CodeGenForCausalLM(source.model_config)
-    model.load_state_dict({name: source.tensor(name).float() for name in source.names})
-    return model.eval()

@@ -37,7 +37,7 @@ Reward-model format (a checkpoint whose model is :class:`moss_train.model.reward
     "moss_reward": {"format_version": 1, "head": "score", "read_at": "last_token"}
 
 and the safetensors hold ``transformer.*`` and ``score.weight`` (1 x n_embd), ``score.bias``
-(1). ``load_reward_model(dir)`` loads all of it; with transformers alone,
+(1). ``load_model(dir, REWARD)`` loads all of it; with transformers alone,
 ``AutoModel.from_pretrained(dir)`` gives the backbone and the reward of a sequence is
 ``last_hidden_state[:, -1] @ score.weight.T + score.bias`` (the tensors read with
 ``safetensors.safe_open``). No generation config is written for a reward model.
@@ -66,7 +66,7 @@ from moss_train.checkpoint.sources import (
     weights_fingerprint,
 )
 from moss_train.checkpoint.store import CheckpointError, ensure_free_space
-from moss_train.data.sft import TURN_START
+from moss_train.data.rendering import TURN_START
 from moss_train.data.shards import ShardError, TokenShard
 from moss_train.data.token_datasets import resolve_shard_prefixes
 from moss_train.errors import ConfigError
@@ -77,6 +77,7 @@ from moss_train.model.reward import SCORE_PREFIX, RewardModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAUSAL_LM, REWARD, LORA_ADAPTER = "causal_lm", "reward", "lora_adapter"
+KIND_NAMES = {CAUSAL_LM: "causal language model (an lm_head)", REWARD: f"reward model ({SCORE_PREFIX}weight, no lm_head)"}
 LORA_FORMATS = ("merged", "adapter")  # a LoRA checkpoint exports as full weights or as a peft adapter
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REWARD_FORMAT = {"format_version": 1, "head": "score", "read_at": "last_token"}
@@ -397,15 +398,19 @@ def _export_tokenizer(source: MossTrainCheckpoint, tokenizer_dir, cfg: ModelConf
     return tokenizer
 
 
-def load_reward_model(path: str | Path) -> RewardModel:
-    """A reward model (fp32 parameters, eval mode) from a moss-train checkpoint (a stage=reward
-    run, checkpoints or step directory; its checksums verified) or a moss-export directory."""
+def load_model(path: str | Path, kind: str = CAUSAL_LM) -> CodeGenForCausalLM | RewardModel:
+    """A model for inference (fp32 parameters, eval mode): a causal LM (moss-chat, moss-serve,
+    moss-eval, sampling pairs) or, with kind=REWARD, a reward model. From a moss-train checkpoint
+    (a step, checkpoints or run directory; ZeRO shards consolidated, checksums verified first), a
+    moss-export directory or an HF CodeGen / MOSS directory, through the weight sources of
+    ``stage.init_from`` (checkpoint/sources.py)."""
     source = open_source(path)
-    if model_kind(source.names) != REWARD:
-        raise CheckpointError(f"{path} is not a reward model (no {SCORE_PREFIX}weight, or it has an lm_head)")
+    found = model_kind(source.names)
+    if found != kind:
+        raise CheckpointError(f"{path} holds a {KIND_NAMES[found]}, not a {KIND_NAMES[kind]}")
     source.verify()
     cfg = source.model_config
-    check_names_and_shapes(source, expected_shapes(cfg, REWARD))
-    model = RewardModel(cfg)
+    check_names_and_shapes(source, expected_shapes(cfg, kind))
+    model = RewardModel(cfg) if kind == REWARD else CodeGenForCausalLM(cfg)
     model.load_state_dict({n: source.tensor(n).float() for n in source.names})
     return model.eval()

@@ -23,6 +23,7 @@ source (by index) each token comes from, for per-source losses.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -158,36 +159,71 @@ class DocumentPackedDataset(_ShardStream, torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         i = self._check_index(i)
-        L = self.seq_len
-        input_ids = np.full(L, self.pad_id, dtype=np.int64)
-        labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
-        segment_ids = np.empty(L, dtype=np.int64)
-        position_ids = np.empty(L, dtype=np.int64)
-        source_ids = np.full(L, -1, dtype=np.int64)
-        at = 0
-        pieces = range(int(self.sample_bounds[i]), int(self.sample_bounds[i + 1]))
-        for seg, p in enumerate(pieces):
+        pieces = []
+        for p in range(int(self.sample_bounds[i]), int(self.sample_bounds[i + 1])):
             start, n = int(self.piece_start[p]), int(self.piece_len[p])
             # One token more when the document goes on: the label of the piece's last token.
             tokens = self.stream_tokens(start, min(start + n + 1, int(self.piece_doc_end[p])))
-            input_ids[at : at + n] = tokens[:n]
-            labels[at : at + len(tokens) - 1] = tokens[1:]
-            segment_ids[at : at + n] = seg
-            position_ids[at : at + n] = np.arange(n)
-            source_ids[at : at + n] = self.shard_sources_of(start)
-            at += n
-        segment_ids[at:] = len(pieces)  # padding: a segment of its own
-        position_ids[at:] = np.arange(L - at)
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels),
-            "segment_ids": torch.from_numpy(segment_ids),
-            "position_ids": torch.from_numpy(position_ids),
-            "source_ids": torch.from_numpy(source_ids),
-        }
+            pieces.append((tokens[:n], tokens[1:], self.shard_sources_of(start)))
+        return packed_row(pieces, self.seq_len, self.pad_id, "source_ids")
 
     def shard_sources_of(self, position: int) -> int:
         return int(self.shard_sources[int(np.searchsorted(self.shard_starts, position, side="right")) - 1])
+
+
+def packed_row(pieces: Sequence[tuple], seq_len: int, pad_id: int, group_key: str) -> dict[str, torch.Tensor]:
+    """One sample of `seq_len` tokens: whole pieces ``(ids, labels, group)`` end to end, then
+    padding. ``segment_ids`` number the pieces from 0 (the padding is a segment of its own),
+    ``position_ids`` restart at every piece and in the padding, and ``group_key`` holds each
+    token's group id (a source, a category; -1 in the padding). A piece's labels may be shorter
+    than its ids: the rest, like the padding's, are -100, so no label crosses a boundary."""
+    input_ids = np.full(seq_len, pad_id, dtype=np.int64)
+    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+    segment_ids = np.empty(seq_len, dtype=np.int64)
+    position_ids = np.empty(seq_len, dtype=np.int64)
+    group_ids = np.full(seq_len, -1, dtype=np.int64)
+    at = 0
+    for segment, (ids, piece_labels, group) in enumerate(pieces):
+        n = len(ids)
+        input_ids[at : at + n] = ids
+        labels[at : at + len(piece_labels)] = piece_labels
+        segment_ids[at : at + n] = segment
+        position_ids[at : at + n] = np.arange(n)
+        group_ids[at : at + n] = group
+        at += n
+    segment_ids[at:] = len(pieces)
+    position_ids[at:] = np.arange(seq_len - at)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "segment_ids": torch.from_numpy(segment_ids),
+        "position_ids": torch.from_numpy(position_ids),
+        group_key: torch.from_numpy(group_ids),
+    }
+
+
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each item, longest first, goes to the fullest bin it still fits.
+
+    Deterministic (ties by index); near-optimal fill for the length mixes of dialogue data.
+    """
+    order = sorted(range(len(lengths)), key=lambda j: (-int(lengths[j]), j))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin id), sorted
+    for j in order:
+        need = int(lengths[j])
+        if need > capacity:
+            raise ValueError(f"item {j} of length {need} exceeds the bin capacity {capacity}")
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            space, b = free.pop(at)
+        else:
+            space, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(j)
+        if space - need > 0:
+            bisect.insort(free, (space - need, b))
+    return bins
 
 
 def collate_packed(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ A shard is three files sharing a prefix:
 Optionally a fourth file, for supervised fine-tuning:
 
 - ``{prefix}.mask`` one ``uint8`` per token (same length as ``.bin``): per-token flags, e.g. the
-                    SFT loss masks (bit meanings in moss_train/data/sft.py); present exactly when
+                    SFT loss masks (bit meanings in moss_train/data/rendering.py); present exactly when
                     the manifest has a ``"mask"`` entry (dtype and sha256). Readers that do not
                     ask for it never open it.
 

@@ -1,4 +1,4 @@
-"""Recipe shard patterns -> shard prefixes.
+"""Recipe shard patterns -> shard prefixes, for every stage (pretraining, dialogue and pair shards).
 
 A pattern (relative to ``data.root`` unless absolute, glob characters allowed) may name:
 

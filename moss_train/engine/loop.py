@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict
-from functools import partial
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,10 @@ from moss_train.checkpoint import init as initial_weights
 from moss_train.checkpoint.store import CheckpointManager, check_same_model
 from moss_train.config import MossTrainConfig
 from moss_train.data.sampler import GlobalBatchPlan
-from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, rank_batches
 from moss_train.engine import setup
 from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
-from moss_train.engine.stage import LossTerms, Stage, StageData
+from moss_train.engine.stage import JOB, TRAIN, JobStage, LossTerms, Stage, StageContext, StageData, TrainingStage
 from moss_train.model.config import flops_per_token
 
 
@@ -67,8 +66,14 @@ class MetricSums:
 
 
 class Trainer:
-    def __init__(self, cfg: MossTrainConfig, stage: Stage, dist_info: DistInfo | None = None):
-        self.cfg = cfg
+    """Trains a TrainingStage (engine/stage.py). The stage gets a StageContext; the trainer calls
+    its declared methods in this order: frozen_models, build_data, use_frozen_models (with the
+    frozen models, only when it declared any; they are dropped after it), build_model,
+    use_engine, then loss per micro-batch."""
+
+    def __init__(self, cfg: MossTrainConfig, stage: TrainingStage, dist_info: DistInfo | None = None):
+        if stage.kind != TRAIN:
+            raise TypeError(f"stage {stage.name!r} is a {stage.kind}, not a training stage: run it with engine.loop.train")
         self.stage = stage
         self.dist = dist_info or init_distributed()
         setup.tune_cpu(cfg, self.dist)
@@ -79,13 +84,14 @@ class Trainer:
         tokenizer = stage.load_tokenizer(cfg)
         # stage.init_from: the checkpoint's architecture replaces the recipe's model shapes.
         self.cfg = cfg = initial_weights.adopt_model_config(cfg, tokenizer, self.dist)
-        if hasattr(stage, "use_frozen_models"):  # e.g. DPO's reference: built under the same ZeRO config
-            stage.use_frozen_models(partial(setup.frozen_model, cfg=cfg, tokenizer=tokenizer, dist=self.dist, ds_config=self.ds_config))
-        self.data: StageData = stage.build_data(cfg, tokenizer)
+        ctx = StageContext(cfg, tokenizer, self.dist)
+        frozen_specs = stage.frozen_models(ctx)
+        self.data: StageData = stage.build_data(ctx)
+        ctx = replace(ctx, data=self.data)
+        if frozen_specs:  # e.g. DPO's reference: built under the same ZeRO config, gone before the trained model exists
+            stage.use_frozen_models(replace(ctx, frozen=setup.frozen_models(frozen_specs, cfg, tokenizer, self.dist, self.ds_config)))
         seed_everything(cfg.trainer.seed)  # identical initial weights on every rank and run
-        with setup.model_construction_context(self.ds_config):
-            model = stage.build_model(cfg, tokenizer)
-        loaded = initial_weights.load_initial_weights(model, cfg, tokenizer, self.dist)  # ZeRO-3: per parameter
+        model, loaded = setup.build_and_load(stage.build_model, cfg, tokenizer, self.dist, self.ds_config)  # ZeRO-3: per parameter
         self.model_config = model.config
         self.lora_state = setup.add_lora(model, cfg, loaded, self.dist) if cfg.lora.r else None
         self.checkpoints = CheckpointManager(
@@ -96,8 +102,8 @@ class Trainer:
         if self.universal_resume:  # written by another number of ranks: DeepSpeed re-cuts its shards
             self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
         self.engine, self.scheduler = setup.initialize_engine(model, cfg, self.ds_config)
-        if hasattr(stage, "use_engine"):  # e.g. DPO with LoRA: the reference is this model, adapters off
-            stage.use_engine(self.engine, cfg)
+        self.ctx = replace(ctx, engine=self.engine)
+        stage.use_engine(self.ctx)  # e.g. DPO with LoRA: the reference is this model, adapters off
         seed_everything(cfg.trainer.seed + self.dist.rank)  # per-rank streams for dropout etc.
 
         self.plan = GlobalBatchPlan(
@@ -176,7 +182,7 @@ class Trainer:
         replicated_norm = None
         for i, batch in enumerate(batches):
             with setup.autocast_context(self.precision, self.dist.device):
-                terms = self.stage.loss(self.engine, batch)
+                terms = self.stage.loss(self.ctx, self.engine, batch)
             self.engine.backward(terms.loss_sum * loss_scale, scale_wrt_gas=False)
             if i == len(batches) - 1:
                 replicated_norm = self._replicated_grad_norm()
@@ -209,17 +215,14 @@ class Trainer:
         if samples == 0:
             return {}
         # Every sample counts, so the figure does not depend on the world size. Every rank runs
-        # the same number of forward passes (ZeRO-3 gathers are collective): in the last, partial
-        # pass a rank left without samples runs sample 0 and drops its sums.
-        passes = -(-samples // (micro * world))
+        # the same number of forward passes (rank_batches): in the last, partial pass a rank left
+        # without samples runs sample 0 and drops its sums.
         self.engine.eval()
         sums = MetricSums()
-        for p in range(passes):
-            start = (p * world + self.dist.rank) * micro
-            indices = range(start, min(start + micro, samples))
-            batch = _to_device(self.data.collate([dataset[i] for i in (indices or range(1))]), self.dist.device)
+        for indices in rank_batches(samples, micro, self.dist.rank, world):
+            batch = _to_device(self.data.collate([dataset[i] for i in (indices or [0])]), self.dist.device)
             with setup.autocast_context(self.precision, self.dist.device):
-                terms = self.stage.loss(self.engine, batch)
+                terms = self.stage.loss(self.ctx, self.engine, batch)
             if indices:
                 sums.add(terms)
         self.engine.train()
@@ -325,9 +328,24 @@ def _adapter_identity(lora_state: dict | None):
     return {**{k: v for k, v in lora_state.items() if k != "base"}, "base": lora_state["base"]["fingerprint"]}
 
 
+def run_job(cfg: MossTrainConfig, stage: JobStage, dist_info: DistInfo | None = None) -> list[dict]:
+    """Run a stage that trains nothing (engine/stage.py: JobStage): the same set-up as training
+    (ranks, CPU threads, the tokenizer, the frozen models it declared under the run's ZeRO
+    config), then its run(ctx), which every rank calls together."""
+    dist_info = dist_info or init_distributed(cfg.cluster.collective_timeout_s)
+    setup.tune_cpu(cfg, dist_info)
+    ds_config = setup.deepspeed_config(cfg, setup.resolve_precision(cfg.trainer.precision, dist_info.device), dist_info.world_size)
+    ctx = StageContext(cfg, stage.load_tokenizer(cfg), dist_info)
+    frozen = setup.frozen_models(stage.frozen_models(ctx), cfg, ctx.tokenizer, dist_info, ds_config)
+    history = stage.run(replace(ctx, frozen=frozen))
+    barrier()
+    return history
+
+
 def train(cfg: MossTrainConfig, stage: Stage) -> list[dict]:
-    """Train `stage` as the recipe says; returns the per-step metric records (rank 0's view).
-    A stage that trains nothing (tag: it only runs a frozen model) has `run(cfg)` instead."""
-    if hasattr(stage, "run"):
-        return stage.run(cfg)
+    """Run `stage` as the recipe says, by its declared kind: a training stage through the
+    Trainer, a job (tag: it only runs a frozen model) through run_job. Returns the per-step
+    metric records (rank 0's view; none for a job)."""
+    if stage.kind == JOB:
+        return run_job(cfg, stage)
     return Trainer(cfg, stage).fit()

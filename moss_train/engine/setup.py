@@ -182,6 +182,16 @@ def add_lora(model: nn.Module, cfg: MossTrainConfig, loaded, dist: DistInfo) -> 
     return {**asdict(cfg.lora), "target_modules": list(cfg.lora.target_modules), "base": loaded.base}
 
 
+def build_and_load(build, cfg: MossTrainConfig, tokenizer, dist: DistInfo, ds_config: dict):
+    """`build(cfg, tokenizer)` built under the ZeRO config (ZeRO-3: straight into its shards) and
+    given stage.init_from's weights (checkpoint/init.py); (model, the load plan or None)."""
+    from moss_train.checkpoint import init as initial_weights
+
+    with model_construction_context(ds_config):
+        model = build(cfg, tokenizer)
+    return model, initial_weights.load_initial_weights(model, cfg, tokenizer, dist)
+
+
 def frozen_model(build, init_from: str, *, cfg: MossTrainConfig, tokenizer, dist: DistInfo, ds_config: dict):
     """A model a stage only runs forward (a DPO reference, the reward model that tags): built by
     `build(cfg, tokenizer)` with init_from's architecture and weights, under the run's ZeRO
@@ -195,14 +205,20 @@ def frozen_model(build, init_from: str, *, cfg: MossTrainConfig, tokenizer, dist
 
     cfg = dataclasses.replace(cfg, stage=dataclasses.replace(cfg.stage, init_from=str(init_from)))
     cfg = initial_weights.adopt_model_config(cfg, tokenizer, dist)
-    with model_construction_context(ds_config):
-        model = build(cfg, tokenizer)
-    initial_weights.load_initial_weights(model, cfg, tokenizer, dist)
+    model, _ = build_and_load(build, cfg, tokenizer, dist, ds_config)
     for param in model.parameters():
         param.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+def frozen_models(specs: dict, cfg: MossTrainConfig, tokenizer, dist: DistInfo, ds_config: dict) -> dict:
+    """The frozen models a stage declared (engine/stage.py: FrozenModel), by name."""
+    return {
+        name: frozen_model(spec.build, spec.init_from, cfg=cfg, tokenizer=tokenizer, dist=dist, ds_config=ds_config)
+        for name, spec in specs.items()
+    }
 
 
 def tune_cpu(cfg: MossTrainConfig, dist_info: DistInfo) -> None:

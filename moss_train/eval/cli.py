@@ -49,7 +49,7 @@ def _write(result: dict, out: str | None) -> None:
 
 def cmd_tool_use(args) -> int:
     from moss_train.chat.cli import find_tokenizer
-    from moss_train.chat.generate import load_model
+    from moss_train.checkpoint.export import load_model
 
     records = _records(args.dialogues, args.limit)
     quality = _quality(args.model, args.quality)
@@ -70,12 +70,11 @@ def cmd_tool_use(args) -> int:
 
 def cmd_compare(args) -> int:
     from moss_train.chat.cli import find_tokenizer
-    from moss_train.chat.generate import load_model
-    from moss_train.checkpoint.export import load_reward_model
+    from moss_train.checkpoint.export import REWARD, load_model
 
     records = _records(args.dialogues, args.limit)
     tokenizer = find_tokenizer(args.sft or args.preference or args.dpo or args.reward_model, args.tokenizer)
-    reward_model = load_reward_model(args.reward_model)
+    reward_model = load_model(args.reward_model, REWARD)
     greedy = args.temperature <= 0
     samples = 1 if greedy else args.samples  # greedy answers repeat
     settings = Settings(temperature=args.temperature, top_p=args.top_p, seed=args.seed)

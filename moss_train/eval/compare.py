@@ -17,7 +17,8 @@ import torch
 
 from moss_train import format as fmt
 from moss_train.chat.protocol import Settings, TurnResult
-from moss_train.data.sft import parse_record, render_many
+from moss_train.data.parsing import parse_record
+from moss_train.data.rendering import render_many
 from moss_train.eval.tool_use import JUDGE_MAX, answer_first_turns, answer_record, called_a_tool, judge_answer, rate
 
 MOSS_SAMPLING = Settings(temperature=0.7, top_p=0.8)  # MOSS 003's recommended sampling

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from moss_train import format as fmt
 from moss_train.chat.plugins import TOOLS, parse_commands
 from moss_train.chat.protocol import Settings, TurnRequest, TurnResult, builtin_plugins, two_pass
-from moss_train.data.sft import parse_record
+from moss_train.data.parsing import parse_record
 
 JUDGE_MAX = 3  # a right answer: the right tool, the right command, the right result stated
 GREEDY = Settings(temperature=0.0)

@@ -9,7 +9,7 @@ for packed sequences the last token of each document (``read_positions`` of shap
 Exported by ``moss-export`` as an HF directory that plain ``transformers`` loads too (see
 :mod:`moss_train.checkpoint.export`): ``config.json`` of ``CodeGenModel`` with a
 ``moss_reward`` entry, and safetensors holding ``transformer.*`` and ``score.{weight,bias}``;
-``moss_train.checkpoint.export.load_reward_model`` loads it (the model layer does not read checkpoints).
+``moss_train.checkpoint.export.load_model(dir, REWARD)`` loads it (the model layer does not read checkpoints).
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ def build_models(args: argparse.Namespace) -> list:
     import torch
 
     from moss_train import format as fmt
-    from moss_train.chat.generate import load_model
     from moss_train.chat.sandbox import default_sandbox
+    from moss_train.checkpoint.export import load_model
     from moss_train.serve.api import ServedModel
     from moss_train.serve.engine import Engine
 

@@ -1,29 +1,23 @@
-"""Pieces every language-modelling stage shares: tokenizer and model from the recipe, the loss."""
+"""Pieces the stages share (not a stage): the models a recipe describes, the language-modelling
+loss and sequence log-probabilities. Stage modules import this and never each other."""
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
+from functools import partial
 
 import torch
 
-from moss_train.engine.stage import LossTerms
+from moss_train import losses
+from moss_train.data.pairs import collate_pairs, count_pairs, pair_datasets
+from moss_train.engine.stage import LossTerms, StageContext, StageData
 from moss_train.errors import ConfigError
-from moss_train.losses import IGNORE_INDEX, summed_per_row, token_cross_entropy
+from moss_train.losses import IGNORE_INDEX, token_cross_entropy
 from moss_train.model.codegen import CodeGenForCausalLM
 from moss_train.model.config import padded_vocab_size
+from moss_train.model.reward import RewardModel
 from moss_train.tokenizer import MossTokenizer
-from moss_train.tokenizer import load_tokenizer as load_any_tokenizer
-
-
-def load_tokenizer(cfg) -> MossTokenizer:
-    path = Path(cfg.data.tokenizer)
-    if not path.exists():
-        hint = f"; prepare the data with: {cfg.data.prepare_hint}" if cfg.data.prepare_hint else ""
-        raise ConfigError("data.tokenizer", f"no tokenizer at {path}{hint}")
-    return load_any_tokenizer(path)  # a MOSS tokenizer directory, or any HF tokenizer directory
 
 
 def resolve_model_config(cfg, tokenizer: MossTokenizer):
@@ -43,17 +37,22 @@ def build_causal_lm(cfg, tokenizer: MossTokenizer) -> CodeGenForCausalLM:
     return CodeGenForCausalLM(resolve_model_config(cfg, tokenizer))
 
 
-def resolve_shards(root: str, patterns: list[str], key: str, prepare_hint: str = "") -> list[str]:
-    """Shard prefixes matching the recipe's patterns (a shard is complete once its .json exists)."""
-    prefixes: list[str] = []
-    for pattern in patterns:
-        full = pattern if Path(pattern).is_absolute() else str(Path(root) / pattern)
-        matches = sorted(m[: -len(".json")] for m in glob.glob(full + ".json"))
-        if not matches:
-            hint = f"; prepare the data with: {prepare_hint}" if prepare_hint else ""
-            raise ConfigError(key, f"no shard matches {full!r}{hint}")
-        prefixes.extend(matches)
-    return prefixes
+def build_reward_model(cfg, tokenizer: MossTokenizer) -> RewardModel:
+    """The causal LM's backbone with a scalar head (model/reward.py)."""
+    return RewardModel(resolve_model_config(cfg, tokenizer))
+
+
+def pair_data(ctx: StageContext, stage_name: str) -> StageData:
+    """Train and held-out preference pairs (data/pairs.py), as batches of chosen + rejected rows
+    (stage=reward and stage=dpo)."""
+    train, valid = pair_datasets(ctx.cfg, ctx.tokenizer, stage_name, ctx.is_main)
+    return StageData(
+        train=train,
+        eval=valid,
+        collate=partial(collate_pairs, pad_id=ctx.tokenizer.pad_id),
+        count_targets=count_pairs,
+        tokens_per_sample=max(1, round(2 * train.mean_length)),  # both responses of a pair
+    )
 
 
 def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,10 +92,8 @@ def causal_lm_loss(model, batch: dict, group_names: Sequence[str] = ()) -> LossT
 
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """Per row: the summed log-probability of its labelled tokens (labels != -100), in fp32,
-    from the target positions' logits only, through the memory-lean token_cross_entropy."""
-    logits, labels, targets = target_logits(model, batch)
-    token_loss, _ = token_cross_entropy(logits, labels)
-    return -summed_per_row(token_loss, targets)
+    from the target positions' logits only (losses.sequence_logps)."""
+    return losses.sequence_logps(*target_logits(model, batch))
 
 
 def count_label_targets(batch: dict) -> int:

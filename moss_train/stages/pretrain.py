@@ -21,32 +21,28 @@ from moss_train.data.blend import BlendedDataset, SourceExhaustedError
 from moss_train.data.packed import DocumentPackedDataset, PackedSequenceDataset, collate_packed
 from moss_train.data.shards import open_shards
 from moss_train.data.token_datasets import resolve_shard_prefixes
-from moss_train.engine.stage import StageData
+from moss_train.engine.stage import LossTerms, StageContext, StageData, TrainingStage
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
 
 log = logging.getLogger(__name__)
 
 
-class PretrainStage:
+class PretrainStage(TrainingStage):
     name = "pretrain"
 
-    load_tokenizer = staticmethod(lm.load_tokenizer)
     build_model = staticmethod(lm.build_causal_lm)
 
-    def __init__(self):
-        self.source_names: list[str] = []  # source index -> name, for loss_<source>
+    def loss(self, ctx: StageContext, model, batch: dict) -> LossTerms:
+        sources = ctx.data.group_names  # source index -> name, for loss_<source>
+        return lm.causal_lm_loss(model, batch, group_names=sources if len(sources) > 1 else ())
 
-    def loss(self, model, batch: dict):
-        groups = self.source_names if len(self.source_names) > 1 else ()
-        return lm.causal_lm_loss(model, batch, group_names=groups)
-
-    def build_data(self, cfg, tokenizer) -> StageData:
-        data = cfg.data
+    def build_data(self, ctx: StageContext) -> StageData:
+        cfg, tokenizer, data = ctx.cfg, ctx.tokenizer, ctx.cfg.data
         if data.sources:
-            train, valid = self._blend(cfg, tokenizer)
+            train, valid, sources = self._blend(cfg, tokenizer)
         else:
-            train, valid = self._stream(data, tokenizer)
+            train, valid, sources = self._stream(data, tokenizer)
         return StageData(
             train=train,
             eval=valid,
@@ -54,22 +50,23 @@ class PretrainStage:
             count_targets=lm.count_label_targets,
             tokens_per_sample=data.seq_len,
             shuffle=not data.sources,  # a blend's order is its interleaving: never re-shuffled
+            group_names=sources,
         )
 
     # ---------------------------------------------------------------- one stream
     def _stream(self, data, tokenizer):
         train_shards = self._open(data, data.train_shards, "data.train_shards", tokenizer)
         valid_shards = self._open(data, data.valid_shards, "data.valid_shards", tokenizer) if data.valid_shards else []
-        self.source_names = sorted({s.source for s in train_shards + valid_shards})
-        index = {name: i for i, name in enumerate(self.source_names)}
+        sources = sorted({s.source for s in train_shards + valid_shards})
+        index = {name: i for i, name in enumerate(sources)}
         train = self._packed(data, train_shards, [index[s.source] for s in train_shards], tokenizer)
         valid = self._packed(data, valid_shards, [index[s.source] for s in valid_shards], tokenizer) if valid_shards else None
-        return train, valid
+        return train, valid, sources
 
     # --------------------------------------------------------------------- blend
     def _blend(self, cfg, tokenizer):
         data = cfg.data
-        self.source_names = list(data.sources)
+        sources = list(data.sources)
         train_sets, valid_sets = [], []
         for i, (name, source) in enumerate(data.sources.items()):
             shards = self._open(data, source.train_shards, f"data.sources.{name}.train_shards", tokenizer)
@@ -79,7 +76,7 @@ class PretrainStage:
                 valid_sets.append(self._packed(data, shards, [i] * len(shards), tokenizer))
         weights = [s.weight for s in data.sources.values()]
         try:
-            train = BlendedDataset(train_sets, self.source_names, weights, cfg.trainer.seed, data.on_exhausted)
+            train = BlendedDataset(train_sets, sources, weights, cfg.trainer.seed, data.on_exhausted)
             train.check_enough(cfg.trainer.max_steps * cfg.trainer.global_batch_size)
         except SourceExhaustedError as e:
             raise ConfigError(f"data.sources.{e.source}", str(e)) from None
@@ -93,8 +90,8 @@ class PretrainStage:
                 raise ConfigError(f"data.sources.{missing[0]}.valid_shards", "every source of the blend needs valid_shards, or none")
             # Held-out data: the same weights, so the first eval_samples hold every source in
             # proportion; a small valid set simply repeats.
-            valid = BlendedDataset(valid_sets, self.source_names, weights, seed=0, on_exhausted="repeat")
-        return train, valid
+            valid = BlendedDataset(valid_sets, sources, weights, seed=0, on_exhausted="repeat")
+        return train, valid, sources
 
     # ------------------------------------------------------------------- pieces
     @staticmethod

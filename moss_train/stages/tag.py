@@ -1,7 +1,8 @@
 """Stage `tag`: score every assistant turn with the reward model; quality tags by quantile.
 
-Trains nothing: ``run(cfg)`` builds the reward model (``preference.reward_model``, a stage=reward
-checkpoint) frozen under the run's ZeRO config (engine/setup.py: frozen_model), and scores the
+Trains nothing (a job, engine/stage.py): the stage declares the reward model
+(``preference.reward_model``, a stage=reward checkpoint) as a frozen model, which the engine
+builds under the run's ZeRO config (engine/setup.py: frozen_model); ``run`` scores the
 dialogues of ``preference.tag_inputs`` (jsonl: moss003 / messages / alpaca): each dialogue is
 rendered as for SFT and read at the end of each of its turns, one forward per dialogue. The
 dialogues are spread over the ranks and the scores gathered.
@@ -31,16 +32,15 @@ import numpy as np
 import torch
 
 from moss_train import format as fmt
-from moss_train.data import sft
+from moss_train.data import parsing, rendering
 from moss_train.data.pairs import turn_ends
 from moss_train.data.shards import ShardWriter, dtype_for_vocab
-from moss_train.distributed import barrier, broadcast_object, init_distributed
-from moss_train.engine import setup
+from moss_train.distributed import broadcast_object, score_sharded
+from moss_train.engine.stage import FrozenModel, JobStage, StageContext
 from moss_train.errors import ConfigError
 from moss_train.stages import lm
-from moss_train.stages.reward import build_reward_model, score_sharded
 
-LOSS_BITS = sft.LOSS_DEFAULT | sft.LOSS_MOSS_REFERENCE
+LOSS_BITS = rendering.LOSS_DEFAULT | rendering.LOSS_MOSS_REFERENCE
 
 
 def quantile_thresholds(scores, levels: int) -> list[float]:
@@ -53,49 +53,42 @@ def quality_levels(scores, thresholds) -> list[int]:
     return [int(level) + 1 for level in np.searchsorted(np.asarray(thresholds), np.asarray(scores, dtype=np.float64), side="right")]
 
 
-def conditioned_example(conversation: sft.Conversation, turn: int, level: int, levels: int, template: str) -> sft.Conversation:
+def conditioned_example(conversation: parsing.Conversation, turn: int, level: int, levels: int, template: str) -> parsing.Conversation:
     """The dialogue up to `turn`, its meta instruction carrying the turn's quality tag."""
     dialogue = fmt.Dialogue(fmt.with_quality(conversation.dialogue.meta_instruction, level, levels, template), conversation.dialogue.turns[: turn + 1])
-    return sft.Conversation(dialogue, conversation.category, conversation.id)
+    return parsing.Conversation(dialogue, conversation.category, conversation.id)
 
 
 def last_turn_only(flags: np.ndarray) -> np.ndarray:
     """Loss flags kept on the last turn only (earlier turns are context for the tagged one)."""
     flags = flags.copy()
-    last = int(np.flatnonzero(flags & sft.TURN_START)[-1])
+    last = int(np.flatnonzero(flags & rendering.TURN_START)[-1])
     flags[:last] &= ~np.uint8(LOSS_BITS)
     return flags
 
 
-class TagStage:
+class TagStage(JobStage):
     name = "tag"
 
-    load_tokenizer = staticmethod(lm.load_tokenizer)
-
-    def run(self, cfg) -> list[dict]:
-        dist_info = init_distributed(cfg.cluster.collective_timeout_s)
-        setup.tune_cpu(cfg, dist_info)
-        ds_config = setup.deepspeed_config(cfg, setup.resolve_precision(cfg.trainer.precision, dist_info.device), dist_info.world_size)
-        tokenizer = self.load_tokenizer(cfg)
-        self._check_reward_model(cfg.preference.reward_model, dist_info)
-        model = setup.frozen_model(build_reward_model, cfg.preference.reward_model, cfg=cfg, tokenizer=tokenizer, dist=dist_info, ds_config=ds_config)
-        out = Path(cfg.run.output_dir)
-        files = [self._score_file(cfg, Path(path), tokenizer, model) for path in cfg.preference.tag_inputs]
-        if dist_info.is_main:
-            self._write(cfg, out, files, tokenizer)
-        barrier()
-        return []
-
-    @staticmethod
-    def _check_reward_model(path: str, dist_info) -> None:
+    def frozen_models(self, ctx: StageContext) -> dict[str, FrozenModel]:
+        """The reward model, once rank 0 has checked that it is one."""
         from moss_train.checkpoint.sources import open_source
 
+        path = ctx.cfg.preference.reward_model
         problem = None
-        if dist_info.is_main and "score.weight" not in open_source(path).names:
+        if ctx.is_main and "score.weight" not in open_source(path).names:
             problem = f"{path} has no reward head (score.*): give a stage=reward checkpoint"
         problem = broadcast_object(problem)
         if problem:
             raise ConfigError("preference.reward_model", problem)
+        return {"reward": FrozenModel(lm.build_reward_model, path)}
+
+    def run(self, ctx: StageContext) -> list[dict]:
+        cfg = ctx.cfg
+        files = [self._score_file(cfg, Path(path), ctx.tokenizer, ctx.frozen["reward"]) for path in cfg.preference.tag_inputs]
+        if ctx.is_main:
+            self._write(cfg, Path(cfg.run.output_dir), files, ctx.tokenizer)
+        return []
 
     def _score_file(self, cfg, path: Path, tokenizer, model) -> dict:
         """Parse, render and score one dialogue file (every rank reads it; scores are shared)."""
@@ -106,15 +99,15 @@ class TagStage:
             records_in += 1
             try:
                 record = json.loads(line)
-                conversations.append(sft.parse_record(record))
+                conversations.append(parsing.parse_record(record))
                 records.append(record)
             except ValueError as error:  # RecordError is a ValueError, as is bad JSON
                 rejects.append({"file": str(path), "line": lineno, "reason": getattr(error, "reason", "invalid_json"), "detail": str(error), "record": line[:2000]})
-        rendered = sft.render_many(tokenizer, conversations)
-        kept = [sft.kept_length(flags, cfg.data.seq_len) for _, flags in rendered]
+        rendered = rendering.render_many(tokenizer, conversations)
+        kept = [rendering.kept_length(flags, cfg.data.seq_len) for _, flags in rendered]
         fits = [j for j, n in enumerate(kept) if n > 0]
         for j in (j for j, n in enumerate(kept) if n == 0):
-            rejects.append({"file": str(path), "reason": sft.FIRST_TURN_TOO_LONG, "detail": f"{len(rendered[j][0])} tokens > data.seq_len {cfg.data.seq_len}", "record": json.dumps(records[j], ensure_ascii=False)[:2000]})
+            rejects.append({"file": str(path), "reason": parsing.FIRST_TURN_TOO_LONG, "detail": f"{len(rendered[j][0])} tokens > data.seq_len {cfg.data.seq_len}", "record": json.dumps(records[j], ensure_ascii=False)[:2000]})
         device = getattr(model, "device", torch.device("cpu"))
 
         def score(indices: list[int]) -> list[list[float]]:
@@ -156,7 +149,7 @@ class TagStage:
                         counts.update(levels)
                         tagged.write(json.dumps(tag_record(record, scores, levels), ensure_ascii=False) + "\n")
                         examples.extend(conditioned_example(conversation, t, level, pref.levels, pref.quality_template) for t, level in enumerate(levels))
-                for conversation, (ids, flags) in zip(examples, sft.render_many(tokenizer, examples)):
+                for conversation, (ids, flags) in zip(examples, rendering.render_many(tokenizer, examples)):
                     key = f"{name}.{conversation.category}"
                     if key not in writers:
                         writers[key] = ShardWriter(conditioned_tmp / key, dtype_for_vocab(tokenizer.vocab_size), tokenizer.hash,
