@@ -169,6 +169,7 @@ class PreferenceConfig:
     # by quantile thresholds over the first file's scores, applied to every file.
     reward_model: Optional[str] = None
     tag_inputs: List[str] = field(default_factory=list)
+    tag_limit: int = 0  # tag only the first N dialogues of each file (a trial, or enough for the steps); 0: all
     levels: int = 5
     # How a tag enters the prompt: a line appended to the meta instruction ({level}, {levels}).
     quality_template: str = "- Response quality: {level}/{levels}\n"
@@ -455,6 +456,7 @@ def _validate_preference(pref: PreferenceConfig, stage: StageConfig) -> None:
         _check(len(pref.tag_inputs) > 0, "preference.tag_inputs", "stage=tag needs dialogue files (jsonl) to tag")
         for path in pref.tag_inputs:
             _check(Path(path).is_file(), "preference.tag_inputs", f"no dialogue file at {path}")
+        _check(pref.tag_limit >= 0, "preference.tag_limit", f"must be >= 0 (0: every dialogue), got {pref.tag_limit}")
         names = [Path(p).name.split(".")[0] for p in pref.tag_inputs]
         _check(len(set(names)) == len(names), "preference.tag_inputs", f"file names must differ before their first dot (they name the output splits): {names}")
 

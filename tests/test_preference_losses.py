@@ -3,6 +3,7 @@ tagging; the quality tag in the prompt; pair records in every format, rendered."
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -159,6 +160,23 @@ def tokenizer(pretrain_data):
     return load_tokenizer(pretrain_data / "tokenizer")
 
 
+def test_tag_reads_the_first_dialogues_of_a_file_with_bad_ones_counted(tmp_path):
+    from moss_train.stages.tag import read_dialogues
+
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    lines = [json.dumps(good), "{not json", "", json.dumps({"messages": [{"role": "assistant", "content": "x"}]}), json.dumps(good)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    records, conversations, rejects, read = read_dialogues(path)
+    assert (len(records), len(conversations), read) == (2, 2, 4)  # the blank line is no record
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "invalid_json"), (4, "wrong_role_order")]
+
+    records, conversations, rejects, read = read_dialogues(path, limit=3)
+    assert (len(records), read, [r["line"] for r in rejects]) == (1, 3, [2, 4])  # the 4th record is not read
+    assert read_dialogues(path, limit=1)[3] == 1
+
+
 def test_pair_records_in_every_format(tokenizer):
     meta = fmt.meta_instruction()
     strings = pairs.parse_pair_record({"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "margin": 2})
@@ -228,6 +246,7 @@ def test_bad_pair_records_are_rejected_by_reason(record, reason):
         (["stage=tag"], "preference.reward_model"),
         (["stage=tag", "preference.reward_model=.", "preference.tag_inputs=[a,b]"], "preference.tag_inputs"),
         (["stage=tag", "preference.levels=1"], "preference.levels"),
+        (["stage=tag", "preference.reward_model=.", "preference.tag_inputs=[README.md]", "preference.tag_limit=-1"], "preference.tag_limit"),
         (["stage=preference", "data=preference_demo", "preference.quality_template='quality {grade}'"], "preference.quality_template"),
         (["stage=reward", "data=pairs_demo", "preference.margin_scale=-1"], "preference.margin_scale"),
     ],

@@ -67,6 +67,27 @@ def last_turn_only(flags: np.ndarray) -> np.ndarray:
     return flags
 
 
+def read_dialogues(path: Path, limit: int = 0) -> tuple[list[dict], list[parsing.Conversation], list[dict], int]:
+    """The records of a dialogue file, parsed: (records, conversations, rejects, records read).
+    With a `limit`, only the first `limit` records are read (a bad one counts, as a reject)."""
+    records, conversations, rejects, records_in = [], [], [], 0
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if limit and records_in == limit:
+                break
+            if not line.strip():
+                continue
+            records_in += 1
+            try:
+                record = json.loads(line)
+                conversations.append(parsing.parse_record(record))
+                records.append(record)
+            except ValueError as error:  # RecordError is a ValueError, as is bad JSON
+                rejects.append({"file": str(path), "line": lineno, "reason": getattr(error, "reason", "invalid_json"),
+                                "detail": str(error), "record": line.rstrip("\n")[:2000]})
+    return records, conversations, rejects, records_in
+
+
 class TagStage(JobStage):
     name = "tag"
 
@@ -92,17 +113,7 @@ class TagStage(JobStage):
 
     def _score_file(self, cfg, path: Path, tokenizer, model) -> dict:
         """Parse, render and score one dialogue file (every rank reads it; scores are shared)."""
-        records, conversations, rejects, records_in = [], [], [], 0
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            records_in += 1
-            try:
-                record = json.loads(line)
-                conversations.append(parsing.parse_record(record))
-                records.append(record)
-            except ValueError as error:  # RecordError is a ValueError, as is bad JSON
-                rejects.append({"file": str(path), "line": lineno, "reason": getattr(error, "reason", "invalid_json"), "detail": str(error), "record": line[:2000]})
+        records, conversations, rejects, records_in = read_dialogues(path, cfg.preference.tag_limit)
         rendered = rendering.render_many(tokenizer, conversations)
         kept = [rendering.kept_length(flags, cfg.data.seq_len) for _, flags in rendered]
         fits = [j for j, n in enumerate(kept) if n > 0]
@@ -160,7 +171,7 @@ class TagStage(JobStage):
                 tagged_turns = sum(counts.values())
                 assert file["records_in"] == len(file["records"]) + len(file["rejects"]), "record accounting is broken"
                 summary["files"][name] = {
-                    "input": str(file["path"]), "records_in": file["records_in"], "records_tagged": len(file["records"]), "rejected": len(file["rejects"]),
+                    "input": str(file["path"]), "limit": pref.tag_limit or None, "records_in": file["records_in"], "records_tagged": len(file["records"]), "rejected": len(file["rejects"]),
                     "turns_tagged": tagged_turns, "turns_untagged": file["turns"] - tagged_turns,
                     "per_level": {str(k): counts[k] for k in range(1, pref.levels + 1)},
                     "reward_mean": float(np.mean([s for t in file["scores"] for s in t])) if tagged_turns else None,
