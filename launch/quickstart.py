@@ -53,7 +53,8 @@ class Plan:
     samples: int = 4
     tool_use_prompts: int = 0  # held-out prompts scored after SFT (0: all)
     compare_prompts: int = 0  # held-out prompts of the comparison (0: all)
-    compare_samples: int = 4
+    compare_samples: int = 2
+    tag_dialogues: int = 8000  # training dialogues the reward model tags (enough for the preference steps; 0: all)
     corpus_mb: tuple[float, float, float] = (4.0, 4.0, 6.0)  # EN, ZH, code text for pretraining
     demo_dialogues: tuple[int, int] = (24000, 200)  # tool-use dialogues: training, held-out
     # moss-data prepare-pretrain-demo's tokenizer settings: 8000 pieces, learnt on the corpus and on
@@ -63,11 +64,11 @@ class Plan:
 
 
 SMOKE = Plan(pretrain_steps=3, sft_steps=3, reward_steps=3, preference_steps=3, dpo_steps=3, eval_every=2,
-             pair_prompts=12, pair_valid_prompts=8, samples=2, tool_use_prompts=8, compare_prompts=4, compare_samples=1,
+             pair_prompts=12, pair_valid_prompts=8, samples=2, tool_use_prompts=8, compare_prompts=4, compare_samples=1, tag_dialogues=0,
              corpus_mb=(0.3, 0.3, 0.4), demo_dialogues=(200, 40), tokenizer="--vocab-size 1000 --sample-mb 1")
 
-# Shared by every training stage.
-MODEL = "model=tiny"
+# Shared by every training stage. recipes/model/quickstart.yaml says why three layers.
+MODEL = "model=quickstart"
 COMMON = ["deepspeed=zero3", "trainer.global_batch_size=16", "trainer.micro_batch_size=16", "logging.progress_bar=false"]
 
 
@@ -111,7 +112,7 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
         train("reward", "pairs_demo", data / "pairs-demo", f"stage.init_from={runs['sft']}", f"trainer.max_steps={plan.reward_steps}",
               "trainer.lr=5e-4", "trainer.warmup_steps=10", "trainer.eval_samples=100000", every),
         train("tag", "pairs_demo", data / "pairs-demo", f"preference.reward_model={runs['reward']}",
-              f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl]"),
+              f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl]", f"preference.tag_limit={plan.tag_dialogues}"),
         train("preference", "preference_demo", runs["tag"] / "conditioned", f"stage.init_from={runs['sft']}",
               f"trainer.max_steps={plan.preference_steps}", "trainer.lr=2e-3", "trainer.warmup_steps=10", every),
         train("dpo", "pairs_demo", data / "pairs-demo", f"stage.init_from={runs['sft']}", f"trainer.max_steps={plan.dpo_steps}",
