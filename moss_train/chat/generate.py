@@ -70,10 +70,16 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self.span = (0, 0)
+        self.one_segment: int | bool | None = None  # the only segment id so far; False: several
 
-    def attention_mask(self, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    def attention_mask(self, segment_ids: torch.Tensor | None) -> torch.Tensor | None:
         """(B, 1, T, length + T) bool: a new token sees each cached or new token of its own
-        segment at or before it. Padding (its own segment) never mixes with a prompt."""
+        segment at or before it. Padding (its own segment) never mixes with a prompt.
+
+        None (plain causal attention, no mask to build or apply) while every cached and new
+        token is of one segment and the new tokens are the first ones or a single one: the
+        common case of unpadded prompts, where a decoding step then builds no mask at all.
+        """
         if segment_ids is None:
             raise ValueError("generation with a KV cache needs segment_ids")
         start, end = self.length, self.length + segment_ids.shape[1]
@@ -81,9 +87,17 @@ class KVCache:
             raise ValueError(f"KV cache of {self.capacity} tokens is full")
         self.segments[:, start:end] = segment_ids
         self.length, self.span = end, (start, end)
+        if self.one_segment is None:  # the first tokens set the segment the rest are compared with
+            self.one_segment = int(segment_ids[0, 0])
+        if self.one_segment is not False and bool((segment_ids == self.one_segment).all()):
+            if start == 0 or end - start == 1:
+                return None
+        else:
+            self.one_segment = False
         same = self.segments[:, None, :end] == segment_ids[:, :, None]  # (B, T, end)
-        causal = torch.arange(end, device=same.device)[None, :] <= torch.arange(start, end, device=same.device)[:, None]
-        return (same & causal)[:, None]
+        if end - start > 1:  # a single new token comes after every cached one: causal already
+            same &= torch.arange(end, device=same.device)[None, :] <= torch.arange(start, end, device=same.device)[:, None]
+        return same[:, None]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only `rows` of the batch (finished rows leave)."""
@@ -111,6 +125,7 @@ class KVCache:
                 merged[old.shape[0] :, :, length - theirs : length] = add[:, :, :theirs]
                 setattr(layer, name, merged)
         self.segments, self.capacity, self.length, self.span = segments, length + room, length, (length, length)
+        self.one_segment = False  # rows right-aligned to a common length: padding before the shorter
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -133,11 +133,12 @@ def document_attention_layout(segment_ids: Optional[torch.Tensor]):
 
 
 def attend(q, k, v, layout, dropout_p: float, scale: float) -> torch.Tensor:
-    """Causal attention of (B, H, T, D) q/k/v under a layout from document_attention_layout."""
+    """Causal attention of (B, H, T, D) q/k/v under a layout from document_attention_layout (or
+    KVCache.attention_mask: None there means plain causal, keys and queries ending together)."""
     if not isinstance(layout, list):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=layout, dropout_p=dropout_p, is_causal=layout is None, scale=scale
-        )
+        # No layout and one query (a generation step over a KV cache): it sees every key.
+        causal = layout is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=layout, dropout_p=dropout_p, is_causal=causal, scale=scale)
     rows = []
     # split(), not indexing: its backward is one concatenation, not a zero-filled full-size
     # gradient per slice.
