@@ -303,7 +303,7 @@ class DecodingBatch:
         self.logits: torch.Tensor | None = None  # (rows, vocab): each row's next-token logits
         self.seen: torch.Tensor | None = None  # (rows, vocab) bool: prompt + generated, for the penalty
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def add(self, rows: Sequence[Row]) -> None:
         for row in rows:
             row.stopped = row.stopped or row.remaining <= 0
@@ -311,42 +311,63 @@ class DecodingBatch:
         if not rows:
             return
         ids, positions, segments = left_pad([row.prompt for row in rows], self.pad_id)
-        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool)
-        for r, row in enumerate(rows):
-            seen[r, torch.as_tensor(list(row.prompt), dtype=torch.long)] = True
         if self.decoder is None:
             decoder = _CachedDecoder if self.use_cache else _FullDecoder
             self.decoder = decoder(self.model, ids, positions, segments, max(row.remaining for row in rows))
-            self.rows, self.logits, self.seen = list(rows), self.decoder.logits, seen
+            self.rows, self.logits = list(rows), self.decoder.logits
         else:
             room = max(row.remaining for row in [*self.rows, *rows])
             logits = self.decoder.join(ids, positions, segments, room)
             self.rows += rows
-            self.logits, self.seen = torch.cat([self.logits, logits]), torch.cat([self.seen, seen])
+            self.logits = torch.cat([self.logits, logits])
+        self.seen = self._seen(rows)
 
-    @torch.no_grad()
+    def _seen(self, new_rows: Sequence[Row]) -> torch.Tensor | None:
+        """The penalty's (rows, vocab) bool table of tokens seen, only while some row has a
+        penalty (built from the rows' tokens when the first such row joins)."""
+        if all(row.sampling.repetition_penalty == 1.0 for row in self.rows):
+            return None
+        missing = self.rows if self.seen is None else new_rows
+        seen = torch.zeros((len(missing), self.vocab), dtype=torch.bool)
+        for r, row in enumerate(missing):
+            seen[r, torch.as_tensor([*row.prompt, *row.tokens], dtype=torch.long)] = True
+        return seen if self.seen is None else torch.cat([self.seen, seen])
+
+    @torch.inference_mode()
     def step(self) -> list[tuple[Row, int]]:
         """One token for every row, as (row, token); rows that stop (or were cancelled) leave."""
         self._leave([row.cancelled for row in self.rows])
         if not self.rows:
             return []
-        logits = self.logits.float()
-        if self.vocab_size is not None:
-            logits[:, self.vocab_size :] = float("-inf")
-        chosen = torch.empty(len(self.rows), dtype=torch.long)
-        for (sampling, generator), index in self._sampling_groups():
-            chosen[index] = choose(process_logits(logits[index], self.seen[index], sampling), sampling, generator)
+        chosen = self._choose(self.logits.float())
         tokens = chosen.tolist()
         for row, token in zip(self.rows, tokens):
             row.tokens.append(token)
             row.stopped = token in row.stop_ids or row.remaining <= 0
-        self.seen[torch.arange(len(tokens)), chosen] = True
+        if self.seen is not None:
+            self.seen[torch.arange(len(tokens)), chosen] = True
         events = list(zip(self.rows, tokens))
-        going = torch.tensor([not row.stopped for row in self.rows])
-        self._leave([row.stopped for row in self.rows])
+        stopped = [row.stopped for row in self.rows]
+        if any(stopped):
+            chosen = chosen[torch.tensor([not gone for gone in stopped])]
+            self._leave(stopped)
         if self.rows:
-            self.logits = self.decoder.step(chosen[going])
+            self.logits = self.decoder.step(chosen)
         return events
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token from its (rows, vocab) logits, by its sampling group."""
+        if self.vocab_size is not None:
+            logits[:, self.vocab_size :] = float("-inf")
+        groups = self._sampling_groups()
+        if len(groups) == 1:  # the whole batch draws together: no gathering of its rows
+            (sampling, generator), _ = groups[0]
+            return choose(process_logits(logits, self.seen, sampling), sampling, generator)
+        chosen = torch.empty(len(self.rows), dtype=torch.long)
+        for (sampling, generator), index in groups:
+            seen = None if self.seen is None else self.seen[index]
+            chosen[index] = choose(process_logits(logits[index], seen, sampling), sampling, generator)
+        return chosen
 
     def _sampling_groups(self):
         """Rows that draw together: same settings and generator (greedy rows need no generator)."""
@@ -365,7 +386,9 @@ class DecodingBatch:
             return
         keep = torch.tensor([not gone for gone in leaving]).nonzero()[:, 0]
         self.decoder.keep(keep)
-        self.logits, self.seen = self.logits[keep], self.seen[keep]
+        self.logits = self.logits[keep]
+        if self.seen is not None:
+            self.seen = self.seen[keep]
 
 
 def generate_batch(
