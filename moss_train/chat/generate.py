@@ -426,6 +426,18 @@ def generate_batch(
     return [row.tokens for row in rows]
 
 
+def column_major_head(model: CodeGenForCausalLM) -> CodeGenForCausalLM:
+    """Store the vocabulary head's weight column-major (same shape and values, a transposed
+    view of its transpose) for decoding: MKL's matrix-vector product of a decoding step at batch
+    1 streams that layout about 3x faster than nn.Linear's row-major one, and at batch 1 the head
+    (vocab x n_embd) is most of what a step reads. Only for inference-only models: the parameter's
+    storage is replaced."""
+    head = model.lm_head.weight
+    if head.is_contiguous():
+        head.data = head.data.t().contiguous().t()
+    return model
+
+
 def load_model(path: str | Path) -> CodeGenForCausalLM:
     """An fp32 model in eval mode from a moss-train checkpoint (a step, checkpoints or run
     directory; ZeRO shards consolidated) or an HF CodeGen / MOSS directory, through the same
@@ -436,4 +448,4 @@ def load_model(path: str | Path) -> CodeGenForCausalLM:
     source.verify()  # a moss-train checkpoint's checksums, before its weights are used
     model = CodeGenForCausalLM(source.model_config)
     model.load_state_dict({name: source.tensor(name).float() for name in source.names})
-    return model.eval()
+    return column_major_head(model).eval()
