@@ -75,6 +75,12 @@ def test_greedy_generation_equals_hf_generate_on_the_export(exported):
     assert hf_batched == hf_single
     assert generate_batch(ours, prompts, 24, stop_ids=(eom,), pad_id=tokenizer.pad_id) == hf_batched
     assert [generate_batch(ours, [p], 24, stop_ids=(eom,))[0] for p in prompts] == hf_single
+    # Prompts of one length (no padding: no attention mask at all), 40 tokens, no stop id.
+    length = min(map(len, prompts))
+    same_length = torch.tensor([p[:length] for p in prompts])
+    unpadded = hf.generate(same_length, attention_mask=torch.ones_like(same_length), max_new_tokens=40, min_new_tokens=40,
+                           do_sample=False, pad_token_id=tokenizer.pad_id)
+    assert generate_batch(ours, same_length.tolist(), 40) == unpadded[:, length:].tolist()
     assert all(len(set(row)) > 3 for row in hf_single)  # varied continuations, not one token repeated
     # With a repetition penalty (HF applies it in greedy decoding too), one prompt (no padding).
     penalised = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=24, do_sample=False, repetition_penalty=1.5)
@@ -171,6 +177,29 @@ def test_sampling_follows_the_distribution_and_the_seed():
     assert generate_batch(model, prompts[:4], 8, temperature=1.0, seed=5) != generate_batch(model, prompts[:4], 8, temperature=1.0, seed=6)
     with pytest.raises(ValueError):
         generate_batch(model, prompts[:1], 4, temperature=1.0, top_p=0.0)
+
+
+def test_a_penalised_row_joining_a_batch_without_penalties_gets_its_own_tokens():
+    """The penalty's table of seen tokens exists only while a row has a penalty: when the first
+    such row joins, it is built from every row's prompt and tokens so far."""
+    model = random_model(n_positions=128)
+    prompts, penalised = [[5, 9, 11, 3], [4, 4, 8]], Sampling(repetition_penalty=1.5)
+
+    def alone(prompt, sampling):
+        batch, row = DecodingBatch(model), Row(prompt, 12, sampling=sampling)
+        batch.add([row])
+        while batch.rows:
+            batch.step()
+        return row.tokens
+
+    batch, plain, late = DecodingBatch(model), Row(prompts[0], 12), Row(prompts[1], 12, sampling=penalised)
+    batch.add([plain])
+    batch.step(), batch.step()
+    batch.add([late])
+    while batch.rows:
+        batch.step()
+    assert plain.tokens == alone(prompts[0], Sampling()) and late.tokens == alone(prompts[1], penalised)
+    assert late.tokens != alone(prompts[1], Sampling())  # the penalty changed something
 
 
 def test_ids_beyond_the_tokenizer_vocabulary_are_never_generated():

@@ -69,10 +69,16 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self.span = (0, 0)
+        self.one_segment: int | bool | None = None  # the only segment id so far; False: several
 
-    def attention_mask(self, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    def attention_mask(self, segment_ids: torch.Tensor | None) -> torch.Tensor | None:
         """(B, 1, T, length + T) bool: a new token sees each cached or new token of its own
-        segment at or before it. Padding (its own segment) never mixes with a prompt."""
+        segment at or before it. Padding (its own segment) never mixes with a prompt.
+
+        None (plain causal attention, no mask to build or apply) while every cached and new
+        token is of one segment and the new tokens are the first ones or a single one: the
+        common case of unpadded prompts, where a decoding step then builds no mask at all.
+        """
         if segment_ids is None:
             raise ValueError("generation with a KV cache needs segment_ids")
         start, end = self.length, self.length + segment_ids.shape[1]
@@ -80,9 +86,17 @@ class KVCache:
             raise ValueError(f"KV cache of {self.capacity} tokens is full")
         self.segments[:, start:end] = segment_ids
         self.length, self.span = end, (start, end)
+        if self.one_segment is None:  # the first tokens set the segment the rest are compared with
+            self.one_segment = int(segment_ids[0, 0])
+        if self.one_segment is not False and bool((segment_ids == self.one_segment).all()):
+            if start == 0 or end - start == 1:
+                return None
+        else:
+            self.one_segment = False
         same = self.segments[:, None, :end] == segment_ids[:, :, None]  # (B, T, end)
-        causal = torch.arange(end, device=same.device)[None, :] <= torch.arange(start, end, device=same.device)[:, None]
-        return (same & causal)[:, None]
+        if end - start > 1:  # a single new token comes after every cached one: causal already
+            same &= torch.arange(end, device=same.device)[None, :] <= torch.arange(start, end, device=same.device)[:, None]
+        return same[:, None]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only `rows` of the batch (finished rows leave)."""
@@ -110,6 +124,7 @@ class KVCache:
                 merged[old.shape[0] :, :, length - theirs : length] = add[:, :, :theirs]
                 setattr(layer, name, merged)
         self.segments, self.capacity, self.length, self.span = segments, length + room, length, (length, length)
+        self.one_segment = False  # rows right-aligned to a common length: padding before the shorter
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -287,7 +302,7 @@ class DecodingBatch:
         self.logits: torch.Tensor | None = None  # (rows, vocab): each row's next-token logits
         self.seen: torch.Tensor | None = None  # (rows, vocab) bool: prompt + generated, for the penalty
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def add(self, rows: Sequence[Row]) -> None:
         for row in rows:
             row.stopped = row.stopped or row.remaining <= 0
@@ -295,42 +310,63 @@ class DecodingBatch:
         if not rows:
             return
         ids, positions, segments = left_pad([row.prompt for row in rows], self.pad_id)
-        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool)
-        for r, row in enumerate(rows):
-            seen[r, torch.as_tensor(list(row.prompt), dtype=torch.long)] = True
         if self.decoder is None:
             decoder = _CachedDecoder if self.use_cache else _FullDecoder
             self.decoder = decoder(self.model, ids, positions, segments, max(row.remaining for row in rows))
-            self.rows, self.logits, self.seen = list(rows), self.decoder.logits, seen
+            self.rows, self.logits = list(rows), self.decoder.logits
         else:
             room = max(row.remaining for row in [*self.rows, *rows])
             logits = self.decoder.join(ids, positions, segments, room)
             self.rows += rows
-            self.logits, self.seen = torch.cat([self.logits, logits]), torch.cat([self.seen, seen])
+            self.logits = torch.cat([self.logits, logits])
+        self.seen = self._seen(rows)
 
-    @torch.no_grad()
+    def _seen(self, new_rows: Sequence[Row]) -> torch.Tensor | None:
+        """The penalty's (rows, vocab) bool table of tokens seen, only while some row has a
+        penalty (built from the rows' tokens when the first such row joins)."""
+        if all(row.sampling.repetition_penalty == 1.0 for row in self.rows):
+            return None
+        missing = self.rows if self.seen is None else new_rows
+        seen = torch.zeros((len(missing), self.vocab), dtype=torch.bool)
+        for r, row in enumerate(missing):
+            seen[r, torch.as_tensor([*row.prompt, *row.tokens], dtype=torch.long)] = True
+        return seen if self.seen is None else torch.cat([self.seen, seen])
+
+    @torch.inference_mode()
     def step(self) -> list[tuple[Row, int]]:
         """One token for every row, as (row, token); rows that stop (or were cancelled) leave."""
         self._leave([row.cancelled for row in self.rows])
         if not self.rows:
             return []
-        logits = self.logits.float()
-        if self.vocab_size is not None:
-            logits[:, self.vocab_size :] = float("-inf")
-        chosen = torch.empty(len(self.rows), dtype=torch.long)
-        for (sampling, generator), index in self._sampling_groups():
-            chosen[index] = choose(process_logits(logits[index], self.seen[index], sampling), sampling, generator)
+        chosen = self._choose(self.logits.float())
         tokens = chosen.tolist()
         for row, token in zip(self.rows, tokens):
             row.tokens.append(token)
             row.stopped = token in row.stop_ids or row.remaining <= 0
-        self.seen[torch.arange(len(tokens)), chosen] = True
+        if self.seen is not None:
+            self.seen[torch.arange(len(tokens)), chosen] = True
         events = list(zip(self.rows, tokens))
-        going = torch.tensor([not row.stopped for row in self.rows])
-        self._leave([row.stopped for row in self.rows])
+        stopped = [row.stopped for row in self.rows]
+        if any(stopped):
+            chosen = chosen[torch.tensor([not gone for gone in stopped])]
+            self._leave(stopped)
         if self.rows:
-            self.logits = self.decoder.step(chosen[going])
+            self.logits = self.decoder.step(chosen)
         return events
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token from its (rows, vocab) logits, by its sampling group."""
+        if self.vocab_size is not None:
+            logits[:, self.vocab_size :] = float("-inf")
+        groups = self._sampling_groups()
+        if len(groups) == 1:  # the whole batch draws together: no gathering of its rows
+            (sampling, generator), _ = groups[0]
+            return choose(process_logits(logits, self.seen, sampling), sampling, generator)
+        chosen = torch.empty(len(self.rows), dtype=torch.long)
+        for (sampling, generator), index in groups:
+            seen = None if self.seen is None else self.seen[index]
+            chosen[index] = choose(process_logits(logits[index], seen, sampling), sampling, generator)
+        return chosen
 
     def _sampling_groups(self):
         """Rows that draw together: same settings and generator (greedy rows need no generator)."""
@@ -349,7 +385,9 @@ class DecodingBatch:
             return
         keep = torch.tensor([not gone for gone in leaving]).nonzero()[:, 0]
         self.decoder.keep(keep)
-        self.logits, self.seen = self.logits[keep], self.seen[keep]
+        self.logits = self.logits[keep]
+        if self.seen is not None:
+            self.seen = self.seen[keep]
 
 
 def generate_batch(

@@ -71,7 +71,7 @@ from moss_train.data.shards import ShardError, TokenShard
 from moss_train.data.token_datasets import resolve_shard_prefixes
 from moss_train.errors import ConfigError
 from moss_train.model import lora
-from moss_train.model.codegen import CodeGenForCausalLM
+from moss_train.model.codegen import CodeGenForCausalLM, column_major_head
 from moss_train.model.config import ModelConfig, model_vocab_size, to_hf_config
 from moss_train.model.reward import SCORE_PREFIX, RewardModel
 
@@ -413,4 +413,4 @@ def load_model(path: str | Path, kind: str = CAUSAL_LM) -> CodeGenForCausalLM | 
     check_names_and_shapes(source, expected_shapes(cfg, kind))
     model = RewardModel(cfg) if kind == REWARD else CodeGenForCausalLM(cfg)
     model.load_state_dict({n: source.tensor(n).float() for n in source.names})
-    return model.eval()
+    return (model if kind == REWARD else column_major_head(model)).eval()
