@@ -163,7 +163,7 @@ def checkout(rev: str, root: Path) -> Path:
 # ----------------------------------------------------------------------------- the parent
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="tiny,small", help="model= recipes, each with vocabulary %d" % VOCAB)
+    p.add_argument("--models", default="tiny,small", help=f"model= recipes, each with vocabulary {VOCAB}")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
