@@ -67,7 +67,9 @@ def write_export(model_name: str, directory: Path) -> int:
             param.add_(0.02 * torch.randn_like(param))
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    write_safetensors(directory, {n: tuple(t.shape) for n, t in state.items()}, state.__getitem__, torch.float32, "10GB")
+    write_safetensors(
+        directory, {n: tuple(t.shape) for n, t in state.items()}, state.__getitem__, torch.float32, "10GB"
+    )
     hf = to_hf_config(cfg)
     hf.architectures, hf.pad_token_id = ["CodeGenForCausalLM"], 0  # no bos / eos: nothing stops early
     hf.save_pretrained(str(directory))
@@ -88,10 +90,15 @@ def hf_generator(directory: str):
     def generate(ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
         with torch.no_grad():
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1, use_cache=True,
-                max_new_tokens=new_tokens, pad_token_id=0,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                max_new_tokens=new_tokens,
+                pad_token_id=0,
             )
-        return out[:, ids.shape[1]:].tolist()
+        return out[:, ids.shape[1] :].tolist()
 
     return generate
 
@@ -120,7 +127,7 @@ def run_worker(args) -> int:
             generate(ids[:, :16], 4)  # warm-up: allocator, kernels, lazy imports
         rates, cpu_rates, tokens = {side: [] for side in sides}, {side: [] for side in sides}, {}
         for repeat in range(args.repeats):
-            for side in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+            for side in list(sides) if repeat % 2 == 0 else list(sides)[::-1]:
                 start, cpu_start = time.perf_counter(), time.process_time()
                 tokens[side] = sides[side](ids, args.new_tokens)
                 rates[side].append(batch * args.new_tokens / (time.perf_counter() - start))
@@ -138,14 +145,28 @@ def spawn(source: Path | None, export: Path, args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
-    command = [sys.executable, __file__, "--worker", "--export", str(export), "--batches", args.batches,
-               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-               "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--export",
+        str(export),
+        "--batches",
+        args.batches,
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode or not lines:
         raise RuntimeError(f"worker failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    out = json.loads(lines[-1][len(RESULT_PREFIX):])
+    out = json.loads(lines[-1][len(RESULT_PREFIX) :])
     if source is not None and not out["moss_train"].startswith(str(source)):
         raise RuntimeError(f"the worker for {source} imported {out['moss_train']}")
     return {int(batch): value for batch, value in out["result"].items()}
@@ -155,14 +176,18 @@ def checkout(rev: str, root: Path) -> Path:
     """moss_train/ as of `rev`, extracted under `root`."""
     target = root / rev.replace("/", "_")
     target.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "moss_train"], capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "moss_train"], capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target
 
 
 # ----------------------------------------------------------------------------- the parent
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="tiny,small", help=f"model= recipes, each with vocabulary {VOCAB}")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -185,7 +210,9 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="generate-speed-") as tmp:
         # "this tree": the moss_train this script runs with; each revision: its own copy.
-        versions = {"this tree": None} | {rev: checkout(rev, Path(tmp) / "src") for rev in args.ours_at.split(",") if rev}
+        versions = {"this tree": None} | {
+            rev: checkout(rev, Path(tmp) / "src") for rev in args.ours_at.split(",") if rev
+        }
         for name in args.models.split(","):
             export = Path(tmp) / name
             params = write_export(name, export)
@@ -196,11 +223,21 @@ def main(argv=None) -> int:
             reference = runs["this tree"][0]
             for batch in [int(b) for b in args.batches.split(",")]:
                 for version, worker_runs in runs.items():
-                    row = summarise(name, params, batch, version, [run[batch] for run in worker_runs], reference[batch]["tokens"][HF])
+                    row = summarise(
+                        name,
+                        params,
+                        batch,
+                        version,
+                        [run[batch] for run in worker_runs],
+                        reference[batch]["tokens"][HF],
+                    )
                     rows.append(row)
-                    print(f"{name} batch {batch} {version}: {row['ours']:.0f} vs {row['hf']:.0f} tok/s, {row['ratio']:.2f}x "
-                          f"({row['cpu_ratio']:.2f}x by CPU time), "
-                          f"tokens identical: {row['identical']}", flush=True)
+                    print(
+                        f"{name} batch {batch} {version}: {row['ours']:.0f} vs {row['hf']:.0f} tok/s, {row['ratio']:.2f}x "
+                        f"({row['cpu_ratio']:.2f}x by CPU time), "
+                        f"tokens identical: {row['identical']}",
+                        flush=True,
+                    )
     publish(render(rows, args, load_before), args.write)
     return 0 if all(row["identical"] for row in rows) else 1
 
@@ -209,6 +246,7 @@ def summarise(name, params, batch, version, runs: list[dict], hf_tokens) -> dict
     """Medians over every timed run; the ratios: the medians of each interleaved pair's ratio,
     by wall time and by the process's CPU time (one thread: the time it ran, not the time other
     processes on a shared CPU took from it)."""
+
     def pooled(key, side):
         return [r for run in runs for r in run[key][side]]
 
@@ -216,8 +254,17 @@ def summarise(name, params, batch, version, runs: list[dict], hf_tokens) -> dict
         return statistics.median(o / h for o, h in zip(pooled(key, OURS), pooled(key, HF)))
 
     identical = all(run["tokens"][side] == hf_tokens for run in runs for side in (HF, OURS))
-    return dict(name=name, params=params, batch=batch, version=version, ours=statistics.median(pooled("rates", OURS)),
-                hf=statistics.median(pooled("rates", HF)), ratio=paired("rates"), cpu_ratio=paired("cpu_rates"), identical=identical)
+    return dict(
+        name=name,
+        params=params,
+        batch=batch,
+        version=version,
+        ours=statistics.median(pooled("rates", OURS)),
+        hf=statistics.median(pooled("rates", HF)),
+        ratio=paired("rates"),
+        cpu_ratio=paired("cpu_rates"),
+        identical=identical,
+    )
 
 
 def render(rows, args, load_before: str) -> list[str]:
@@ -225,15 +272,18 @@ def render(rows, args, load_before: str) -> list[str]:
         f"### generate_speed — moss-train generate_batch vs transformers generate, greedy, prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens per row, fp32, {args.threads} thread(s)",
         "",
-        run_line(None, load_before) + f"; {cpu_line()}; random weights, vocabulary {VOCAB}; {args.rounds} worker runs per "
+        run_line(None, load_before)
+        + f"; {cpu_line()}; random weights, vocabulary {VOCAB}; {args.rounds} worker runs per "
         f"moss-train version x {args.repeats} interleaved pairs; tok/s: medians, ratio: median of the pairs' ratios",
         "",
         f"| model | parameters | batch | moss-train version | {OURS} tok/s | {HF} tok/s | {OURS} / {HF} | same, by CPU time | tokens identical |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['version']} | {r['ours']:.0f} | {r['hf']:.0f} | "
-                     f"{r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x | {'yes' if r['identical'] else 'NO'} |")
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['version']} | {r['ours']:.0f} | {r['hf']:.0f} | "
+            f"{r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x | {'yes' if r['identical'] else 'NO'} |"
+        )
     return lines
 
 

@@ -33,14 +33,30 @@ TRAINED = re.compile(r"LoRA r=\d+ alpha=[\d.]+ on [\w, ]+: ([\d,]+) trainable pa
 
 def run_side(out: Path, lora_r: int, args) -> dict:
     overrides = [
-        "stage=sft", "data=sft_demo", f"data.root={args.data}", f"data.tokenizer={args.tokenizer}", f"data.seq_len={args.seq_len}",
-        f"model={args.model}", f"stage.init_from={args.base}", f"run.output_dir={out}", f"lora.r={lora_r}",
-        f"deepspeed.zero_stage={args.zero_stage}", f"trainer.max_steps={args.steps}", f"trainer.micro_batch_size={args.micro_batch}",
-        f"trainer.global_batch_size={args.global_batch}", "trainer.warmup_steps=2", f"trainer.lr={args.lr_lora if lora_r else args.lr}",
-        "trainer.precision=fp32", f"trainer.eval_samples={args.eval_samples}", "logging.wandb=disabled", "logging.progress_bar=false",
+        "stage=sft",
+        "data=sft_demo",
+        f"data.root={args.data}",
+        f"data.tokenizer={args.tokenizer}",
+        f"data.seq_len={args.seq_len}",
+        f"model={args.model}",
+        f"stage.init_from={args.base}",
+        f"run.output_dir={out}",
+        f"lora.r={lora_r}",
+        f"deepspeed.zero_stage={args.zero_stage}",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.global_batch_size={args.global_batch}",
+        "trainer.warmup_steps=2",
+        f"trainer.lr={args.lr_lora if lora_r else args.lr}",
+        "trainer.precision=fp32",
+        f"trainer.eval_samples={args.eval_samples}",
+        "logging.wandb=disabled",
+        "logging.progress_bar=false",
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    result = subprocess.run([str(Path(sys.executable).parent / "moss-train"), *overrides], capture_output=True, text=True, cwd=REPO, env=env)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "moss-train"), *overrides], capture_output=True, text=True, cwd=REPO, env=env
+    )
     if result.returncode:
         raise RuntimeError(f"moss-train failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

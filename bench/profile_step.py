@@ -23,13 +23,25 @@ from bench_report import publish
 CATEGORIES = [
     ("matmul (linear layers, lm_head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")),
     ("attention (SDPA)", ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
-    ("loss (softmax, log-softmax, argmax)", ("aten::_log_softmax", "aten::_softmax", "aten::log_softmax",
-                                            "aten::softmax", "aten::argmax", "aten::scatter_add", "aten::gather")),
+    (
+        "loss (softmax, log-softmax, argmax)",
+        (
+            "aten::_log_softmax",
+            "aten::_softmax",
+            "aten::log_softmax",
+            "aten::softmax",
+            "aten::argmax",
+            "aten::scatter_add",
+            "aten::gather",
+        ),
+    ),
     ("optimizer (fused AdamW)", ("aten::_fused_adamw", "aten::_fused_adam")),
     ("grad norm, clipping", ("aten::linalg_vector_norm", "aten::norm", "aten::_foreach_norm")),
     ("copies (ZeRO buffers, casts)", ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_")),
-    ("gelu, layer norm, rotary, residual", ("aten::gelu", "aten::native_layer_norm", "aten::mul", "aten::add",
-                                           "aten::sub", "aten::neg", "aten::stack")),
+    (
+        "gelu, layer norm, rotary, residual",
+        ("aten::gelu", "aten::native_layer_norm", "aten::mul", "aten::add", "aten::sub", "aten::neg", "aten::stack"),
+    ),
 ]
 
 
@@ -54,12 +66,16 @@ def main(argv=None) -> int:
     device = init_distributed().device
     batch_size, seq_len = tt.DEFAULT_SHAPES[args.config]
     model_cfg = tt.CONFIGS[args.config]
-    trainer = tt.moss_trainer(model_cfg, args.precision, args.zero_stage, tt.make_batch(model_cfg, batch_size, seq_len, device))
+    trainer = tt.moss_trainer(
+        model_cfg, args.precision, args.zero_stage, tt.make_batch(model_cfg, batch_size, seq_len, device)
+    )
     for _ in range(2):  # warm-up: oneDNN kernel choice, allocator, DeepSpeed buffers
         trainer.train_step()
     load_before = tt.load_line()
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    ) as prof:
         for _ in range(args.steps):
             trainer.train_step()
     wall = (time.perf_counter() - start) / args.steps
@@ -75,7 +91,7 @@ def main(argv=None) -> int:
         f"batch {batch_size} x seq {seq_len}, ZeRO-{args.zero_stage}, {torch.get_num_threads()} threads",
         "",
         f"`{tt.command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
-        f"{load_before} before / {tt.load_line()[len('1-min load average '):]} after on {os.cpu_count()} cores; "
+        f"{load_before} before / {tt.load_line()[len('1-min load average ') :]} after on {os.cpu_count()} cores; "
         f"{wall:.2f} s per profiled step)",
         "",
         "| where | self CPU s per step | share |",

@@ -100,7 +100,10 @@ def measure(directory: str, docs: list[list[int]], new_tokens: int, repeats: int
 def worker(args) -> int:
     torch.set_num_threads(args.threads)
     docs = json.loads(Path(args.docs_file).read_text())
-    print(RESULT_PREFIX + json.dumps(measure(args.worker, docs, args.new_tokens, args.repeats, args.speed_only)), flush=True)
+    print(
+        RESULT_PREFIX + json.dumps(measure(args.worker, docs, args.new_tokens, args.repeats, args.speed_only)),
+        flush=True,
+    )
     return 0
 
 
@@ -112,7 +115,9 @@ def held_out_docs(run: Path, n: int, seq_len: int) -> list[list[int]]:
     from moss_train.data.token_datasets import resolve_shard_prefixes
 
     recipe = MossTrainCheckpoint(run).recipe()
-    prefixes = resolve_shard_prefixes(str(recipe_path(recipe.data.root)), list(recipe.data.valid_shards), "data.valid_shards")
+    prefixes = resolve_shard_prefixes(
+        str(recipe_path(recipe.data.root)), list(recipe.data.valid_shards), "data.valid_shards"
+    )
     docs = []
     for prefix in prefixes:
         shard = TokenShard(prefix)
@@ -138,14 +143,28 @@ def export_variants(run: Path, root: Path, variants: list[str]) -> dict[str, Pat
 
 
 def run_worker(directory: Path, docs_file: Path, args, speed_only: bool = False) -> dict:
-    command = [sys.executable, __file__, "--worker", str(directory), "--docs-file", str(docs_file),
-               "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-               *(["--speed-only"] if speed_only else [])]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO / "bench")))
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(directory),
+        "--docs-file",
+        str(docs_file),
+        "--threads",
+        str(args.threads),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+        *(["--speed-only"] if speed_only else []),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO / "bench"))
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if result.returncode or not lines:
         raise RuntimeError(f"worker for {directory} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def cpu_line() -> str:
@@ -167,7 +186,8 @@ def table(results: dict, argv, load_before: str, args) -> list[str]:
     lines = [
         f"### quantized_export — load memory, greedy tokens/s, held-out perplexity against the bf16 export ({cpu_line()}, {args.threads} threads)",
         "",
-        run_line(argv, load_before) + f"; transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, "
+        run_line(argv, load_before)
+        + f"; transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, "
         f"torchao {torchao.__version__}; generation: {args.new_tokens} new tokens, batch 1, best of {args.repeats} x {args.rounds} rounds; "
         f"perplexity over the first {args.seq_len} tokens of {args.docs} held-out documents of the run's validation shards",
         "",
@@ -193,7 +213,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="subprocesses per export for the speed figure")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default=";".join(VARIANTS), help=f"separated by ';', {BASELINE!r} among them; of: {'; '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default=";".join(VARIANTS),
+        help=f"separated by ';', {BASELINE!r} among them; of: {'; '.join(VARIANTS)}",
+    )
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--docs-file", help=argparse.SUPPRESS)
@@ -219,7 +243,9 @@ def main(argv=None) -> int:
             from moss_train.model.config import num_parameters
 
             cfg = MossTrainCheckpoint(run).model_config
-            label = f"{num_parameters(cfg) / 1e6:.1f}M, n_embd {cfg.n_embd} x {cfg.n_layer} layers, vocab {cfg.vocab_size}"
+            label = (
+                f"{num_parameters(cfg) / 1e6:.1f}M, n_embd {cfg.n_embd} x {cfg.n_layer} layers, vocab {cfg.vocab_size}"
+            )
             rows = {variant: run_worker(d, docs_file, args) for variant, d in dirs.items()}
             for k in range(1, args.rounds):  # more speed rounds, the other way round every other time
                 for variant in list(dirs)[:: -1 if k % 2 else 1]:

@@ -64,15 +64,48 @@ def make_model(work: Path, steps: int) -> tuple[Path, Path]:
     """A quickstart-size SFT model (model=tiny, 8k vocabulary), made once in `work`."""
     data, dialogues, run_dir = work / "pretrain-demo", work / "sft-demo", work / "sft-run"
     if not (data / "tokenizer").is_dir():
-        run([BIN / "moss-data", "prepare-pretrain-demo", "--out", data, "--en-mb", "1.5", "--zh-mb", "1", "--code-mb", "1.5",
-             "--sample-mb", "3", "--vocab-size", "8000"], env=env())
+        run(
+            [
+                BIN / "moss-data",
+                "prepare-pretrain-demo",
+                "--out",
+                data,
+                "--en-mb",
+                "1.5",
+                "--zh-mb",
+                "1",
+                "--code-mb",
+                "1.5",
+                "--sample-mb",
+                "3",
+                "--vocab-size",
+                "8000",
+            ],
+            env=env(),
+        )
     if not (dialogues / "shards").is_dir():
         run([BIN / "moss-data", "sft", "--demo", "--tokenizer", data / "tokenizer", "--out", dialogues], env=env())
     if not (run_dir / "checkpoints").is_dir():
-        run([BIN / "moss-train", "stage=sft", "model=tiny", "data=sft_demo", f"data.root={dialogues}", f"data.tokenizer={data / 'tokenizer'}",
-             f"run.output_dir={run_dir}", f"trainer.max_steps={steps}", "trainer.global_batch_size=16", "trainer.micro_batch_size=8",
-             "trainer.lr=2e-3", "trainer.warmup_steps=20", f"checkpoint.every={steps}", "logging.wandb=disabled",
-             "logging.progress_bar=false"], env=env())
+        run(
+            [
+                BIN / "moss-train",
+                "stage=sft",
+                "model=tiny",
+                "data=sft_demo",
+                f"data.root={dialogues}",
+                f"data.tokenizer={data / 'tokenizer'}",
+                f"run.output_dir={run_dir}",
+                f"trainer.max_steps={steps}",
+                "trainer.global_batch_size=16",
+                "trainer.micro_batch_size=8",
+                "trainer.lr=2e-3",
+                "trainer.warmup_steps=20",
+                f"checkpoint.every={steps}",
+                "logging.wandb=disabled",
+                "logging.progress_bar=false",
+            ],
+            env=env(),
+        )
     return run_dir, data / "tokenizer"
 
 
@@ -81,14 +114,32 @@ def prompts(work: Path, count: int) -> list[str]:
 
     paths = write_demo_dialogues(work / "dialogues", n_train=50, n_valid=count, seed=0)
     records = [json.loads(line) for line in paths["valid"].read_text(encoding="utf-8").splitlines()]
-    return [r["chat"]["turn_1"]["Human"].removeprefix("<|Human|>:").removesuffix("<eoh>\n").strip() for r in records][:count]
+    return [r["chat"]["turn_1"]["Human"].removeprefix("<|Human|>:").removesuffix("<eoh>\n").strip() for r in records][
+        :count
+    ]
 
 
 class Server:
     def __init__(self, model: Path, tokenizer: Path, max_batch: int, port: int, threads: int):
         self.url = f"http://127.0.0.1:{port}"
-        command = [BIN / "moss-serve", model, "--tokenizer", tokenizer, "--plugins", "calculator,equation_solver", "--preamble", "short",
-                   "--port", port, "--max-batch", max_batch, "--threads", threads, "--log-level", "warning"]
+        command = [
+            BIN / "moss-serve",
+            model,
+            "--tokenizer",
+            tokenizer,
+            "--plugins",
+            "calculator,equation_solver",
+            "--preamble",
+            "short",
+            "--port",
+            port,
+            "--max-batch",
+            max_batch,
+            "--threads",
+            threads,
+            "--log-level",
+            "warning",
+        ]
         self.process = subprocess.Popen([str(c) for c in command], cwd=REPO, env=env())
 
     def wait(self, timeout: float = 300) -> None:
@@ -110,8 +161,13 @@ class Server:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": prompt}], "stream": True, "temperature": 0, "max_tokens": max_tokens,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream_options": {"include_usage": True},
+    }
     sent = time.perf_counter()
     first = last = None
     text, tokens, tool_calls = [], 0, 0
@@ -132,14 +188,26 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                     first = first or time.perf_counter()
                     text.append(generated)
             last = time.perf_counter()
-    return {"ttft": (first or last) - sent, "seconds": last - sent, "tokens": tokens, "text": "".join(text), "prompt": prompt,
-            "tool_calls": tool_calls}
+    return {
+        "ttft": (first or last) - sent,
+        "seconds": last - sent,
+        "tokens": tokens,
+        "text": "".join(text),
+        "prompt": prompt,
+        "tool_calls": tool_calls,
+    }
 
 
-async def load(url: str, clients: int, per_client: int, all_prompts: list[str], max_tokens: int) -> tuple[list[dict], float]:
+async def load(
+    url: str, clients: int, per_client: int, all_prompts: list[str], max_tokens: int
+) -> tuple[list[dict], float]:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 2)) as client:
+
         async def worker(c: int) -> list[dict]:
-            return [await one_request(client, url, all_prompts[(c * per_client + r) % len(all_prompts)], max_tokens) for r in range(per_client)]
+            return [
+                await one_request(client, url, all_prompts[(c * per_client + r) % len(all_prompts)], max_tokens)
+                for r in range(per_client)
+            ]
 
         start = time.perf_counter()
         results = await asyncio.gather(*(worker(c) for c in range(clients)))
@@ -154,23 +222,38 @@ def percentile(values: list[float], q: float) -> float:
 def summarise(results: list[dict], wall: float) -> dict:
     rates = [r["tokens"] / r["seconds"] for r in results]
     return {
-        "requests": len(results), "ttft_p50": percentile([r["ttft"] for r in results], 50), "ttft_p95": percentile([r["ttft"] for r in results], 95),
-        "rate_p50": statistics.median(rates), "rate_p95": percentile(rates, 5), "aggregate": sum(r["tokens"] for r in results) / wall,
-        "tokens_mean": statistics.mean(r["tokens"] for r in results), "with_tools": sum(r["tool_calls"] > 0 for r in results),
+        "requests": len(results),
+        "ttft_p50": percentile([r["ttft"] for r in results], 50),
+        "ttft_p95": percentile([r["ttft"] for r in results], 95),
+        "rate_p50": statistics.median(rates),
+        "rate_p95": percentile(rates, 5),
+        "aggregate": sum(r["tokens"] for r in results) / wall,
+        "tokens_mean": statistics.mean(r["tokens"] for r in results),
+        "with_tools": sum(r["tool_calls"] > 0 for r in results),
     }
 
 
 def cpu_line() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU"
+    )
     return f"{model}, {os.cpu_count()} cores, amx_bf16 {'yes' if ' amx_bf16' in info else 'no'}"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=QUICKSTART_SFT, help="model directory (default: the quickstart's SFT run)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="its tokenizer (default: the quickstart's, or the bench's own)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/moss-serve-bench"), help="where a model the bench makes lives")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", type=Path, default=QUICKSTART_SFT, help="model directory (default: the quickstart's SFT run)"
+    )
+    p.add_argument(
+        "--tokenizer", type=Path, default=None, help="its tokenizer (default: the quickstart's, or the bench's own)"
+    )
+    p.add_argument(
+        "--work", type=Path, default=Path("/tmp/moss-serve-bench"), help="where a model the bench makes lives"
+    )
     p.add_argument("--sft-steps", type=int, default=200)
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests-per-client", type=int, default=2)
@@ -180,7 +263,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.model.is_dir():
-        model, tokenizer, origin = args.model, args.tokenizer or QUICKSTART_TOKENIZER, f"the quickstart SFT model ({args.model})"
+        model, tokenizer, origin = (
+            args.model,
+            args.tokenizer or QUICKSTART_TOKENIZER,
+            f"the quickstart SFT model ({args.model})",
+        )
     else:
         model, tokenizer = make_model(args.work, args.sft_steps)
         tokenizer = args.tokenizer or tokenizer
@@ -188,7 +275,9 @@ def main(argv=None) -> int:
     clients = [int(c) for c in args.clients.split(",")]
     asked = prompts(args.work, max(clients) * args.requests_per_client)
     load_before = tt.load_line()
-    servers = {name: Server(model, tokenizer, max_batch, 8600 + i, args.threads) for i, (name, max_batch) in enumerate(MODES)}
+    servers = {
+        name: Server(model, tokenizer, max_batch, 8600 + i, args.threads) for i, (name, max_batch) in enumerate(MODES)
+    }
     rows = []
     try:
         for server in servers.values():
@@ -201,8 +290,11 @@ def main(argv=None) -> int:
                 texts[name] = sorted((r["prompt"], r["text"]) for r in results)
                 summary = summarise(results, wall)
                 rows.append((n, name, summary))
-                print(f"N={n} {name}: TTFT p50 {summary['ttft_p50']:.3f}s p95 {summary['ttft_p95']:.3f}s, "
-                      f"{summary['rate_p50']:.1f} tok/s p50, aggregate {summary['aggregate']:.1f} tok/s", flush=True)
+                print(
+                    f"N={n} {name}: TTFT p50 {summary['ttft_p50']:.3f}s p95 {summary['ttft_p95']:.3f}s, "
+                    f"{summary['rate_p50']:.1f} tok/s p50, aggregate {summary['aggregate']:.1f} tok/s",
+                    flush=True,
+                )
             if len(set(map(tuple, texts.values()))) != 1:
                 raise SystemExit(f"N={n}: the batched and sequential servers gave different replies")
     finally:
@@ -227,8 +319,10 @@ def render(rows, args, origin: str, load_before: str) -> list[str]:
     for n, name, s in rows:
         speedup = s["aggregate"] / baseline[n] if baseline.get(n) else float("nan")
         service = "batched (--max-batch 16)" if name == "batched" else "sequential (--max-batch 1, baseline)"
-        lines.append(f"| {n} | {service} | {s['requests']} ({s['with_tools']}) | {s['tokens_mean']:.0f} | {s['ttft_p50']:.3f} | {s['ttft_p95']:.3f} | {s['rate_p50']:.1f} | "
-                     f"{s['rate_p95']:.1f} | {s['aggregate']:.1f} | {speedup:.2f}x |")
+        lines.append(
+            f"| {n} | {service} | {s['requests']} ({s['with_tools']}) | {s['tokens_mean']:.0f} | {s['ttft_p50']:.3f} | {s['ttft_p95']:.3f} | {s['rate_p50']:.1f} | "
+            f"{s['rate_p95']:.1f} | {s['aggregate']:.1f} | {speedup:.2f}x |"
+        )
     return lines
 
 

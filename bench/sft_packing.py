@@ -61,12 +61,23 @@ def render_subset(sample: Path, tokenizer: str, out: Path, conversations: int, s
 
 def make_trainer(args, data_root: Path, mode_overrides: list[str]) -> Trainer:
     overrides = [
-        "stage=sft", "data=sft_moss003_sample", f"model={args.model}", f"data.root={data_root}",
-        "data.valid_shards=[]", f"data.tokenizer={args.tokenizer}", f"data.seq_len={args.seq_len}",
-        f"model.n_positions={max(args.seq_len, 512)}", f"trainer.micro_batch_size={args.micro_batch}",
-        f"trainer.global_batch_size={args.micro_batch}", f"trainer.precision={args.precision}",
-        f"deepspeed=zero{args.zero_stage}", "logging.wandb=disabled", "logging.progress_bar=false",
-        f"sft.loss_mask={args.loss_mask}", f"run.output_dir={data_root / 'runs'}", *mode_overrides,
+        "stage=sft",
+        "data=sft_moss003_sample",
+        f"model={args.model}",
+        f"data.root={data_root}",
+        "data.valid_shards=[]",
+        f"data.tokenizer={args.tokenizer}",
+        f"data.seq_len={args.seq_len}",
+        f"model.n_positions={max(args.seq_len, 512)}",
+        f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.global_batch_size={args.micro_batch}",
+        f"trainer.precision={args.precision}",
+        f"deepspeed=zero{args.zero_stage}",
+        "logging.wandb=disabled",
+        "logging.progress_bar=false",
+        f"sft.loss_mask={args.loss_mask}",
+        f"run.output_dir={data_root / 'runs'}",
+        *mode_overrides,
     ]
     cfg = compose(overrides)
     validate(cfg)
@@ -88,7 +99,10 @@ def run(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         summary = render_subset(Path(args.sample), args.tokenizer, Path(tmp), args.conversations, args.seed)
         trainers = {name: make_trainer(args, Path(tmp) / "rendered", extra) for name, extra in MODES.items()}
-        stats = {name: {"steps": 0, "targets": 0, "computed": 0, "seconds": 0.0, "samples": len(t.data.train)} for name, t in trainers.items()}
+        stats = {
+            name: {"steps": 0, "targets": 0, "computed": 0, "seconds": 0.0, "samples": len(t.data.train)}
+            for name, t in trainers.items()
+        }
         # One pass over each mode's samples: ceil(samples / micro-batch) steps; warm-up steps
         # first (timed separately, not counted), then the modes' steps alternate.
         remaining = {name: -(-len(t.data.train) // args.micro_batch) for name, t in trainers.items()}
@@ -132,7 +146,9 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args(argv)
     if not Path(args.tokenizer).is_dir():
-        raise SystemExit(f"no tokenizer at {args.tokenizer}: run `moss-data prepare-pretrain-demo --out data/pretrain-demo` first")
+        raise SystemExit(
+            f"no tokenizer at {args.tokenizer}: run `moss-data prepare-pretrain-demo --out data/pretrain-demo` first"
+        )
     rows, summary, params = run(args)
     command = "python bench/sft_packing.py " + " ".join(argv if argv is not None else sys.argv[1:])
     table = [

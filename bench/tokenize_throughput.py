@@ -51,15 +51,20 @@ def build_input(work: Path, target_mb: float) -> list[Path]:
     corpus = work / "corpus"
     manifest = corpus / "corpus_manifest.json"
     if not manifest.is_file():
-        write_demo_corpus(corpus, {"en": 8 * MB, "zh": 6 * MB, "code": 10 * MB}, valid_fraction=0.0, seed=0, progress=True)
+        write_demo_corpus(
+            corpus, {"en": 8 * MB, "zh": 6 * MB, "code": 10 * MB}, valid_fraction=0.0, seed=0, progress=True
+        )
     inputs = work / "input"
     files = sorted(inputs.glob("*.jsonl"))
     if files and sum(f.stat().st_size for f in files) >= target_mb * MB:
         return files
     shutil.rmtree(inputs, ignore_errors=True)
     inputs.mkdir(parents=True)
-    sources = {s: [json.loads(line)["text"] for line in open(corpus / f"{s}.train.jsonl", encoding="utf-8")]
-               for s in ("en", "zh", "code") if (corpus / f"{s}.train.jsonl").is_file()}
+    sources = {
+        s: [json.loads(line)["text"] for line in open(corpus / f"{s}.train.jsonl", encoding="utf-8")]
+        for s in ("en", "zh", "code")
+        if (corpus / f"{s}.train.jsonl").is_file()
+    }
     total, copy = 0, 0
     while total < target_mb * MB:
         for source, docs in sources.items():
@@ -85,8 +90,14 @@ def run_moss(files, tok_dir, out: Path) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    summary = tokenize_corpus([str(f) for f in files], tok_dir, out, TokenizeSettings("mix", cleaning=CleaningConfig.for_lang("any")),
-                              workers=2, part_bytes=1)
+    summary = tokenize_corpus(
+        [str(f) for f in files],
+        tok_dir,
+        out,
+        TokenizeSettings("mix", cleaning=CleaningConfig.for_lang("any")),
+        workers=2,
+        part_bytes=1,
+    )
     return {"seconds": time.perf_counter() - start, "tokens": summary["tokens"], "docs": summary["docs"]}
 
 
@@ -112,6 +123,7 @@ def run_datasets(files, tok_dir, cache: Path, auto_tokenizer: bool) -> dict:
 
         def encode(batch):
             return {"input_ids": [ids + [tok.eos_id] for ids in tok.encode_batch(batch["text"], num_threads=1)]}
+
     mapped = ds.map(encode, batched=True, num_proc=2, remove_columns=["text"])
     tokens = sum(len(x) for x in mapped.with_format("arrow")["input_ids"].to_pylist())
     seconds = time.perf_counter() - start
@@ -185,13 +197,20 @@ def main(argv=None) -> int:
     tok_dir = work / f"tokenizer-{args.vocab_size}"
     if not tokenizer_is_complete(tok_dir):
         sources = {s: [str(f) for f in files if f.name.startswith(s + "-00")] for s in ("en", "zh", "code")}
-        train_tokenizer({k: v for k, v in sources.items() if v}, {"en": 360, "zh": 100, "code": 220}, args.vocab_size, tok_dir,
-                        sample_bytes=8 * MB)
+        train_tokenizer(
+            {k: v for k, v in sources.items() if v},
+            {"en": 360, "zh": 100, "code": 220},
+            args.vocab_size,
+            tok_dir,
+            sample_bytes=8 * MB,
+        )
     texts = read_texts(files)
     text_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_docs = len(texts)
-    print(f"input: {len(files)} files, {input_bytes / MB:.1f} MiB jsonl, {text_bytes / MB:.1f} MiB of text, {len(texts)} documents",
-          flush=True)
+    print(
+        f"input: {len(files)} files, {input_bytes / MB:.1f} MiB jsonl, {text_bytes / MB:.1f} MiB of text, {len(texts)} documents",
+        flush=True,
+    )
 
     load_before = os.getloadavg()[0]
     methods = {
@@ -205,10 +224,12 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {name: [] for name in methods}
     names = list(methods)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             runs[name].append(with_cpu_time(methods[name]))
-            print(f"round {r + 1}: {name}: {runs[name][-1]['seconds']:.1f}s wall, "
-                  f"{runs[name][-1]['cpu']:.1f}s CPU", flush=True)
+            print(
+                f"round {r + 1}: {name}: {runs[name][-1]['seconds']:.1f}s wall, {runs[name][-1]['cpu']:.1f}s CPU",
+                flush=True,
+            )
     results = {name: min(rs, key=lambda x: x["seconds"]) for name, rs in runs.items()}
     cpu = {name: statistics.median(x["cpu"] for x in rs) for name, rs in runs.items()}
     load_after = os.getloadavg()[0]

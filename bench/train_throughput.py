@@ -53,9 +53,15 @@ RESULT_PREFIX = "BENCH_RESULT "
 CONFIGS = {
     # The quickstart's model (recipes/model/tiny.yaml with its 8000-piece demo tokenizer).
     "tiny": ModelConfig(name="tiny", vocab_size=8000, n_positions=512, n_embd=128, n_layer=2, n_head=4, rotary_dim=16),
-    "small": ModelConfig(name="small", vocab_size=32000, n_positions=2048, n_embd=512, n_layer=8, n_head=8, rotary_dim=32),
-    "medium": ModelConfig(name="medium", vocab_size=32000, n_positions=2048, n_embd=768, n_layer=12, n_head=12, rotary_dim=32),
-    "1.3b": ModelConfig(name="1.3b", vocab_size=32000, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, rotary_dim=64),
+    "small": ModelConfig(
+        name="small", vocab_size=32000, n_positions=2048, n_embd=512, n_layer=8, n_head=8, rotary_dim=32
+    ),
+    "medium": ModelConfig(
+        name="medium", vocab_size=32000, n_positions=2048, n_embd=768, n_layer=12, n_head=12, rotary_dim=32
+    ),
+    "1.3b": ModelConfig(
+        name="1.3b", vocab_size=32000, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, rotary_dim=64
+    ),
 }
 # (batch, seq) per config unless given on the command line.
 DEFAULT_SHAPES = {"tiny": (16, 512), "small": (4, 512), "medium": (4, 512), "1.3b": (4, 2048)}
@@ -203,16 +209,35 @@ def run_side(script: Path, side: str, config: str, precision: str, args, extra: 
     """Run one side in a fresh subprocess of `script` (whose --worker mode knows `side`)."""
     batch_size, seq_len = shape(args, config)
     command = [
-        sys.executable, str(script), "--worker", "--side", side, "--config", config, "--precision", precision,
-        "--batch-size", str(batch_size), "--seq-len", str(seq_len),
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--zero-stage", str(args.zero_stage), *extra,
+        sys.executable,
+        str(script),
+        "--worker",
+        "--side",
+        side,
+        "--config",
+        config,
+        "--precision",
+        precision,
+        "--batch-size",
+        str(batch_size),
+        "--seq-len",
+        str(seq_len),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--zero-stage",
+        str(args.zero_stage),
+        *extra,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def alternate(script: Path, variants: dict[str, tuple[str, list[str]]], config: str, precision: str, args) -> dict:
@@ -224,12 +249,18 @@ def alternate(script: Path, variants: dict[str, tuple[str, list[str]]], config: 
         for name in names if round_index % 2 == 0 else names[::-1]:
             side, extra = variants[name]
             result = run_side(script, side, config, precision, args, extra)
-            entry = pooled.setdefault(name, {"times": [], "peak_memory_gb": [], "losses": [], "device": result["device"]})
+            entry = pooled.setdefault(
+                name, {"times": [], "peak_memory_gb": [], "losses": [], "device": result["device"]}
+            )
             entry["times"] += result["times"]
             entry["peak_memory_gb"].append(result["peak_memory_gb"])
             entry["losses"].append(result["losses"])
-            print(f"  round {round_index + 1} {config} {precision} {name}: "
-                  + ", ".join(f"{t:.2f}s" for t in result["times"]) + f" ({result['peak_memory_gb']:.2f} GB)", flush=True)
+            print(
+                f"  round {round_index + 1} {config} {precision} {name}: "
+                + ", ".join(f"{t:.2f}s" for t in result["times"])
+                + f" ({result['peak_memory_gb']:.2f} GB)",
+                flush=True,
+            )
     for entry in pooled.values():
         entry["median_s"] = statistics.median(entry["times"])
     return pooled
@@ -256,7 +287,7 @@ def run_line(argv, load_before: str) -> str:
     """How a table was made: the command, when, the torch version, the machine's load around it."""
     return (
         f"`{command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
-        f"{load_before} before / {load_line()[len('1-min load average '):]} after)"
+        f"{load_before} before / {load_line()[len('1-min load average ') :]} after)"
     )
 
 
@@ -317,11 +348,13 @@ def throughput_table(rows, peaks: dict, device: str, argv, load_before: str, zer
     lines = [
         f"### train_throughput — {where}, moss-train ZeRO-{zero_stage}, each side in its own subprocess, alternating",
         "",
-        run_line(argv, load_before) + "; matmul peak used for MFU: "
+        run_line(argv, load_before)
+        + "; matmul peak used for MFU: "
         + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()),
         "",
         "| model | precision | batch x seq | trainer | step s (median) | tokens/s | vs transformers | "
-        + " | ".join(f"MFU vs {k} peak" for k in peak_cols) + " | peak memory GB |",
+        + " | ".join(f"MFU vs {k} peak" for k in peak_cols)
+        + " | peak memory GB |",
         "|---|---|---|---|---|---|---|" + "---|" * len(peak_cols) + "---|",
     ]
     for config, precision, batch_size, seq_len, pooled in rows:

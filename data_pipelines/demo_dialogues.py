@@ -48,15 +48,27 @@ def _arithmetic(rng: random.Random, zh: bool) -> Problem:
     expr = f"{a}{op}{b}"
     word_en, word_zh = _OPS[op]
     if zh:
-        human = rng.choice([f"{a}{word_zh}{b}等于多少？", f"请计算{expr}。", f"帮我算一下{a}{op}{b}。", f"{expr}是多少？"])
+        human = rng.choice(
+            [f"{a}{word_zh}{b}等于多少？", f"请计算{expr}。", f"帮我算一下{a}{op}{b}。", f"{expr}是多少？"]
+        )
         thought = f"用户需要计算{expr}，我应该调用计算器。"
+
         def reply(r):
             return rng.choice([f"{expr}的结果是{r}。", f"{a}{word_zh}{b}等于{r}。", f"计算结果是{r}。"])
     else:
-        human = rng.choice([f"What is {a} {word_en} {b}?", f"Calculate {expr}.", f"How much is {a} {op} {b}?", f"Please compute {expr}."])
+        human = rng.choice(
+            [
+                f"What is {a} {word_en} {b}?",
+                f"Calculate {expr}.",
+                f"How much is {a} {op} {b}?",
+                f"Please compute {expr}.",
+            ]
+        )
         thought = f"The user wants to compute {expr}, so I should use the calculator."
+
         def reply(r):
             return rng.choice([f"{a} {word_en} {b} is {r}.", f"The result of {expr} is {r}.", f"{expr} = {r}."])
+
     return human, thought, "Calculate", expr, reply
 
 
@@ -65,23 +77,39 @@ def _word_problem(rng: random.Random, zh: bool) -> Problem:
     a, b = rng.randint(3, 40), rng.randint(2, 30)
     if kind == 0:
         expr = f"{a}*{b}"
-        human = f"一箱有{a}个苹果，{b}箱一共有多少个苹果？" if zh else f"A box holds {a} apples. How many apples are in {b} boxes?"
+        human = (
+            f"一箱有{a}个苹果，{b}箱一共有多少个苹果？"
+            if zh
+            else f"A box holds {a} apples. How many apples are in {b} boxes?"
+        )
         reply = (lambda r: f"{b}箱一共有{r}个苹果。") if zh else (lambda r: f"There are {r} apples in {b} boxes.")
     elif kind == 1:
         a = a + b
         expr = f"{a}-{b}"
-        human = f"小明有{a}元，花了{b}元，还剩多少元？" if zh else f"Tom has {a} dollars and spends {b} dollars. How much money does he have left?"
+        human = (
+            f"小明有{a}元，花了{b}元，还剩多少元？"
+            if zh
+            else f"Tom has {a} dollars and spends {b} dollars. How much money does he have left?"
+        )
         reply = (lambda r: f"小明还剩{r}元。") if zh else (lambda r: f"Tom has {r} dollars left.")
     elif kind == 2:
         total = a * b
         expr = f"{total}/{b}"
-        human = f"{total}块饼干平均分给{b}个人，每人分到几块？" if zh else f"{b} friends share {total} cookies equally. How many cookies does each friend get?"
+        human = (
+            f"{total}块饼干平均分给{b}个人，每人分到几块？"
+            if zh
+            else f"{b} friends share {total} cookies equally. How many cookies does each friend get?"
+        )
         reply = (lambda r: f"每人分到{r}块饼干。") if zh else (lambda r: f"Each friend gets {r} cookies.")
     else:
         expr = f"{a}^2"
         human = f"{a}的平方是多少？" if zh else f"What is {a} squared?"
         reply = (lambda r: f"{a}的平方是{r}。") if zh else (lambda r: f"{a} squared is {r}.")
-    thought = f"这是一道计算题，需要计算{expr}，我应该调用计算器。" if zh else f"This is an arithmetic problem: I need to compute {expr} with the calculator."
+    thought = (
+        f"这是一道计算题，需要计算{expr}，我应该调用计算器。"
+        if zh
+        else f"This is an arithmetic problem: I need to compute {expr} with the calculator."
+    )
     return human, thought, "Calculate", expr, reply
 
 
@@ -89,8 +117,16 @@ def _word_problem(rng: random.Random, zh: bool) -> Problem:
 def _linear_equation(rng: random.Random, zh: bool) -> Problem:
     a, x, b = rng.randint(2, 12), rng.randint(-20, 30), rng.randint(1, 50)
     equation = f"{a}x+{b}={a * x + b}"
-    human = rng.choice([f"解方程{equation}。", f"求解方程：{equation}"]) if zh else rng.choice([f"Solve {equation}.", f"Find x if {equation}."])
-    thought = f"这是一个方程问题，我需要调用方程求解器求解{equation}。" if zh else f"This is an equation, so I need the equation solver for {equation}."
+    human = (
+        rng.choice([f"解方程{equation}。", f"求解方程：{equation}"])
+        if zh
+        else rng.choice([f"Solve {equation}.", f"Find x if {equation}."])
+    )
+    thought = (
+        f"这是一个方程问题，我需要调用方程求解器求解{equation}。"
+        if zh
+        else f"This is an equation, so I need the equation solver for {equation}."
+    )
     reply = (lambda r: f"方程的解是{r}。") if zh else (lambda r: f"The solution is {r}.")
     return human, thought, "Solve", equation, reply
 
@@ -101,11 +137,25 @@ def _system(rng: random.Random, zh: bool) -> Problem:
         x, y = y, x
     system = f"x+y={x + y};x-y={x - y}"
     if rng.random() < 0.5:
-        human = f"解方程组：x+y={x + y}，x-y={x - y}。" if zh else f"Solve the system x + y = {x + y} and x - y = {x - y}."
+        human = (
+            f"解方程组：x+y={x + y}，x-y={x - y}。" if zh else f"Solve the system x + y = {x + y} and x - y = {x - y}."
+        )
     else:
-        human = f"两个数的和是{x + y}，差是{x - y}，这两个数分别是多少？" if zh else f"The sum of two numbers is {x + y} and their difference is {x - y}. What are the numbers?"
-    thought = f"可以列出方程组{system}，我需要调用方程求解器。" if zh else f"I can set up the system {system} and use the equation solver."
-    reply = (lambda r: f"解得{r.replace(chr(10), '，')}。") if zh else (lambda r: f"The numbers are {r.replace(chr(10), ' and ')}.")
+        human = (
+            f"两个数的和是{x + y}，差是{x - y}，这两个数分别是多少？"
+            if zh
+            else f"The sum of two numbers is {x + y} and their difference is {x - y}. What are the numbers?"
+        )
+    thought = (
+        f"可以列出方程组{system}，我需要调用方程求解器。"
+        if zh
+        else f"I can set up the system {system} and use the equation solver."
+    )
+    reply = (
+        (lambda r: f"解得{r.replace(chr(10), '，')}。")
+        if zh
+        else (lambda r: f"The numbers are {r.replace(chr(10), ' and ')}.")
+    )
     return human, thought, "Solve", system, reply
 
 
@@ -147,7 +197,11 @@ def tool_turn(problem: Problem, direct: bool = False, zh: bool = False) -> tuple
         turn = fmt.Turn.from_text(human=human, inner_thoughts=_DIRECT_THOUGHTS[api, zh], moss=reply(answer))
     else:
         turn = fmt.Turn.from_text(
-            human=human, inner_thoughts=thought, commands=command, results=[tool.result_line(argument, answer)], moss=reply(answer)
+            human=human,
+            inner_thoughts=thought,
+            commands=command,
+            results=[tool.result_line(argument, answer)],
+            moss=reply(answer),
         )
     return turn, {"command": command, "plugin": tool.plugin, "answer": answer_values(api, answer)}
 
@@ -214,7 +268,9 @@ def first_prompt(record: dict) -> str:
 TRAIN_SEED = 0  # the training split's seed (moss-data sft --demo); the held-out split's is TRAIN_SEED + 10_007
 
 
-def write_demo_dialogues(out_dir: str | Path, n_train: int = 4000, n_valid: int = 200, seed: int = TRAIN_SEED) -> dict[str, Path]:
+def write_demo_dialogues(
+    out_dir: str | Path, n_train: int = 4000, n_valid: int = 200, seed: int = TRAIN_SEED
+) -> dict[str, Path]:
     """Write ``train.jsonl`` and ``valid.jsonl`` (held-out: own seed, no repeated tool prompt)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,8 @@ def file_format(path: str | os.PathLike) -> tuple[str, str | None] | None:
 def is_saved_hf_dataset(path: Path) -> bool:
     """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
     return path.is_dir() and (
-        (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+        (path / "dataset_dict.json").is_file()
+        or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
     )
 
 
@@ -136,7 +137,10 @@ def _file_unit(path: Path) -> InputUnit | None:
 
 
 def expand_inputs(
-    specs: Sequence[str], hf_split: str = "train", hf_config: str | None = None, hf_rows_per_unit: int = HF_ROWS_PER_UNIT
+    specs: Sequence[str],
+    hf_split: str = "train",
+    hf_config: str | None = None,
+    hf_rows_per_unit: int = HF_ROWS_PER_UNIT,
 ) -> ExpandResult:
     """Input units of `specs`, in spec order (folders and globs sorted); raises InputError."""
     result = ExpandResult([])
@@ -348,7 +352,10 @@ class UnitReader:
     def _txt_items(self, stream) -> Iterator[tuple[Any, int]]:
         if self.txt_unit == "line":
             for line in self._lines(stream):
-                yield (_decode(line.rstrip(b"\r\n")) if isinstance(line, bytes) else line), len(line) if isinstance(line, bytes) else 0
+                yield (
+                    (_decode(line.rstrip(b"\r\n")) if isinstance(line, bytes) else line),
+                    len(line) if isinstance(line, bytes) else 0,
+                )
         elif self.txt_unit == "paragraph":
             para: list[bytes] = []
             for line in self._lines(stream):
@@ -419,7 +426,7 @@ class UnitReader:
                         yield Bad("record_too_large", buf[pos : pos + 200] + "..."), 0
                         return
                     if not more():  # malformed: the array cannot be resynchronised
-                        yield Bad("invalid_json", f"{e.msg} near: {buf[pos:pos + 200]}"), 0
+                        yield Bad("invalid_json", f"{e.msg} near: {buf[pos : pos + 200]}"), 0
                         return
             yield value, end - pos
             pos = end
@@ -459,7 +466,9 @@ def _decode(raw: bytes) -> str | Bad:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return Bad("undecodable_utf8", raw[:MAX_SNIPPET_CHARS].decode("utf-8", "replace") + f"  [{e.reason} at {e.start}]")
+        return Bad(
+            "undecodable_utf8", raw[:MAX_SNIPPET_CHARS].decode("utf-8", "replace") + f"  [{e.reason} at {e.start}]"
+        )
 
 
 # ============================================================== record -> text

@@ -399,11 +399,16 @@ def write_demo_corpus(
         bar = None
         try:
             gen = SOURCES[name](max_bytes=budget, stats=stats)
-            with open(tmps["train"], "w", encoding="utf-8") as ftrain, open(tmps["valid"], "w", encoding="utf-8") as fvalid:
+            with (
+                open(tmps["train"], "w", encoding="utf-8") as ftrain,
+                open(tmps["valid"], "w", encoding="utf-8") as fvalid,
+            ):
                 if progress:
                     from tqdm import tqdm
 
-                    bar = tqdm(total=budget, unit="B", unit_scale=True, desc=f"corpus {name}", leave=False, disable=None)
+                    bar = tqdm(
+                        total=budget, unit="B", unit_scale=True, desc=f"corpus {name}", leave=False, disable=None
+                    )
                 lowest = None  # (hash, train line, doc): held out if the hash split holds out nothing
                 for doc in gen:
                     h = document_hash(doc, seed)
@@ -441,7 +446,13 @@ def write_demo_corpus(
         entry["budget_bytes"] = budget
         entry["splits"] = {split: {"path": paths[split].name, **counts[split]} for split in paths}
         manifest["sources"][name] = entry
-        log.info("corpus %s: %d docs, %.2f MB%s", name, stats.docs, stats.bytes / MB, " (exhausted)" if stats.exhausted else "")
+        log.info(
+            "corpus %s: %d docs, %.2f MB%s",
+            name,
+            stats.docs,
+            stats.bytes / MB,
+            " (exhausted)" if stats.exhausted else "",
+        )
     manifest["seconds"] = round(time.time() - t0, 2)
     tmp = out_dir / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -63,8 +63,15 @@ class _PairOutputs(ShardOutputs):
         shards = {}
         for split, writer in sorted(self.writers.items()):
             manifest = writer.close()
-            np.save(pairdata.pairs_path(str(self.tmp_dir / split)), np.asarray(self.index[split], dtype=np.float64).reshape(-1, 3))
-            shards[split] = {"responses": manifest["n_docs"], "pairs": len(self.index[split]), "tokens": manifest["n_tokens"]}
+            np.save(
+                pairdata.pairs_path(str(self.tmp_dir / split)),
+                np.asarray(self.index[split], dtype=np.float64).reshape(-1, 3),
+            )
+            shards[split] = {
+                "responses": manifest["n_docs"],
+                "pairs": len(self.index[split]),
+                "tokens": manifest["n_tokens"],
+            }
         return shards
 
     def count_written(self, shards: dict) -> int:
@@ -82,7 +89,11 @@ def render_pairs(
     seed: int = 0,
 ) -> dict:
     """Render the pair records of `inputs` (and `valid_inputs`) into pair shards under `out`."""
-    provenance = {"inputs": [str(p) for p in inputs], "valid_inputs": [str(p) for p in valid_inputs], "tokenizer_dir": str(tokenizer_dir)}
+    provenance = {
+        "inputs": [str(p) for p in inputs],
+        "valid_inputs": [str(p) for p in valid_inputs],
+        "tokenizer_dir": str(tokenizer_dir),
+    }
     return render_records(
         RecordSource(inputs, valid_inputs, valid_fraction, seed),
         tokenizer_dir,
@@ -102,8 +113,17 @@ def _render_chunk(pending: list[ParsedRecord], outputs: _PairOutputs) -> None:
 
 
 # -------------------------------------------------------------- sampled, judged responses
-def sample_judged_pairs(model_dir, tokenizer_dir, dialogues: Path, out: Path, samples: int = 4, temperature: float = 1.0,
-                        limit: int = 0, seed: int = 0, with_reference: bool = False) -> dict:
+def sample_judged_pairs(
+    model_dir,
+    tokenizer_dir,
+    dialogues: Path,
+    out: Path,
+    samples: int = 4,
+    temperature: float = 1.0,
+    limit: int = 0,
+    seed: int = 0,
+    with_reference: bool = False,
+) -> dict:
     """Each checked prompt of `dialogues` answered `samples` times by the model (two-pass, tools
     really run; moss_train/eval/tool_use.py) and judged. Writes ``pairs.jsonl`` (a ranked
     record per prompt whose answers differ) and ``samples.jsonl`` (every answer, judged).
@@ -117,12 +137,17 @@ def sample_judged_pairs(model_dir, tokenizer_dir, dialogues: Path, out: Path, sa
     lines = Path(dialogues).read_text(encoding="utf-8").splitlines()
     records = tool_use.checked(json.loads(line) for line in lines if line.strip())[: limit or None]
     answers = [
-        tool_use.answer_first_turns(model, tokenizer, records, Settings(temperature=temperature, seed=seed * 1000 + k * 100_003))
+        tool_use.answer_first_turns(
+            model, tokenizer, records, Settings(temperature=temperature, seed=seed * 1000 + k * 100_003)
+        )
         for k in range(samples)
     ]
     out.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
-    with open(out / "pairs.jsonl", "w", encoding="utf-8") as pair_file, open(out / "samples.jsonl", "w", encoding="utf-8") as sample_file:
+    with (
+        open(out / "pairs.jsonl", "w", encoding="utf-8") as pair_file,
+        open(out / "samples.jsonl", "w", encoding="utf-8") as sample_file,
+    ):
         for i, record in enumerate(records):
             turns = [answers[k][i] for k in range(samples)]
             scores = [tool_use.judge_answer(record, t) for t in turns]
@@ -138,7 +163,12 @@ def sample_judged_pairs(model_dir, tokenizer_dir, dialogues: Path, out: Path, sa
                 counts["references"] += 1
             if len(set(scores)) > 1:
                 counts["ranked_prompts"] += 1
-                pair = {"meta_instruction": record["meta_instruction"], "prompt": tool_use.human_text(record), "responses": responses, "scores": scores}
+                pair = {
+                    "meta_instruction": record["meta_instruction"],
+                    "prompt": tool_use.human_text(record),
+                    "responses": responses,
+                    "scores": scores,
+                }
                 pair_file.write(json.dumps(pair, ensure_ascii=False) + "\n")
     return dict(counts)
 
@@ -150,21 +180,55 @@ def cmd_pairs(args) -> int:
     if args.sample_from:
         if not args.dialogues:
             raise SystemExit("moss-data pairs: --sample-from needs --dialogues (demo dialogues with checks)")
-        counts = sample_judged_pairs(args.sample_from, args.tokenizer, Path(args.dialogues), out, args.samples, args.temperature, args.limit, args.seed,
-                                     args.with_reference)
-        print(f"pairs: sampled {counts.get('answers', 0)} answers to {counts.get('prompts', 0)} prompts; judge scores "
-              f"{ {k: v for k, v in sorted(counts.items()) if k.startswith('judge_')} }; {counts.get('ranked_prompts', 0)} prompts ranked")
+        counts = sample_judged_pairs(
+            args.sample_from,
+            args.tokenizer,
+            Path(args.dialogues),
+            out,
+            args.samples,
+            args.temperature,
+            args.limit,
+            args.seed,
+            args.with_reference,
+        )
+        print(
+            f"pairs: sampled {counts.get('answers', 0)} answers to {counts.get('prompts', 0)} prompts; judge scores "
+            f"{ {k: v for k, v in sorted(counts.items()) if k.startswith('judge_')} }; {counts.get('ranked_prompts', 0)} prompts ranked"
+        )
         inputs = [out / "pairs.jsonl", *inputs]
         if args.valid_dialogues:
-            counts = sample_judged_pairs(args.sample_from, args.tokenizer, Path(args.valid_dialogues), out / "valid-samples",
-                                         args.samples, args.temperature, args.valid_limit, args.seed + 1, args.with_reference)
+            counts = sample_judged_pairs(
+                args.sample_from,
+                args.tokenizer,
+                Path(args.valid_dialogues),
+                out / "valid-samples",
+                args.samples,
+                args.temperature,
+                args.valid_limit,
+                args.seed + 1,
+                args.with_reference,
+            )
             valid_inputs = [out / "valid-samples" / "pairs.jsonl", *valid_inputs]
     if not inputs:
         raise SystemExit("moss-data pairs: give --input FILES (or --sample-from MODEL)")
-    meta = Path(args.meta_instruction[1:]).read_text(encoding="utf-8") if args.meta_instruction and args.meta_instruction.startswith("@") else args.meta_instruction
-    summary = render_pairs(inputs, args.tokenizer, out, valid_inputs=valid_inputs, valid_fraction=args.valid_fraction, meta_instruction=meta, seed=args.seed)
-    print(f"pairs: {summary['records_in']} records -> {summary['groups_written']} response groups, {summary['rejected']} rejected "
-          f"{summary['rejected_by_reason'] or ''} in {summary['seconds']}s")
+    meta = (
+        Path(args.meta_instruction[1:]).read_text(encoding="utf-8")
+        if args.meta_instruction and args.meta_instruction.startswith("@")
+        else args.meta_instruction
+    )
+    summary = render_pairs(
+        inputs,
+        args.tokenizer,
+        out,
+        valid_inputs=valid_inputs,
+        valid_fraction=args.valid_fraction,
+        meta_instruction=meta,
+        seed=args.seed,
+    )
+    print(
+        f"pairs: {summary['records_in']} records -> {summary['groups_written']} response groups, {summary['rejected']} rejected "
+        f"{summary['rejected_by_reason'] or ''} in {summary['seconds']}s"
+    )
     for split, s in summary["shards"].items():
         print(f"  {split:<8} {s['responses']:>7} responses {s['pairs']:>7} pairs {s['tokens']:>9} tokens")
     print(f"  rejects: {summary['rejects_file']}")
@@ -174,7 +238,11 @@ def cmd_pairs(args) -> int:
 def add_parser(sub) -> None:
     """Register ``moss-data pairs`` on the moss-data subcommand parser."""
     p = sub.add_parser("pairs", help="render preference pairs into pair shards, or sample and judge pairs from a model")
-    p.add_argument("--input", nargs="+", help="jsonl / json files, folders or globs of pair records (chosen/rejected, messages, HH-RLHF, ranked)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        help="jsonl / json files, folders or globs of pair records (chosen/rejected, messages, HH-RLHF, ranked)",
+    )
     p.add_argument("--valid-input", nargs="+", help="jsonl files of held-out pair records")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this share of --input (by content hash)")
     p.add_argument("--tokenizer", required=True)
@@ -185,8 +253,12 @@ def add_parser(sub) -> None:
     p.add_argument("--valid-dialogues", help="held-out demo dialogues, sampled and judged into the valid split")
     p.add_argument("--samples", type=int, default=4, help="answers per prompt")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--with-reference", action="store_true", help="rank each dialogue's own answer with the sampled ones")
+    p.add_argument(
+        "--with-reference", action="store_true", help="rank each dialogue's own answer with the sampled ones"
+    )
     p.add_argument("--limit", type=int, default=0, help="use only the first N tool-use prompts of --dialogues")
-    p.add_argument("--valid-limit", type=int, default=0, help="use only the first N tool-use prompts of --valid-dialogues")
+    p.add_argument(
+        "--valid-limit", type=int, default=0, help="use only the first N tool-use prompts of --valid-dialogues"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_pairs)

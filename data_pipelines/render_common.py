@@ -68,7 +68,13 @@ class ShardOutputs:
     def reject(self, where: tuple[str, str, int], reason: str, detail: str, raw: str) -> None:
         self.rejected[reason] += 1
         file, unit, number = where
-        record = {"file": file, unit: number, "reason": reason, "detail": detail, "record": raw[:MAX_REJECT_RECORD_CHARS]}
+        record = {
+            "file": file,
+            unit: number,
+            "reason": reason,
+            "detail": detail,
+            "record": raw[:MAX_REJECT_RECORD_CHARS],
+        }
         self.rejects_file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def writer(self, key: Hashable, name: str, source: str) -> ShardWriter:
@@ -122,7 +128,9 @@ def render_records(
     if not 0.0 <= source.valid_fraction < 1.0:
         raise ValueError(f"--valid-fraction must be in [0, 1), got {source.valid_fraction}")
     started, out = time.time(), Path(out)
-    units = [(unit, None) for unit in record_units(source.inputs)] + [(unit, "valid") for unit in record_units(source.valid_inputs)]
+    units = [(unit, None) for unit in record_units(source.inputs)] + [
+        (unit, "valid") for unit in record_units(source.valid_inputs)
+    ]
     tokenizer = load_tokenizer(tokenizer_dir)  # a MOSS or any HF tokenizer directory
     tmp_dir = out / "shards.tmp"
     rejects_path = out / "rejects.jsonl"
@@ -190,11 +198,15 @@ def record_units(specs: Sequence[str | Path]) -> list[InputUnit]:
         log.warning("warning: ignoring %s (not jsonl or json)", path)
     for unit in expanded.units:
         if unit.fmt not in RECORD_FORMATS:
-            raise InputError(f"{unit.label()}: records are read from jsonl or json files (compressed or not), not {unit.fmt}")
+            raise InputError(
+                f"{unit.label()}: records are read from jsonl or json files (compressed or not), not {unit.fmt}"
+            )
     return expanded.units
 
 
-def _records(units: Sequence[tuple[InputUnit, str | None]], source: RecordSource, outputs: ShardOutputs) -> Iterator[tuple]:
+def _records(
+    units: Sequence[tuple[InputUnit, str | None]], source: RecordSource, outputs: ShardOutputs
+) -> Iterator[tuple]:
     """(where, split, raw text, parsed JSON) for every record; what cannot be read or parsed is
     rejected here. Blank lines are not records."""
     for unit, fixed_split in units:
@@ -233,7 +245,12 @@ def _decoded(item, where, outputs: ShardOutputs) -> tuple[str | None, Any]:
     try:
         line = item.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as error:
-        outputs.reject(where, UNDECODABLE_UTF8, f"{error.reason} at byte {error.start}", item.decode("utf-8", "replace").rstrip("\r\n"))
+        outputs.reject(
+            where,
+            UNDECODABLE_UTF8,
+            f"{error.reason} at byte {error.start}",
+            item.decode("utf-8", "replace").rstrip("\r\n"),
+        )
         return None, None
     try:
         return line, json.loads(line)

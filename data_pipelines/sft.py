@@ -77,7 +77,11 @@ def render_sft(
         "format": format,
         "tokenizer_dir": str(tokenizer_dir),
         "max_length": max_length,
-        "mask_bits": {"loss_default": rendering.LOSS_DEFAULT, "loss_moss_reference": rendering.LOSS_MOSS_REFERENCE, "turn_start": rendering.TURN_START},
+        "mask_bits": {
+            "loss_default": rendering.LOSS_DEFAULT,
+            "loss_moss_reference": rendering.LOSS_MOSS_REFERENCE,
+            "turn_start": rendering.TURN_START,
+        },
     }
     return render_records(
         RecordSource(inputs, valid_inputs, valid_fraction, seed),
@@ -110,7 +114,12 @@ def _render_chunk(pending: list[ParsedRecord], outputs: _Outputs, max_length: in
         if max_length and len(ids) > max_length:
             kept = rendering.kept_length(flags, max_length)
             if kept == 0:
-                outputs.reject(where, parsing.FIRST_TURN_TOO_LONG, f"{len(ids)} tokens; the first turn does not fit in {max_length}", raw)
+                outputs.reject(
+                    where,
+                    parsing.FIRST_TURN_TOO_LONG,
+                    f"{len(ids)} tokens; the first turn does not fit in {max_length}",
+                    raw,
+                )
                 continue
             turns_dropped += int(((flags[kept:] & rendering.TURN_START) > 0).sum())
             ids, flags = ids[:kept], flags[:kept]
@@ -173,17 +182,31 @@ def _print_summary(summary: dict) -> None:
 def add_parser(sub) -> None:
     """Register ``moss-data sft`` on the moss-data subcommand parser."""
     p = sub.add_parser("sft", help="render dialogues (moss-003, messages, alpaca) into SFT shards with loss masks")
-    p.add_argument("--input", nargs="+", help="jsonl / json files, folders or globs of dialogues (.gz/.bz2/.xz/.zst too), read in the order given")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        help="jsonl / json files, folders or globs of dialogues (.gz/.bz2/.xz/.zst too), read in the order given",
+    )
     p.add_argument("--valid-input", nargs="+", help="the same, for the held-out split")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this share of --input (by content hash)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (the base model's)")
     p.add_argument("--out", required=True, help="output directory (shards/, rejects.jsonl, summary.json)")
-    p.add_argument("--format", default="auto", choices=["auto", *parsing.FORMATS], help="input format (default: per record)")
+    p.add_argument(
+        "--format", default="auto", choices=["auto", *parsing.FORMATS], help="input format (default: per record)"
+    )
     p.add_argument("--meta-instruction", help="meta instruction for every record (text, or @FILE)")
-    p.add_argument("--plugins", help="or: the MOSS meta instruction with these plugins enabled (e.g. calculator,equation_solver)")
-    p.add_argument("--category", default="plugins", choices=["plugins", "field"],
-                   help="category: from the enabled plugins (plain/calculator/.../mix) or the record's category field")
-    p.add_argument("--max-length", type=int, default=0, help="cut conversations to whole turns within N tokens (0: keep all)")
+    p.add_argument(
+        "--plugins", help="or: the MOSS meta instruction with these plugins enabled (e.g. calculator,equation_solver)"
+    )
+    p.add_argument(
+        "--category",
+        default="plugins",
+        choices=["plugins", "field"],
+        help="category: from the enabled plugins (plain/calculator/.../mix) or the record's category field",
+    )
+    p.add_argument(
+        "--max-length", type=int, default=0, help="cut conversations to whole turns within N tokens (0: keep all)"
+    )
     p.add_argument("--demo", action="store_true", help="generate and render the built-in bilingual tool-use dialogues")
     p.add_argument("--demo-train", type=int, default=4000, help="demo dialogues for training (default 4000)")
     p.add_argument("--demo-valid", type=int, default=200, help="held-out demo dialogues (default 200)")

@@ -227,8 +227,11 @@ class PartStats:
     @classmethod
     def from_json(cls, d: dict) -> PartStats:
         return cls(
-            d["records_in"], d["docs"], d["tokens"],
-            collections.Counter(d["rejected"]), collections.Counter(d["cleaning_changed"]),
+            d["records_in"],
+            d["docs"],
+            d["tokens"],
+            collections.Counter(d["rejected"]),
+            collections.Counter(d["cleaning_changed"]),
         )
 
 
@@ -263,8 +266,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class PartWriter:
     """Tokenize one part's units into its shard, rejects file and hashes file."""
 
-    def __init__(self, out_dir: Path, k: int, units: Sequence[InputUnit], settings: TokenizeSettings,
-                 tokenizer, fingerprint: str, batch_bytes: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        k: int,
+        units: Sequence[InputUnit],
+        settings: TokenizeSettings,
+        tokenizer,
+        fingerprint: str,
+        batch_bytes: int,
+    ):
         self.prefix = out_dir / part_name(k)
         self.k = k
         self.units = units
@@ -315,9 +326,15 @@ class PartWriter:
         s = self.stats
         if s.records_in != s.docs + sum(s.rejected.values()):
             raise AssertionError(f"{self.prefix}: record accounting is broken: {s.to_json()}")
-        return {**writer.provenance, "bin_sha256": writer.manifest["bin_sha256"], "idx_sha256": writer.manifest["idx_sha256"]}
+        return {
+            **writer.provenance,
+            "bin_sha256": writer.manifest["bin_sha256"],
+            "idx_sha256": writer.manifest["idx_sha256"],
+        }
 
-    def _take(self, batch: Batch, result: BatchResult, writer: ShardWriter, rejects, seen: set, kept_hashes: list) -> None:
+    def _take(
+        self, batch: Batch, result: BatchResult, writer: ShardWriter, rejects, seen: set, kept_hashes: list
+    ) -> None:
         unit = self.units[batch.unit]
         dedup = self.settings.cleaning.dedup
         line_based = unit.fmt == "jsonl" or (unit.fmt == "txt" and self.settings.txt_unit == "line")
@@ -381,7 +398,9 @@ def tokenize_corpus(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {settings.source}", leave=False, disable=None)
+        bar = tqdm(
+            total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {settings.source}", leave=False, disable=None
+        )
     seen: set[int] = set()
     totals = PartStats()
     entries, todo = [], []
@@ -445,8 +464,15 @@ def tokenize_corpus(
     n_rejected = sum(totals.rejected.values())
     log.info(
         "tokenized %s: %d records -> %d docs, %d tokens; %d rejected %s; %d of %d parts reused (%.1fs)",
-        settings.source, totals.records_in, totals.docs, totals.tokens, n_rejected,
-        dict(sorted(totals.rejected.items())) or "", skipped, len(entries), seconds,
+        settings.source,
+        totals.records_in,
+        totals.docs,
+        totals.tokens,
+        n_rejected,
+        dict(sorted(totals.rejected.items())) or "",
+        skipped,
+        len(entries),
+        seconds,
     )
     return summary
 
@@ -489,7 +515,12 @@ def merge_manifests(paths: Sequence[str | os.PathLike], out: str | os.PathLike |
         cross_duplicates += len(hashes_here & seen)
         seen |= hashes_here
     parts.sort(key=lambda e: e["part"])
-    merged = {**first, "shard_indices": indices, "parts": parts, "totals": totals.to_json(),
-              "cross_shard_duplicates": cross_duplicates}
+    merged = {
+        **first,
+        "shard_indices": indices,
+        "parts": parts,
+        "totals": totals.to_json(),
+        "cross_shard_duplicates": cross_duplicates,
+    }
     _write_atomic(out_path, (json.dumps(merged, indent=1, ensure_ascii=False) + "\n").encode())
     return merged

@@ -233,13 +233,17 @@ def train_tokenizer(
     user_symbols = [*(sp_piece(t) for t in MOSS_SPECIAL_TOKENS), NEWLINE]
     n_reserved = 4 + len(user_symbols) + 256  # meta pieces, user symbols, byte-fallback pieces
     if vocab_size <= n_reserved + 16:
-        raise ValueError(f"vocab_size {vocab_size} is too small: {n_reserved} ids are reserved (specials and 256 bytes)")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: {n_reserved} ids are reserved (specials and 256 bytes)"
+        )
     rare = rare_characters(docs, float(character_coverage), int(vocab_size), n_reserved)
     split_rare = re.compile("[" + re.escape(rare) + "]+") if rare else None
     if rare:
         log.warning(
             "tokenizer: %d rare characters left out of training so that single characters fit a "
-            "vocabulary of %d (they encode with byte fallback; raise vocab_size to keep them)", len(rare), vocab_size,
+            "vocabulary of %d (they encode with byte fallback; raise vocab_size to keep them)",
+            len(rare),
+            vocab_size,
         )
     n_chunks = 0
 

@@ -1,6 +1,6 @@
 """Two-pass tool use with plain transformers on a moss-export directory (docs/hf_chat.md).
 
-    python docs/hf_tool_chat.py MODEL_DIR "What is 23 times 17?"
+python docs/hf_tool_chat.py MODEL_DIR "What is 23 times 17?"
 """
 
 import re
@@ -35,15 +35,22 @@ def main(model_dir: str, question: str) -> None:
     messages = [{"role": "user", "content": question}]
     first = generate(model, tokenizer, messages)  # ' thoughts<eot>\n<|Commands|>: Calculate("...")<eoc>', or a reply
     print("pass one:", repr(first))
-    commands = re.findall(r'Calculate\("([^"]*)"\)', first.split("<|Commands|>:")[-1]) if first.endswith("<eoc>") else []
+    commands = (
+        re.findall(r'Calculate\("([^"]*)"\)', first.split("<|Commands|>:")[-1]) if first.endswith("<eoc>") else []
+    )
     if not commands:  # answered without a tool
         print("reply:", first.split("<|MOSS|>:")[-1].removesuffix("<eom>").strip())
         return
-    messages.append({
-        "role": "assistant",
-        "content": first.split("<eot>")[0].strip(),  # the inner thoughts
-        "tool_calls": [{"type": "function", "function": {"name": "Calculate", "arguments": {"expression": e}}} for e in commands],
-    })
+    messages.append(
+        {
+            "role": "assistant",
+            "content": first.split("<eot>")[0].strip(),  # the inner thoughts
+            "tool_calls": [
+                {"type": "function", "function": {"name": "Calculate", "arguments": {"expression": e}}}
+                for e in commands
+            ],
+        }
+    )
     for expression in commands:  # one tool message per call, in order
         answer = Calculator().run(expression)
         print(f"tool: Calculate({expression!r}) -> {answer!r}")

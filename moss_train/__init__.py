@@ -12,6 +12,11 @@ __version__ = "0.1.0"
 # cache per environment keeps each build once. An explicit TORCH_EXTENSIONS_DIR wins.
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR",
-    os.path.join(os.path.expanduser("~"), ".cache", "moss-train", "torch_extensions",
-                 hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]),
+    os.path.join(
+        os.path.expanduser("~"),
+        ".cache",
+        "moss-train",
+        "torch_extensions",
+        hashlib.sha256(sys.prefix.encode()).hexdigest()[:12],
+    ),
 )

@@ -1,9 +1,9 @@
 """`moss-train`: compose a recipe with Hydra overrides, validate it, run its stage.
 
-    moss-train stage=pretrain model=tiny data=pretrain_demo trainer.max_steps=300
-    python -m moss_train ...                      (the same)
-    deepspeed --num_gpus 8 -m moss_train ...      (the launcher's --local_rank is accepted)
-    moss-train --cfg model=moss-16b               (print the composed recipe and exit)
+moss-train stage=pretrain model=tiny data=pretrain_demo trainer.max_steps=300
+python -m moss_train ...                      (the same)
+deepspeed --num_gpus 8 -m moss_train ...      (the launcher's --local_rank is accepted)
+moss-train --cfg model=moss-16b               (print the composed recipe and exit)
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ def stop_on_sigterm() -> None:
     import signal
 
     def handler(signum, frame):
-        raise Terminated("stopped by SIGTERM (the launcher ends the job when another rank fails, or the scheduler does)")
+        raise Terminated(
+            "stopped by SIGTERM (the launcher ends the job when another rank fails, or the scheduler does)"
+        )
 
     signal.signal(signal.SIGTERM, handler)
 

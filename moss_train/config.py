@@ -342,8 +342,11 @@ def validate(cfg: DictConfig | MossTrainConfig, world_size: Optional[int] = None
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 saves only at the end)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1 checkpoint")
     _check_choice(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
-    _check(not cfg.logging.tensorboard or _importable("tensorboard"), "logging.tensorboard",
-           "needs the tensorboard package: pip install 'moss-train[tensorboard]'")
+    _check(
+        not cfg.logging.tensorboard or _importable("tensorboard"),
+        "logging.tensorboard",
+        "needs the tensorboard package: pip install 'moss-train[tensorboard]'",
+    )
     _check(
         cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0,
         "logging.peak_tflops",
@@ -396,7 +399,9 @@ def _validate_trainer(trainer: TrainerConfig, world_size: int) -> None:
     if trainer.precision == "fp16":
         import torch
 
-        _check(torch.cuda.is_available(), "trainer.precision", "fp16 needs a CUDA GPU; use bf16-autocast or fp32 on CPU")
+        _check(
+            torch.cuda.is_available(), "trainer.precision", "fp16 needs a CUDA GPU; use bf16-autocast or fp32 on CPU"
+        )
 
 
 def _validate_data(data: DataConfig, model: ModelConfig, needs_shards: bool = True) -> None:
@@ -419,7 +424,11 @@ def _validate_data(data: DataConfig, model: ModelConfig, needs_shards: bool = Tr
     for name, source in data.sources.items():
         key = f"data.sources.{name}"
         _check(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, key, "source names are letters, digits, _ and -")
-        _check(math.isfinite(source.weight) and source.weight > 0, f"{key}.weight", f"must be positive, got {source.weight}")
+        _check(
+            math.isfinite(source.weight) and source.weight > 0,
+            f"{key}.weight",
+            f"must be positive, got {source.weight}",
+        )
         _check(len(source.train_shards) > 0, f"{key}.train_shards", "no training shards configured for this source")
     _check_choice(data.on_exhausted, ("repeat", "stop"), "data.on_exhausted")
     _check_choice(data.packing, ("stream", "documents"), "data.packing")
@@ -437,28 +446,50 @@ def _validate_cluster(cluster: ClusterConfig) -> None:
 
 
 def _validate_preference(pref: PreferenceConfig, stage: StageConfig) -> None:
-    _check(math.isfinite(pref.margin_scale) and pref.margin_scale >= 0, "preference.margin_scale", "must be >= 0 (0: plain Bradley-Terry)")
+    _check(
+        math.isfinite(pref.margin_scale) and pref.margin_scale >= 0,
+        "preference.margin_scale",
+        "must be >= 0 (0: plain Bradley-Terry)",
+    )
     _check(math.isfinite(pref.beta) and pref.beta > 0, "preference.beta", f"must be positive, got {pref.beta}")
     _check_choice(pref.dpo_loss, ("sigmoid", "ipo"), "preference.dpo_loss")
     _check(pref.levels >= 2, "preference.levels", f"needs at least 2 quality levels, got {pref.levels}")
     try:
         line = pref.quality_template.format(level=1, levels=pref.levels)
     except (KeyError, IndexError, ValueError) as error:
-        raise ConfigError("preference.quality_template", f"must format with {{level}} and {{levels}} only: {error}") from None
-    _check(line.endswith("\n") and "{level}" in pref.quality_template, "preference.quality_template", "must hold {level} and end with a newline (a meta-instruction line)")
+        raise ConfigError(
+            "preference.quality_template", f"must format with {{level}} and {{levels}} only: {error}"
+        ) from None
+    _check(
+        line.endswith("\n") and "{level}" in pref.quality_template,
+        "preference.quality_template",
+        "must hold {level} and end with a newline (a meta-instruction line)",
+    )
     for key in ("reference", "reward_model"):
         path = getattr(pref, key)
         _check(path is None or Path(path).exists(), f"preference.{key}", f"no checkpoint or model directory at {path}")
     if stage.name == "dpo":
-        _check(pref.reference is not None or stage.init_from is not None, "preference.reference", "stage=dpo needs a reference model (or stage.init_from)")
+        _check(
+            pref.reference is not None or stage.init_from is not None,
+            "preference.reference",
+            "stage=dpo needs a reference model (or stage.init_from)",
+        )
     if stage.name == "tag":
-        _check(pref.reward_model is not None, "preference.reward_model", "stage=tag needs the reward model (a stage=reward checkpoint)")
+        _check(
+            pref.reward_model is not None,
+            "preference.reward_model",
+            "stage=tag needs the reward model (a stage=reward checkpoint)",
+        )
         _check(len(pref.tag_inputs) > 0, "preference.tag_inputs", "stage=tag needs dialogue files (jsonl) to tag")
         for path in pref.tag_inputs:
             _check(Path(path).is_file(), "preference.tag_inputs", f"no dialogue file at {path}")
         _check(pref.tag_limit >= 0, "preference.tag_limit", f"must be >= 0 (0: every dialogue), got {pref.tag_limit}")
         names = [Path(p).name.split(".")[0] for p in pref.tag_inputs]
-        _check(len(set(names)) == len(names), "preference.tag_inputs", f"file names must differ before their first dot (they name the output splits): {names}")
+        _check(
+            len(set(names)) == len(names),
+            "preference.tag_inputs",
+            f"file names must differ before their first dot (they name the output splits): {names}",
+        )
 
 
 def _validate_lora(lora: LoraConfig, stage: StageConfig, pref: PreferenceConfig) -> None:
@@ -468,12 +499,23 @@ def _validate_lora(lora: LoraConfig, stage: StageConfig, pref: PreferenceConfig)
     _check(math.isfinite(lora.alpha) and lora.alpha > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
     _check(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
     unknown = sorted(set(lora.target_modules) - set(LORA_TARGETS))
-    _check(len(lora.target_modules) > 0 and not unknown, "lora.target_modules", f"{unknown or 'none'}: the adaptable projections are {', '.join(LORA_TARGETS)}")
-    _check(stage.name in LORA_STAGES, "lora.r", f"adapters are for the fine-tuning stages ({', '.join(LORA_STAGES)}), not stage={stage.name}")
+    _check(
+        len(lora.target_modules) > 0 and not unknown,
+        "lora.target_modules",
+        f"{unknown or 'none'}: the adaptable projections are {', '.join(LORA_TARGETS)}",
+    )
+    _check(
+        stage.name in LORA_STAGES,
+        "lora.r",
+        f"adapters are for the fine-tuning stages ({', '.join(LORA_STAGES)}), not stage={stage.name}",
+    )
     _check(stage.init_from is not None, "stage.init_from", "LoRA trains adapters on a base model: set stage.init_from")
     if stage.name == "dpo":
-        _check(pref.reference in (None, stage.init_from), "preference.reference",
-               "with LoRA the reference is the base (stage.init_from) with its adapters off; leave preference.reference unset")
+        _check(
+            pref.reference in (None, stage.init_from),
+            "preference.reference",
+            "with LoRA the reference is the base (stage.init_from) with its adapters off; leave preference.reference unset",
+        )
 
 
 def _validate_sft(sft: SFTConfig) -> None:
@@ -503,7 +545,9 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
         "deepspeed.offload_optimizer",
         "optimizer offload needs ZeRO stage 1, 2 or 3",
     )
-    _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs ZeRO stage 3")
+    _check(
+        not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs ZeRO stage 3"
+    )
 
 
 def _importable(module: str) -> bool:

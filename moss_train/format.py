@@ -114,7 +114,9 @@ ENABLEABLE_PLUGINS = tuple(name for name, _, api in PLUGIN_CAPABILITIES if api)
 _CAPABILITY_LINE = re.compile(r"^- ([^:\n]+): (enabled|disabled)\.(?: API: [^\n]*)?$", re.MULTILINE)
 
 
-def meta_instruction(plugins: Iterable[str] = (), inner_thoughts: bool | None = None, preamble: str = MOSS_PREAMBLE) -> str:
+def meta_instruction(
+    plugins: Iterable[str] = (), inner_thoughts: bool | None = None, preamble: str = MOSS_PREAMBLE
+) -> str:
     """The meta instruction with one capability line per tool, `plugins` enabled.
 
     Inner thoughts default to enabled exactly when a plugin is (as in moss-003).
@@ -131,7 +133,11 @@ def meta_instruction(plugins: Iterable[str] = (), inner_thoughts: bool | None = 
 
 def capability_line(label: str, enabled: bool, api: str | None = None) -> str:
     """``- Calculator: enabled. API: Calculate(expression)``, ``- Web search: disabled.``"""
-    return f"- {label}: enabled. API: {api}\n" if enabled and api else f"- {label}: {'enabled' if enabled else 'disabled'}.\n"
+    return (
+        f"- {label}: enabled. API: {api}\n"
+        if enabled and api
+        else f"- {label}: {'enabled' if enabled else 'disabled'}.\n"
+    )
 
 
 # A quality tag (stage=preference): one line appended to the meta instruction; recipes may
@@ -339,7 +345,9 @@ def results_segments(lines: Sequence[str] | None, turn: int) -> list[Segment]:
     ]
 
 
-_FIELD_TEXT = {spec.role: re.compile(re.escape(spec.prefix) + r"(.*?)" + re.escape(spec.end), re.DOTALL) for spec in FIELDS}
+_FIELD_TEXT = {
+    spec.role: re.compile(re.escape(spec.prefix) + r"(.*?)" + re.escape(spec.end), re.DOTALL) for spec in FIELDS
+}
 
 
 def field_body(generated_text: str, role: str) -> str | None:

@@ -87,7 +87,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 def summed_per_row(token_values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(N,) values of the N True positions of the (B, T) mask `targets` -> (B,) sums per row."""
     rows = targets.nonzero()[:, 0]
-    return torch.zeros(targets.shape[0], dtype=token_values.dtype, device=token_values.device).index_add(0, rows, token_values)
+    return torch.zeros(targets.shape[0], dtype=token_values.dtype, device=token_values.device).index_add(
+        0, rows, token_values
+    )
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

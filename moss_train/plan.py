@@ -131,7 +131,11 @@ def _cpu_per_node(counts: ParameterCounts, layout: Layout, trainable: Optional[i
     if layout.zero_stage == 3 and (layout.offload_optimizer or layout.offload_param):
         # fp32 master + gradients + Adam moments (16 bytes) of what trains, + 16-bit weights (2)
         # when offloaded.
-        return ((16 * T if layout.offload_optimizer else 0) + (2 * P if layout.offload_param else 0)) / layout.nodes * CPU_BUFFER_FACTOR
+        return (
+            ((16 * T if layout.offload_optimizer else 0) + (2 * P if layout.offload_param else 0))
+            / layout.nodes
+            * CPU_BUFFER_FACTOR
+        )
     if layout.zero_stage == 3:
         # zero.Init: each process materialises one layer at a time in fp32 before sharding it.
         return 4 * counts.largest_layer * layout.gpus_per_node * CPU_BUFFER_FACTOR
@@ -159,7 +163,9 @@ def lora_model_states(counts: ParameterCounts, layout: Layout, trainable: int) -
     stage3 = layout.zero_stage == 3
     frozen = 0.0 if stage3 and layout.offload_param else 2 * counts.total / (layout.gpus if stage3 else 1)
     gathered = 2 * counts.largest_layer if stage3 else 0.0
-    return ModelStates(adapters.params + frozen, adapters.grads, adapters.optimizer, gathered, _cpu_per_node(counts, layout, trainable))
+    return ModelStates(
+        adapters.params + frozen, adapters.grads, adapters.optimizer, gathered, _cpu_per_node(counts, layout, trainable)
+    )
 
 
 def deepspeed_estimate(counts: ParameterCounts, layout: Layout) -> Optional[tuple[float, float, str]]:
@@ -169,8 +175,13 @@ def deepspeed_estimate(counts: ParameterCounts, layout: Layout) -> Optional[tupl
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            counts.total, counts.largest_layer, layout.gpus_per_node, layout.nodes,
-            cpu_offload=layout.offload_optimizer, cpu_offload_params=layout.offload_param, zero_init=True,
+            counts.total,
+            counts.largest_layer,
+            layout.gpus_per_node,
+            layout.nodes,
+            cpu_offload=layout.offload_optimizer,
+            cpu_offload_params=layout.offload_param,
+            zero_init=True,
         )
         return gpu, cpu, "estimate_zero3_model_states_mem_needs_all_cold"
     if layout.zero_stage == 2:
@@ -249,7 +260,9 @@ def bucket_bytes(cfg: MossTrainConfig) -> float:
 # ----------------------------------------------------------------------------- time
 
 
-def zero_traffic_bytes(total_params: int, zero_stage: int, gpus: int, accumulation: int, trainable: Optional[int] = None) -> float:
+def zero_traffic_bytes(
+    total_params: int, zero_stage: int, gpus: int, accumulation: int, trainable: Optional[int] = None
+) -> float:
     """Bytes each GPU sends per optimizer step (ring collectives move (N-1)/N of the data).
     ZeRO-3 gathers the 16-bit weights for forward and again for backward and reduce-scatters the
     gradients, for every micro-batch; ZeRO-2 reduce-scatters gradients every micro-batch and
@@ -333,7 +346,9 @@ def make_plan(cfg: MossTrainConfig, model: Optional[ModelConfig] = None) -> Plan
         if trainable is not None:  # no weight gradients for the frozen base: 4 N, not 6 N
             n_matmul = counts.total - model_vocab_size(model) * model.n_embd
             per_token += 6 * trainable - 2 * n_matmul
-        step_seconds = per_token * trainer.global_batch_size * seq / (layout.gpus * cluster.peak_tflops * 1e12 * cluster.mfu)
+        step_seconds = (
+            per_token * trainer.global_batch_size * seq / (layout.gpus * cluster.peak_tflops * 1e12 * cluster.mfu)
+        )
     link = cluster.inter_node_gb_per_s if cluster.nodes > 1 else cluster.intra_node_gb_per_s
     if link:
         traffic = zero_traffic_bytes(counts.total, layout.zero_stage, layout.gpus, accumulation, trainable)
@@ -392,7 +407,9 @@ def _gib(value: float) -> str:
 
 def render(plan: Plan) -> str:
     cfg, cluster, trainer, ds = plan.cfg, plan.cfg.cluster, plan.cfg.trainer, plan.cfg.deepspeed
-    offload = "+".join(n for n, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_param)) if on) or "none"
+    offload = (
+        "+".join(n for n, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_param)) if on) or "none"
+    )
     ckpt = plan.model.gradient_checkpointing
     hardware = f"{cluster.gpu or 'GPU'}, {cluster.gpu_memory_gib or '?'} GiB, {cluster.peak_tflops or '?'} TFLOP/s"
     lines = [
@@ -470,7 +487,9 @@ def _verdict_lines(plan: Plan) -> list[str]:
             f"WARNING: DOES NOT FIT: needs {plan.gpu_total / GIB:.1f} GiB per GPU, the cluster has {cluster.gpu_memory_gib} GiB"
         )
         change = fitting_change(plan)
-        lines.append(f"  would fit with: {change}" if change else "  no usual change fits (more GPUs, or a shorter data.seq_len)")
+        lines.append(
+            f"  would fit with: {change}" if change else "  no usual change fits (more GPUs, or a shorter data.seq_len)"
+        )
     if plan.cpu_fits is False:
         lines.append(
             f"WARNING: CPU memory: needs {plan.states.cpu_per_node / GIB:.0f} GiB per node, the nodes have {cluster.cpu_memory_gib} GiB"

@@ -78,6 +78,7 @@ def sp_piece(token: str) -> str:
     """The sentencepiece piece that spells `token` (spaces as U+2581)."""
     return token.replace(" ", SPACE_PIECE)
 
+
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
 META_FILE = "tokenizer_meta.json"
@@ -294,7 +295,12 @@ def hf_tokenizer_json(model_proto: bytes) -> str:
 MOSS_RELEASE_CLASS = "MossTokenizer"  # tokenization_moss.py of the fnlp/moss-moon-003-* releases
 RELEASE_VOCAB, RELEASE_MERGES, RELEASE_ADDED = "vocab.json", "merges.txt", "added_tokens.json"
 # MossTokenizer's defaults where the files name no special token.
-RELEASE_SPECIAL_DEFAULTS = {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<eom>", "pad_token": None}
+RELEASE_SPECIAL_DEFAULTS = {
+    "unk_token": "<|endoftext|>",
+    "bos_token": "<|endoftext|>",
+    "eos_token": "<eom>",
+    "pad_token": None,
+}
 
 
 def _read_json(path: Path) -> dict:
@@ -306,7 +312,11 @@ def is_moss_release_tokenizer(directory: str | os.PathLike) -> bool:
     tokenizer_config.json naming the custom MossTokenizer class."""
     directory = Path(directory)
     files = all((directory / f).is_file() for f in (RELEASE_VOCAB, RELEASE_MERGES))
-    return files and not (directory / HF_TOKENIZER_FILE).is_file() and _read_json(directory / HF_CONFIG_FILE).get("tokenizer_class") == MOSS_RELEASE_CLASS
+    return (
+        files
+        and not (directory / HF_TOKENIZER_FILE).is_file()
+        and _read_json(directory / HF_CONFIG_FILE).get("tokenizer_class") == MOSS_RELEASE_CLASS
+    )
 
 
 def moss_release_tokenizer(directory: str | os.PathLike):
@@ -355,7 +365,9 @@ def moss_release_tokenizer(directory: str | os.PathLike):
     tokenizer.add_special_tokens([t for t in specials.values() if t.content not in ids])  # in vocab.json, or new last
     moved = {c: (i, tokenizer.token_to_id(c)) for c, i in ids.items() if tokenizer.token_to_id(c) != i}
     if moved:
-        raise TokenizerError(f"{directory}: added tokens do not follow vocab.json's ids (token: (file id, id)): {dict(list(moved.items())[:5])}")
+        raise TokenizerError(
+            f"{directory}: added tokens do not follow vocab.json's ids (token: (file id, id)): {dict(list(moved.items())[:5])}"
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         **{key: token.content for key, token in specials.items()},
@@ -369,8 +381,14 @@ def _added_token(value, special: bool, strip: bool):
     from tokenizers import AddedToken
 
     if isinstance(value, Mapping):
-        return AddedToken(value["content"], lstrip=bool(value.get("lstrip")), rstrip=bool(value.get("rstrip")),
-                          single_word=bool(value.get("single_word")), normalized=False, special=special)
+        return AddedToken(
+            value["content"],
+            lstrip=bool(value.get("lstrip")),
+            rstrip=bool(value.get("rstrip")),
+            single_word=bool(value.get("single_word")),
+            normalized=False,
+            special=special,
+        )
     return AddedToken(str(value), lstrip=strip, rstrip=strip, normalized=False, special=special)
 
 
@@ -398,13 +416,21 @@ class HFTokenizer:
             raise TokenizerError(f"{self.directory}: no tokenizer files ({', '.join(HF_VOCAB_FILES)})")
         release = is_moss_release_tokenizer(self.directory)
         try:
-            self.hf = moss_release_tokenizer(self.directory) if release else AutoTokenizer.from_pretrained(str(self.directory), trust_remote_code=False)
+            self.hf = (
+                moss_release_tokenizer(self.directory)
+                if release
+                else AutoTokenizer.from_pretrained(str(self.directory), trust_remote_code=False)
+            )
         except TokenizerError:
             raise
         except Exception as e:  # transformers raises many kinds; one message that names the dir
             raise TokenizerError(f"{self.directory}: AutoTokenizer cannot load it: {e}") from e
         if release:  # the added tokens and special tokens decide ids too
-            files += [self.directory / f for f in (RELEASE_ADDED, HF_CONFIG_FILE, HF_SPECIAL_TOKENS_FILE) if (self.directory / f).is_file()]
+            files += [
+                self.directory / f
+                for f in (RELEASE_ADDED, HF_CONFIG_FILE, HF_SPECIAL_TOKENS_FILE)
+                if (self.directory / f).is_file()
+            ]
         h = hashlib.sha256()
         for f in files[:1] if files[0].name == HF_TOKENIZER_FILE else files:
             h.update(f.name.encode() + b"\0" + f.read_bytes())

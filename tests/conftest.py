@@ -34,9 +34,21 @@ def pretrain_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain-data")
     run_cli(
         [
-            "prepare-pretrain-demo", "--out", str(out),
-            "--en-mb", "0.3", "--zh-mb", "0.3", "--code-mb", "0.4",
-            "--vocab-size", "1000", "--sample-mb", "1", "--valid-fraction", "0.05",
+            "prepare-pretrain-demo",
+            "--out",
+            str(out),
+            "--en-mb",
+            "0.3",
+            "--zh-mb",
+            "0.3",
+            "--code-mb",
+            "0.4",
+            "--vocab-size",
+            "1000",
+            "--sample-mb",
+            "1",
+            "--valid-fraction",
+            "0.05",
         ],
         launcher=[str(BIN / "moss-data")],
     )
@@ -75,14 +87,23 @@ def cli_env(**extra: str) -> dict:
 
 
 def run_cli(
-    args: list[str], *, launcher: list[str] | None = None, timeout: int = 300, check: bool = True, env: dict | None = None
+    args: list[str],
+    *,
+    launcher: list[str] | None = None,
+    timeout: int = 300,
+    check: bool = True,
+    env: dict | None = None,
 ):
     """Run a command from the venv's bin (moss-train by default) in a clean subprocess;
     `env`: extra environment variables."""
     command = (launcher or [str(BIN / "moss-train")]) + args
-    result = subprocess.run(command, cwd=REPO, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        command, cwd=REPO, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

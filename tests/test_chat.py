@@ -50,7 +50,9 @@ def exported(pretrain_data, tmp_path_factory):
 
 def random_model(seed: int = 0, n_positions: int = 64) -> CodeGenForCausalLM:
     torch.manual_seed(seed)
-    model = CodeGenForCausalLM(ModelConfig(vocab_size=64, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)).eval()
+    model = CodeGenForCausalLM(
+        ModelConfig(vocab_size=64, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
+    ).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.2 * torch.randn_like(param))  # sharper logits than the init
@@ -65,26 +67,48 @@ def test_greedy_generation_equals_hf_generate_on_the_export(exported):
     texts = ["import os\nimport sys\n\ndef main", "人民日报", "<|Human|>: What is 2+2?<eoh>\n<|Inner Thoughts|>:"]
     prompts = [tokenizer.encode(t) for t in texts]
     eom = tokenizer.token_to_id("<eom>")
-    ids, mask = torch.full((3, max(map(len, prompts))), tokenizer.pad_id), torch.zeros(3, max(map(len, prompts)), dtype=torch.long)
+    ids, mask = (
+        torch.full((3, max(map(len, prompts))), tokenizer.pad_id),
+        torch.zeros(3, max(map(len, prompts)), dtype=torch.long),
+    )
     for r, prompt in enumerate(prompts):  # left padding, as HF expects for decoder-only batches
-        ids[r, ids.shape[1] - len(prompt):], mask[r, ids.shape[1] - len(prompt):] = torch.tensor(prompt), 1
+        ids[r, ids.shape[1] - len(prompt) :], mask[r, ids.shape[1] - len(prompt) :] = torch.tensor(prompt), 1
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eom, pad_token_id=tokenizer.pad_id)
-    hf_batched = [_until(row[ids.shape[1]:].tolist(), eom) for row in out]
-    hf_single = [_until(hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=eom)[0, len(p):].tolist(), eom) for p in prompts]
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=eom,
+            pad_token_id=tokenizer.pad_id,
+        )
+    hf_batched = [_until(row[ids.shape[1] :].tolist(), eom) for row in out]
+    hf_single = [
+        _until(
+            hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=eom)[0, len(p) :].tolist(),
+            eom,
+        )
+        for p in prompts
+    ]
     assert hf_batched == hf_single
     assert generate_batch(ours, prompts, 24, stop_ids=(eom,), pad_id=tokenizer.pad_id) == hf_batched
     assert [generate_batch(ours, [p], 24, stop_ids=(eom,))[0] for p in prompts] == hf_single
     # Prompts of one length (no padding: no attention mask at all), 40 tokens, no stop id.
     length = min(map(len, prompts))
     same_length = torch.tensor([p[:length] for p in prompts])
-    unpadded = hf.generate(same_length, attention_mask=torch.ones_like(same_length), max_new_tokens=40, min_new_tokens=40,
-                           do_sample=False, pad_token_id=tokenizer.pad_id)
+    unpadded = hf.generate(
+        same_length,
+        attention_mask=torch.ones_like(same_length),
+        max_new_tokens=40,
+        min_new_tokens=40,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_id,
+    )
     assert generate_batch(ours, same_length.tolist(), 40) == unpadded[:, length:].tolist()
     assert all(len(set(row)) > 3 for row in hf_single)  # varied continuations, not one token repeated
     # With a repetition penalty (HF applies it in greedy decoding too), one prompt (no padding).
     penalised = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=24, do_sample=False, repetition_penalty=1.5)
-    assert generate_batch(ours, prompts[:1], 24, repetition_penalty=1.5) == [penalised[0, len(prompts[0]):].tolist()]
+    assert generate_batch(ours, prompts[:1], 24, repetition_penalty=1.5) == [penalised[0, len(prompts[0]) :].tolist()]
 
 
 def _until(tokens: list[int], stop: int) -> list[int]:
@@ -93,7 +117,12 @@ def _until(tokens: list[int], stop: int) -> list[int]:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"repetition_penalty": 1.3}, {"temperature": 0.8, "top_k": 10, "top_p": 0.9, "seed": 3}, {"temperature": 1.5, "seed": 1}],
+    [
+        {},
+        {"repetition_penalty": 1.3},
+        {"temperature": 0.8, "top_k": 10, "top_p": 0.9, "seed": 3},
+        {"temperature": 1.5, "seed": 1},
+    ],
 )
 def test_the_kv_cache_gives_the_tokens_of_full_recomputation(options):
     model = random_model()
@@ -112,6 +141,7 @@ def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(use_cache):
     model = random_model(n_positions=128)
     prompts = [[5, 9, 11, 3, 7, 20, 21], [4, 4], list(range(30, 45)), [8, 2, 6]]
     for sampling in (Sampling(), Sampling(1.0, 5, 0.9, 1.3)):
+
         def row(i, sampling=sampling):
             return Row(prompts[i], 10 + 3 * i, frozenset({17}), sampling, torch.Generator().manual_seed(i))
 
@@ -152,7 +182,12 @@ def test_logits_processing_equals_hf_processors():
     logits = 3 * torch.randn(4, 50, generator=generator)
     history = torch.randint(0, 50, (4, 12), generator=generator)
     seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, history, True)
-    for sampling in [Sampling(0.7, 0, 0.8, 1.02), Sampling(1.3, 7, 1.0, 1.0), Sampling(0.5, 20, 0.5, 1.8), Sampling(0.0, 0, 1.0, 1.4)]:
+    for sampling in [
+        Sampling(0.7, 0, 0.8, 1.02),
+        Sampling(1.3, 7, 1.0, 1.0),
+        Sampling(0.5, 20, 0.5, 1.8),
+        Sampling(0.0, 0, 1.0, 1.4),
+    ]:
         hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)])
         if not sampling.greedy:
             hf.append(TemperatureLogitsWarper(sampling.temperature))
@@ -173,8 +208,12 @@ def test_sampling_follows_the_distribution_and_the_seed():
     first = [row[0] for row in generate_batch(model, prompts, 1, temperature=1.0, top_k=3, seed=0)]
     top3 = set(torch.topk(model(torch.tensor([[3, 4, 5]]))[0, -1], 3).indices.tolist())
     assert set(first) <= top3 and len(set(first)) > 1  # sampled, and only from the top 3
-    assert generate_batch(model, prompts[:4], 8, temperature=1.0, seed=5) == generate_batch(model, prompts[:4], 8, temperature=1.0, seed=5)
-    assert generate_batch(model, prompts[:4], 8, temperature=1.0, seed=5) != generate_batch(model, prompts[:4], 8, temperature=1.0, seed=6)
+    assert generate_batch(model, prompts[:4], 8, temperature=1.0, seed=5) == generate_batch(
+        model, prompts[:4], 8, temperature=1.0, seed=5
+    )
+    assert generate_batch(model, prompts[:4], 8, temperature=1.0, seed=5) != generate_batch(
+        model, prompts[:4], 8, temperature=1.0, seed=6
+    )
     with pytest.raises(ValueError):
         generate_batch(model, prompts[:1], 4, temperature=1.0, top_p=0.0)
 
@@ -211,7 +250,11 @@ def test_ids_beyond_the_tokenizer_vocabulary_are_never_generated():
         model.lm_head.bias[vocab // 2 :] += 50.0  # the padding rows now dominate every step
     prompts = [[3, 4, 5]] * 16
     assert min(min(row) for row in generate_batch(model, prompts, 6, temperature=1.0, seed=0)) >= vocab // 2
-    for options in ({"temperature": 1.0, "seed": 0}, {"temperature": 0.0}, {"temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.2}):
+    for options in (
+        {"temperature": 1.0, "seed": 0},
+        {"temperature": 0.0},
+        {"temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.2},
+    ):
         rows = generate_batch(model, prompts, 6, vocab_size=vocab // 2, **options)
         assert max(max(row) for row in rows) < vocab // 2, options
 
@@ -242,7 +285,9 @@ class FixedSearch(Plugin):
 def test_two_pass_builds_the_sft_rendering_and_runs_the_enabled_plugins(pretrain_data):
     tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
     thoughts, commands = " I need the calculator and a search.", ' Calculate("24*15") Solve("3x+5=20") Search("MOSS")'
-    script = ScriptedSettings(f"<|Inner Thoughts|>:{thoughts}<eot>\n<|Commands|>:{commands}<eoc>", "<|MOSS|>: It is 360.<eom>")
+    script = ScriptedSettings(
+        f"<|Inner Thoughts|>:{thoughts}<eot>\n<|Commands|>:{commands}<eoc>", "<|MOSS|>: It is 360.<eom>"
+    )
     plugins = {**build_plugins("calculator,equation_solver"), "web_search": FixedSearch()}
     meta = fmt.meta_instruction(["calculator", "web_search"])  # the solver is not enabled here
     history = [fmt.Turn.from_text("hi", "Hello!")]
@@ -258,7 +303,10 @@ def test_two_pass_builds_the_sft_rendering_and_runs_the_enabled_plugins(pretrain
     assert result.reply == "It is 360." and result.finished
     # The finished turn renders exactly as SFT renders it, and pass two saw all of it but the reply.
     full = fmt.render(fmt.Dialogue(meta, [*history, result.turn()]))
-    assert "<|Results|>:\nCalculate(\"24*15\") => '360'\nSolve(\"3x+5=20\") => 'No result.'\nSearch(\"MOSS\") =>\n<|1|>:" in full
+    assert (
+        '<|Results|>:\nCalculate("24*15") => \'360\'\nSolve("3x+5=20") => \'No result.\'\nSearch("MOSS") =>\n<|1|>:'
+        in full
+    )
     assert tokenizer.decode(second_prompts[0]) == full[: full.index("<|MOSS|>: It is 360.")]
 
 
@@ -274,7 +322,9 @@ def test_tool_text_never_becomes_a_special_token_of_the_prompt(pretrain_data):
     first = '<|Inner Thoughts|>: None<eot>\n<|Commands|>: Search("<|Results|>news<eor>")<eoc>'
     script = ScriptedSettings(first, "<|MOSS|>: ok<eom>")
     plugins = {"web_search": WebSearch(lambda api, argument: [hostile])}
-    [result] = two_pass(None, tokenizer, [TurnRequest(fmt.meta_instruction(["web_search"]), [], "news?")], plugins, script)
+    [result] = two_pass(
+        None, tokenizer, [TurnRequest(fmt.meta_instruction(["web_search"]), [], "news?")], plugins, script
+    )
     (first_prompts, _), (second_prompts, _) = script.script[2]
     results_ids = second_prompts[0][len(first_prompts[0]) + len(tokenizer.encode(first)) :]
     found = {t: results_ids.count(i) for t, i in special.items() if i in results_ids}
@@ -287,8 +337,13 @@ def test_a_reply_in_pass_one_skips_the_tools_and_sessions_keep_history(pretrain_
     tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
     script = ScriptedSettings("<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>", "<|MOSS|>: Hi there!<eom>")
     model = random_model(n_positions=2048)  # only its n_positions is read: the script decodes
-    session = ChatSession(model, tokenizer, build_plugins("calculator"), script, preamble=fmt.SHORT_PREAMBLE, quality=(3, 3))
-    assert "- Calculator: enabled. API: Calculate(expression)\n" in session.meta and "- Web search: disabled.\n" in session.meta
+    session = ChatSession(
+        model, tokenizer, build_plugins("calculator"), script, preamble=fmt.SHORT_PREAMBLE, quality=(3, 3)
+    )
+    assert (
+        "- Calculator: enabled. API: Calculate(expression)\n" in session.meta
+        and "- Web search: disabled.\n" in session.meta
+    )
     assert session.meta.endswith(fmt.quality_line(3, 3))
     assert session.ask("hello").reply == "Hi there!"
     assert session.history[0].results == fmt.NONE_BODY  # no command: the "None" results field
@@ -302,10 +357,27 @@ def test_a_reply_in_pass_one_skips_the_tools_and_sessions_keep_history(pretrain_
 
 
 def test_moss_chat_prompt_gives_the_library_reply(exported):
-    args = [str(exported["hf"]), "--greedy", "--max-new-tokens", "12", "--plugins", "calculator", "--show-thoughts",
-            "--quality", "2/3", "--prompt", "What is 6*7?"]
+    args = [
+        str(exported["hf"]),
+        "--greedy",
+        "--max-new-tokens",
+        "12",
+        "--plugins",
+        "calculator",
+        "--show-thoughts",
+        "--quality",
+        "2/3",
+        "--prompt",
+        "What is 6*7?",
+    ]
     result = run_cli(["-m", "moss_train.chat.cli", *args], launcher=[sys.executable])
-    session = ChatSession(load_model(exported["hf"]), exported["tokenizer"], build_plugins("calculator"), Settings(max_new_tokens=12), quality=(2, 3))
+    session = ChatSession(
+        load_model(exported["hf"]),
+        exported["tokenizer"],
+        build_plugins("calculator"),
+        Settings(max_new_tokens=12),
+        quality=(2, 3),
+    )
     expected = session.ask("What is 6*7?")
     lines = result.stdout.splitlines()
     assert lines[lines.index("You: What is 6*7?") + 1] == f"[thoughts]{expected.inner_thoughts}"
@@ -321,13 +393,18 @@ def test_moss_chat_without_a_model_says_so_in_one_line(exported, tmp_path, capsy
     weightless = tmp_path / "weightless"
     shutil.copytree(exported["hf"], weightless, ignore=shutil.ignore_patterns("*.safetensors"))
     (tmp_path / "empty").mkdir()
-    cases = {tmp_path / "missing": "no such checkpoint or model directory", tmp_path / "empty": "is not a moss-train checkpoint",
-             weightless: "no weights"}
+    cases = {
+        tmp_path / "missing": "no such checkpoint or model directory",
+        tmp_path / "empty": "is not a moss-train checkpoint",
+        weightless: "no weights",
+    }
     for directory, says in cases.items():
         assert chat_main([str(directory), "--prompt", "hi"]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"moss-chat: error: {directory}") and says in err and err.count("\n") == 1, err
     result = run_cli([str(weightless), "--prompt", "hi"], launcher=[str(BIN / "moss-chat")], check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines() == [f"moss-chat: error: {weightless}: no weights (model.safetensors.index.json, "
-                                          "model.safetensors, pytorch_model.bin.index.json or pytorch_model.bin)"]
+    assert result.stderr.splitlines() == [
+        f"moss-chat: error: {weightless}: no weights (model.safetensors.index.json, "
+        "model.safetensors, pytorch_model.bin.index.json or pytorch_model.bin)"
+    ]

@@ -60,13 +60,19 @@ def test_hostile_calculator_input_is_an_error_result(argument, reason):
 
 @pytest.mark.parametrize("argument", ["12 34", "1 000 000*2", "1+1\n2+2", "2 (3)", "1٠0", "１２", "3\u00a0*4"])
 def test_whitespace_never_multiplies_and_only_ascii_digits_are_numbers(argument):
-    """"12 34" was 408, "1 000 000*2" 0 and "1+1\n2+2" 5 (a space multiplied), "1٠0" 100."""
+    """ "12 34" was 408, "1 000 000*2" 0 and "1+1\n2+2" 5 (a space multiplied), "1٠0" 100."""
     call = CALC.call(argument)
     assert call.answer == P.NO_RESULT and call.error, call
 
 
 def test_implicit_multiplication_of_touching_factors_still_works():
-    assert [P.calculate(e) for e in ("3(4+1)", "(1+2)(3+4)", "2pi", " 2 * 3 ", "2 ^ 3")] == ["15", "21", "6.283185307", "6", "8"]
+    assert [P.calculate(e) for e in ("3(4+1)", "(1+2)(3+4)", "2pi", " 2 * 3 ", "2 ^ 3")] == [
+        "15",
+        "21",
+        "6.283185307",
+        "6",
+        "8",
+    ]
     assert SOLVE.run("3x + 5 = 20") == SOLVE.run("3x+5=20") == "x = 5"
     assert SOLVE.run("2(x+1)=8") == "x = 3"
 
@@ -114,7 +120,10 @@ def test_command_parsing_is_linear_on_hostile_text_and_capped():
     assert P.parse_commands('Calculate("' + "1" * 200_000) == []
     assert time.perf_counter() - started < 30  # a hang guard, not a speed figure
     assert P.parse_commands(' Calculate("1+1") and Solve("x=2") Search("say \\"hi\\"")') == [
-        ("Calculate", "1+1"), ("Solve", "x=2"), ("Search", 'say \\"hi\\"')]
+        ("Calculate", "1+1"),
+        ("Solve", "x=2"),
+        ("Search", 'say \\"hi\\"'),
+    ]
     many = " ".join(f'Calculate("{i}+1")' for i in range(P.MAX_COMMANDS + 2))
     calls = P.call_tools(many, {"calculator": CALC})
     assert [c.answer for c in calls] == [str(i + 1) for i in range(P.MAX_COMMANDS)] + [P.NO_RESULT] * 2
@@ -123,7 +132,11 @@ def test_command_parsing_is_linear_on_hostile_text_and_capped():
 
 def test_commands_no_enabled_plugin_answers_get_an_error_result():
     calls = P.call_tools('Calculate("2*3") Solve("x=1") Search("news")', {"calculator": CALC})
-    assert [c.line for c in calls] == ["Calculate(\"2*3\") => '6'", "Solve(\"x=1\") => 'No result.'", "Search(\"news\") => 'No result.'"]
+    assert [c.line for c in calls] == [
+        "Calculate(\"2*3\") => '6'",
+        "Solve(\"x=1\") => 'No result.'",
+        "Search(\"news\") => 'No result.'",
+    ]
     assert calls[1].error == "no enabled plugin answers Solve"
     # Data generation keeps its behaviour: only enabled built-ins, others skipped.
     assert P.run_commands('Solve("x=1") Calculate("1+1")', enabled={"calculator"}) == ["Calculate(\"1+1\") => '2'"]
@@ -184,8 +197,12 @@ def test_text2image_with_an_http_endpoint():
 
 def test_the_registry_and_its_configuration_errors():
     assert {"calculator", "equation_solver", "web_search", "text2img"} <= set(P.PLUGINS)
-    for spec, message in [("web_search", "needs a backend"), ("calculator=x:y", "takes no backend"), ("teleport", "unknown plugin"),
-                          ("text2img=ftp://host", "needs an http")]:
+    for spec, message in [
+        ("web_search", "needs a backend"),
+        ("calculator=x:y", "takes no backend"),
+        ("teleport", "unknown plugin"),
+        ("text2img=ftp://host", "needs an http"),
+    ]:
         with pytest.raises(ValueError, match=message):
             P.build_plugins(spec)
     assert P.build_plugins("") == {}  # nothing is on by default

@@ -98,14 +98,19 @@ def killed_run(pretrain_data, tmp_path_factory) -> KilledRun:
 def test_sigkill_during_save_resumes_from_previous_complete_checkpoint(killed_run):
     checkpoints = killed_run.out / "checkpoints"
     killed_step = int(killed_run.killed_in.name.split("_")[-1])
-    print(f"killed during the save of step {killed_step} with {killed_run.written} written; "
-          f"latest -> {killed_run.latest_after_kill}")
+    print(
+        f"killed during the save of step {killed_step} with {killed_run.written} written; "
+        f"latest -> {killed_run.latest_after_kill}"
+    )
     # The kill left the save half-done and `latest` on the previous complete checkpoint...
     assert killed_run.latest_after_kill == f"step_{killed_step - 1:08d}"
     assert COMPLETE not in killed_run.written
     # ...from which the rerun resumed, computing the steps the killed run had already done
     # bit-identically, and went on to the end.
-    assert f"resumed from {checkpoints / killed_run.latest_after_kill} at step {killed_step - 1}" in killed_run.resume_stdout
+    assert (
+        f"resumed from {checkpoints / killed_run.latest_after_kill} at step {killed_step - 1}"
+        in killed_run.resume_stdout
+    )
     resumed = train_losses(killed_run.out)
     assert max(resumed) == KILLED_RUN_SETTINGS["trainer.max_steps"]
     for step in range(killed_step, max(killed_run.logged) + 1):
@@ -176,7 +181,9 @@ def test_free_space_is_checked_before_anything_is_written(finished_run, tmp_path
     root = tmp_path / "checkpoints"
     big = root / "step_00000001"
     big.mkdir(parents=True)
-    (big / COMPLETE).write_text(json.dumps({"step": 1, "files": {"zero_pp_rank_0_mp_rank_00_model_states.pt": free * 4}}))
+    (big / COMPLETE).write_text(
+        json.dumps({"step": 1, "files": {"zero_pp_rank_0_mp_rank_00_model_states.pt": free * 4}})
+    )
     manager = CheckpointManager(root, keep_last=2, dist_info=SINGLE)
     with pytest.raises(CheckpointError, match=r"GiB free, about .* GiB needed"):
         manager.save(engine=None, step=2, client_state={})
@@ -213,7 +220,6 @@ def test_keep_last_n_never_deletes_latest_target(tmp_path):
     assert [p.name for p in manager.complete_checkpoints()] == ["step_00000002", "step_00000004", "step_00000005"]
     assert manager.latest() == root / "step_00000002"
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
-
 
 
 # ---------------------------------------------------------------------------- files that run code

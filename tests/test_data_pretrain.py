@@ -64,7 +64,9 @@ def test_stop_when_a_source_runs_out_fails_up_front(pretrain_data, tmp_path):
     data = stage.build_data(StageContext(cfg, load_tokenizer(cfg.data.tokenizer)))  # 4 steps: enough data
     assert not data.shuffle and list(data.group_names) == list(SOURCES)
     cfg.trainer.max_steps = len(data.train) // cfg.trainer.global_batch_size + 1
-    with pytest.raises(ConfigError, match=r"data\.sources\.(en|zh|code): data source '(en|zh|code)' runs out after \d+"):
+    with pytest.raises(
+        ConfigError, match=r"data\.sources\.(en|zh|code): data source '(en|zh|code)' runs out after \d+"
+    ):
         stage.build_data(StageContext(cfg, load_tokenizer(cfg.data.tokenizer)))
 
 
@@ -123,11 +125,23 @@ def test_packed_documents_never_see_each_other_in_the_pretraining_stage(pretrain
     initial_eval = {}
     for seq_len in (16, 64):
         out = tmp_path / f"seq{seq_len}"
-        run_cli(train_overrides(pretrain_data, out, **{
-            "data.root": str(tmp_path), "data.tokenizer": str(pretrain_data / "tokenizer"), "data.packing": "documents",
-            "data.seq_len": seq_len, "model.initializer_range": 0.5,  # large weights: attention far from uniform
-            "trainer.max_steps": 1, "trainer.eval_at_start": "true", "trainer.eval_samples": 1000, "checkpoint.save_final": "false",
-        }))
+        run_cli(
+            train_overrides(
+                pretrain_data,
+                out,
+                **{
+                    "data.root": str(tmp_path),
+                    "data.tokenizer": str(pretrain_data / "tokenizer"),
+                    "data.packing": "documents",
+                    "data.seq_len": seq_len,
+                    "model.initializer_range": 0.5,  # large weights: attention far from uniform
+                    "trainer.max_steps": 1,
+                    "trainer.eval_at_start": "true",
+                    "trainer.eval_samples": 1000,
+                    "checkpoint.save_final": "false",
+                },
+            )
+        )
         (initial_eval[seq_len],) = [r for r in read_metrics(out) if "eval_loss" in r and r["step"] == 0]
     alone, packed = initial_eval[16], initial_eval[64]
     assert alone["eval_samples"] == 24 and packed["eval_samples"] <= 6  # one document per row vs several
@@ -139,10 +153,19 @@ def test_packed_documents_never_see_each_other_in_the_pretraining_stage(pretrain
 def test_per_source_loss_falls_over_a_few_hundred_steps(pretrain_data, tmp_path):
     out = tmp_path / "long"
     run_cli(
-        mix_overrides(pretrain_data, out, **{
-            "trainer.max_steps": 200, "trainer.global_batch_size": 16, "trainer.micro_batch_size": 8,
-            "trainer.lr": 2e-3, "trainer.warmup_steps": 20, "trainer.eval_every": 100, "trainer.log_every": 10,
-        }),
+        mix_overrides(
+            pretrain_data,
+            out,
+            **{
+                "trainer.max_steps": 200,
+                "trainer.global_batch_size": 16,
+                "trainer.micro_batch_size": 8,
+                "trainer.lr": 2e-3,
+                "trainer.warmup_steps": 20,
+                "trainer.eval_every": 100,
+                "trainer.log_every": 10,
+            },
+        ),
         timeout=1800,
     )
     records = train_losses(out)

@@ -57,14 +57,21 @@ PART_BYTES = 1  # every input file is a part of its own
 @pytest.fixture(scope="module")
 def reference(pretrain_data, corpus_files, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenize-ref")
-    tokenize_corpus([str(p) for p in corpus_files], pretrain_data / "tokenizer", out, _settings(), workers=2, part_bytes=PART_BYTES)
+    tokenize_corpus(
+        [str(p) for p in corpus_files], pretrain_data / "tokenizer", out, _settings(), workers=2, part_bytes=PART_BYTES
+    )
     return out
 
 
 def test_output_is_independent_of_worker_count(pretrain_data, corpus_files, reference, tmp_path):
     summary = tokenize_corpus(
-        [str(p) for p in corpus_files], pretrain_data / "tokenizer", tmp_path, _settings(), workers=1,
-        part_bytes=PART_BYTES, batch_bytes=16384,  # many small batches: another batching, same bytes
+        [str(p) for p in corpus_files],
+        pretrain_data / "tokenizer",
+        tmp_path,
+        _settings(),
+        workers=1,
+        part_bytes=PART_BYTES,
+        batch_bytes=16384,  # many small batches: another batching, same bytes
     )
     assert summary["parts"] == N_FILES and summary["rejected"] == {"duplicate": 1}
     assert summary["records_in"] == summary["docs"] + 1
@@ -75,12 +82,28 @@ def test_killed_run_resumes_to_byte_identical_output(pretrain_data, corpus_files
     """A real SIGKILL mid-run; the restarted run reuses finished parts and redoes the rest."""
     out = tmp_path / "out"
     command = [
-        str(BIN / "moss-data"), "-q", "tokenize", "--input", *map(str, corpus_files), "--tokenizer",
-        str(pretrain_data / "tokenizer"), "--out", str(out), "--source", "mix", "--lang", "any",
-        "--part-mb", str(PART_BYTES / 2**20), "--workers", "2",
+        str(BIN / "moss-data"),
+        "-q",
+        "tokenize",
+        "--input",
+        *map(str, corpus_files),
+        "--tokenizer",
+        str(pretrain_data / "tokenizer"),
+        "--out",
+        str(out),
+        "--source",
+        "mix",
+        "--lang",
+        "any",
+        "--part-mb",
+        str(PART_BYTES / 2**20),
+        "--workers",
+        "2",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.time() + 120
     while not (out / "part-00001.json").exists():
         assert proc.poll() is None, proc.communicate()
@@ -103,8 +126,14 @@ def test_shards_over_nodes_then_merge(pretrain_data, corpus_files, reference, tm
     nodes (file 1 repeats a document of file 0) are kept there and counted by the merge."""
     for index in (1, 0):
         summary = tokenize_corpus(
-            [str(p) for p in corpus_files], pretrain_data / "tokenizer", tmp_path, _settings(), workers=1,
-            num_shards=2, shard_index=index, part_bytes=PART_BYTES,
+            [str(p) for p in corpus_files],
+            pretrain_data / "tokenizer",
+            tmp_path,
+            _settings(),
+            workers=1,
+            num_shards=2,
+            shard_index=index,
+            part_bytes=PART_BYTES,
         )
         assert summary["parts"] == N_FILES // 2
         assert (tmp_path / f"manifest.shard-{index:05d}-of-00002.json").is_file()

@@ -40,9 +40,21 @@ def mixed_tok(pretrain_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok-mixed")
     run_cli(
         [
-            "train-tokenizer", "--out", str(out), "--vocab-size", "3000", "--sample-mb", "1",
-            "--input", f"en={corpus / 'en.train.jsonl'}", "--input", f"zh={zh_gz}", "--input", f"code={inputs / 'code.parquet'}",
-            "--text-field", "en=text,zh=text,code=content",
+            "train-tokenizer",
+            "--out",
+            str(out),
+            "--vocab-size",
+            "3000",
+            "--sample-mb",
+            "1",
+            "--input",
+            f"en={corpus / 'en.train.jsonl'}",
+            "--input",
+            f"zh={zh_gz}",
+            "--input",
+            f"code={inputs / 'code.parquet'}",
+            "--text-field",
+            "en=text,zh=text,code=content",
         ],
         launcher=[str(BIN / "moss-data")],
     )
@@ -67,7 +79,12 @@ def test_autotokenizer_gives_identical_ids(mixed_tok, pretrain_data):
     tok = MossTokenizer.load(mixed_tok)
     hf = AutoTokenizer.from_pretrained(str(mixed_tok))  # no trust_remote_code
     assert len(hf) == tok.vocab_size
-    assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id, hf.unk_token_id) == (tok.eos_id, tok.pad_id, tok.bos_id, tok.unk_id)
+    assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id, hf.unk_token_id) == (
+        tok.eos_id,
+        tok.pad_id,
+        tok.bos_id,
+        tok.unk_id,
+    )
     texts = _real_texts(pretrain_data)
     ours = tok.encode_batch(texts)
     theirs = hf(texts, add_special_tokens=False)["input_ids"]
@@ -75,7 +92,7 @@ def test_autotokenizer_gives_identical_ids(mixed_tok, pretrain_data):
     assert not mismatched, mismatched[:3]
     for t in MOSS_SPECIAL_TOKENS:  # one id each, the same one
         assert hf(t, add_special_tokens=False)["input_ids"] == [tok.special_ids[t]]
-    for text, ids in zip(TURNS, theirs[-len(TURNS):]):  # a literal "▁" decodes as a space in both
+    for text, ids in zip(TURNS, theirs[-len(TURNS) :]):  # a literal "▁" decodes as a space in both
         assert hf.decode(ids) == text.replace("▁", " ") == tok.decode(ids)
     assert hf.convert_ids_to_tokens(tok.special_ids["<|Inner Thoughts|>"]) == "<|Inner Thoughts|>"
 
@@ -99,7 +116,9 @@ def test_save_pretrained_elsewhere_and_hf_only_directory(mixed_tok, pretrain_dat
     assert wrapped.decode(tok.encode(TURNS[0])) == TURNS[0]
     # ... and tokenizes a corpus into shards that carry its hash.
     src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in dict.fromkeys(texts)), encoding="utf-8")
+    src.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in dict.fromkeys(texts)), encoding="utf-8"
+    )
     settings = TokenizeSettings("mix", cleaning=CleaningConfig.for_lang("any", normalize="none"))
     tokenize_corpus([str(src)], hf_only, tmp_path / "hf-shards", settings, workers=1)
     tokenize_corpus([str(src)], mixed_tok, tmp_path / "moss-shards", settings, workers=1)

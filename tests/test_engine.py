@@ -45,7 +45,11 @@ def test_warmup_cosine_schedule():
 # ---------------------------------------------------------------------------- real runs
 def test_pretraining_cli_end_to_end(pretrain_data, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(train_overrides(pretrain_data, out, **{"trainer.max_steps": 6, "checkpoint.keep_last": 1, "logging.tensorboard": "true"}))
+    result = run_cli(
+        train_overrides(
+            pretrain_data, out, **{"trainer.max_steps": 6, "checkpoint.keep_last": 1, "logging.tensorboard": "true"}
+        )
+    )
     records = train_losses(out)
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
     for record in records.values():
@@ -71,7 +75,12 @@ def test_pretraining_cli_end_to_end(pretrain_data, tmp_path):
 
 # The reference runs: the same 4 steps (global batch 8) under ZeRO-3, on 1 process (1x4
 # micro-batches) and on 2 ranks (torchrun, 2x2); held-out loss over 14 samples.
-REFERENCE_STEPS = {"trainer.max_steps": 4, "checkpoint.save_final": "false", "deepspeed": "zero3", "trainer.eval_samples": 14}
+REFERENCE_STEPS = {
+    "trainer.max_steps": 4,
+    "checkpoint.save_final": "false",
+    "deepspeed": "zero3",
+    "trainer.eval_samples": 14,
+}
 
 
 def torchrun_two() -> list[str]:
@@ -172,7 +181,9 @@ def test_resume_on_another_number_of_ranks_continues_the_uninterrupted_run(pretr
     straight = tmp_path / "straight"
     run_cli(train_overrides(pretrain_data, straight, **settings), launcher=torchrun)  # 2 ranks, saves step 2
     one = _resume_copy(straight, "step_00000002", tmp_path / "one")
-    resumed = run_cli(train_overrides(pretrain_data, one, **{**settings, "checkpoint.every": 1}))  # 1 rank, saves step 3
+    resumed = run_cli(
+        train_overrides(pretrain_data, one, **{**settings, "checkpoint.every": 1})
+    )  # 1 rank, saves step 3
     assert "resumed from" in resumed.stdout and "re-cut for 1" in resumed.stdout
     two = _resume_copy(one, "step_00000003", tmp_path / "two")
     torchrun[4] = str(free_port())
@@ -187,7 +198,9 @@ def test_resume_on_another_number_of_ranks_continues_the_uninterrupted_run(pretr
     assert a[4]["loss"] < a[1]["loss"]
     assert not list((one / "checkpoints").glob(".tmp-*"))  # the universal copy is gone after the load
 
-    other_model = run_cli(train_overrides(pretrain_data, one, **settings, **{"model.n_embd": 96, "model.n_layer": 3}), check=False)
+    other_model = run_cli(
+        train_overrides(pretrain_data, one, **settings, **{"model.n_embd": 96, "model.n_layer": 3}), check=False
+    )
     assert other_model.returncode == 2 and "Traceback" not in other_model.stderr
     assert "recipe error: model.n_embd, model.n_layer: the checkpoint" in other_model.stderr
     assert "n_embd=64, n_layer=2, this run builds n_embd=96, n_layer=3" in other_model.stderr
@@ -199,7 +212,9 @@ def test_deepspeed_launcher_runs_the_cli(pretrain_data, zero3_reference, tmp_pat
     It starts two ranks (two optimizer-state shards in the checkpoint) that train as one process does."""
     out = tmp_path / "ds"
     launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "moss_train"]
-    run_cli(train_overrides(pretrain_data, out, **{**REFERENCE_STEPS, "checkpoint.save_final": "true"}), launcher=launcher)
+    run_cli(
+        train_overrides(pretrain_data, out, **{**REFERENCE_STEPS, "checkpoint.save_final": "true"}), launcher=launcher
+    )
     shards = sorted(p.name for p in (out / "checkpoints" / "step_00000004").glob("*optim_states.pt"))
     assert len(shards) == 2, shards  # one per rank: really two processes
     assert_same_losses(train_losses(out), train_losses(zero3_reference["one"]))
@@ -238,7 +253,9 @@ def test_under_torchrun_a_recipe_error_is_printed_once(pretrain_data, tmp_path, 
     launcher before torchrun can report (the job's status is then non-zero: 137)."""
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
     bad = "trainer.global_batch_size=7" if when == "before the process group" else "data.train_shards=[no/such/*]"
-    result = run_cli([*train_overrides(pretrain_data, tmp_path / "run"), bad], launcher=torchrun, check=False, timeout=240)
+    result = run_cli(
+        [*train_overrides(pretrain_data, tmp_path / "run"), bad], launcher=torchrun, check=False, timeout=240
+    )
     assert result.returncode != 0
     key = "trainer.global_batch_size" if "batch" in bad else "data.train_shards"
     assert [line for line in result.stderr.splitlines() if line.strip()] == [

@@ -36,7 +36,9 @@ def test_reference_answers_are_right_unless_they_answer_directly(records):
 
 
 def test_a_wrong_digit_in_the_reply_or_the_command_is_not_right(records):
-    tool_cases = [(r, tool_use.reference_answer(r)) for r in records if tool_use.reference_answer(r).commands != fmt.NONE_BODY][:40]
+    tool_cases = [
+        (r, tool_use.reference_answer(r)) for r in records if tool_use.reference_answer(r).commands != fmt.NONE_BODY
+    ][:40]
     for record, answer in tool_cases:
         value = record["check"]["answer"][0].split(" = ")[-1]
         wrong_reply = dataclasses.replace(answer, reply=answer.reply.replace(value, value + "1"))
@@ -44,7 +46,9 @@ def test_a_wrong_digit_in_the_reply_or_the_command_is_not_right(records):
         argument = parse_commands(answer.commands)[0][1]
         wrong_command = dataclasses.replace(answer, commands=answer.commands.replace(argument, argument + "1", 1))
         assert tool_use.judge_answer(record, wrong_command) == tool_use.JUDGE_MAX - 1
-    result = tool_use.score_answers([r for r, _ in tool_cases], [dataclasses.replace(a, reply="") for _, a in tool_cases])
+    result = tool_use.score_answers(
+        [r for r, _ in tool_cases], [dataclasses.replace(a, reply="") for _, a in tool_cases]
+    )
     assert result["both"]["hits"] == 0 and result["right_command"]["hits"] == len(tool_cases)
 
 
@@ -52,6 +56,9 @@ def test_answer_records_render_like_the_data(records):
     """An answer written back as a dialogue (pairs, stage=tag) is the reference record's rendering."""
     for record in records[:30]:
         rebuilt = tool_use.answer_record(record, tool_use.reference_answer(record), score=3)
-        assert fmt.render(parse_record(rebuilt).dialogue).startswith(fmt.render(dataclasses.replace(
-            parse_record(record).dialogue, turns=parse_record(record).dialogue.turns[:1])))
+        assert fmt.render(parse_record(rebuilt).dialogue).startswith(
+            fmt.render(
+                dataclasses.replace(parse_record(record).dialogue, turns=parse_record(record).dialogue.turns[:1])
+            )
+        )
         assert rebuilt["judge"] == 3 and rebuilt["check"] == record["check"]

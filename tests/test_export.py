@@ -100,7 +100,9 @@ for job in sys.argv[1:]:
 @torch.no_grad()
 def random_hf_codegen(vocab_size: int, seed: int, **shape) -> transformers.CodeGenForCausalLM:
     """An HF CodeGen with every parameter random (biases and LayerNorms included)."""
-    config = transformers.CodeGenConfig(vocab_size=vocab_size, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **shape)
+    config = transformers.CodeGenConfig(
+        vocab_size=vocab_size, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **shape
+    )
     model = transformers.CodeGenForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
@@ -146,8 +148,15 @@ def zero3_runs(pretrain_data, tmp_path_factory) -> dict:
     export_checkpoint(round_trip, root / "hf-back", tokenizer_dir=data / "tokenizer")
     export_checkpoint(reward, root / "hf-reward")
     return {
-        "one": one, "two": two, "hf_one": root / "hf-one", "hf_two": root / "hf-two", "data": data,
-        "source": source, "back": root / "hf-back", "reward": reward, "hf_reward": root / "hf-reward",
+        "one": one,
+        "two": two,
+        "hf_one": root / "hf-one",
+        "hf_two": root / "hf-two",
+        "data": data,
+        "source": source,
+        "back": root / "hf-back",
+        "reward": reward,
+        "hf_reward": root / "hf-reward",
         "stdout": result.stdout,
     }
 
@@ -160,8 +169,10 @@ def test_one_and_two_process_zero3_runs_export_the_same_weights(zero3_runs):
     diff = max_abs_diff(a, b)
     mean_diff = max((a[n] - b[n]).abs().mean().item() for n in a)
     moved = max_abs_diff(a, initial)
-    print(f"1-process vs 2-process ZeRO-3 export: max abs weight difference {diff:.3e} (mean {mean_diff:.1e}); "
-          f"4 training steps moved weights by up to {moved:.3e}")
+    print(
+        f"1-process vs 2-process ZeRO-3 export: max abs weight difference {diff:.3e} (mean {mean_diff:.1e}); "
+        f"4 training steps moved weights by up to {moved:.3e}"
+    )
     # Summation order differs between 1 and 2 ranks, and Adam turns a near-zero gradient into a
     # near-lr step of either sign, so a few elements may differ by a fraction of one step; a
     # wrong layout or a lost shard would differ by the weights themselves (~0.1).
@@ -214,7 +225,7 @@ def test_greedy_generate_of_the_export_equals_moss_train_greedy_decoding(zero3_r
     for prompt in ("import os\nimport sys\n\ndef main", "人民日报"):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            hf = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+            hf = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids) :].tolist()
         mine = greedy(ours, ids, max_new_tokens=20, stop_ids=stops)
         assert hf == mine, prompt
     assert len(set(hf)) > 1  # not a degenerate repeat of one token
@@ -236,10 +247,13 @@ def test_export_tokenizer_and_chat_template_give_what_training_saw(zero3_runs):
         {"role": "user", "content": "And 1+1?"},
         {"role": "assistant", "content": "2."},
     ]
-    dialogue = moss_format.Dialogue(meta, [
-        moss_format.Turn.from_text(human, reply, inner_thoughts=thoughts, commands=command, results=[result]),
-        moss_format.Turn.from_text("And 1+1?", "2."),
-    ])
+    dialogue = moss_format.Dialogue(
+        meta,
+        [
+            moss_format.Turn.from_text(human, reply, inner_thoughts=thoughts, commands=command, results=[result]),
+            moss_format.Turn.from_text("And 1+1?", "2."),
+        ],
+    )
     rendered = hf.apply_chat_template(messages, tokenize=False)
     assert rendered == moss_format.render(dialogue) == render_messages(messages)
     # Token ids: what SFT trains on is the per-segment encoding of the same dialogue.
@@ -279,7 +293,10 @@ def test_hf_to_moss_train_to_hf_round_trip_is_bit_identical(zero3_runs):
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim", "activation_function"):
         assert config_before[key] == config_after[key], key
     # The recipe said model=tiny (n_embd 128, ...): the checkpoint's shapes replaced it, loudly.
-    assert "model shapes from the checkpoint: model.n_positions 512 -> 128; model.n_embd 64 -> 96; model.n_layer 2 -> 3" in zero3_runs["stdout"]
+    assert (
+        "model shapes from the checkpoint: model.n_positions 512 -> 128; model.n_embd 64 -> 96; model.n_layer 2 -> 3"
+        in zero3_runs["stdout"]
+    )
 
 
 def test_reward_model_exports_in_its_documented_format(zero3_runs):
@@ -287,10 +304,14 @@ def test_reward_model_exports_in_its_documented_format(zero3_runs):
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["architectures"] == ["CodeGenModel"] and config["moss_reward"]["head"] == "score"
     assert not (hf_dir / "generation_config.json").exists()
-    assert "2 tensors of" in zero3_runs["stdout"] and "lm_head.weight" in zero3_runs["stdout"]  # unused by a reward model
+    assert (
+        "2 tensors of" in zero3_runs["stdout"] and "lm_head.weight" in zero3_runs["stdout"]
+    )  # unused by a reward model
     assert "start freshly initialised" in zero3_runs["stdout"] and "score.weight" in zero3_runs["stdout"]
     tokenizer = MossTokenizer.load(hf_dir)
-    x = torch.tensor([tokenizer.encode("def f():\n    return 1\n")[:9], tokenizer.encode("今天天气很好。The end.  ")[:9]])
+    x = torch.tensor(
+        [tokenizer.encode("def f():\n    return 1\n")[:9], tokenizer.encode("今天天气很好。The end.  ")[:9]]
+    )
     reward_model = load_model(hf_dir, REWARD)
     # The training model: the checkpoint's consolidated weights in a RewardModel.
     source = MossTrainCheckpoint(zero3_runs["reward"])
@@ -311,7 +332,7 @@ def test_reward_model_exports_in_its_documented_format(zero3_runs):
 
 
 # ---------------------------------------------------------------------------- MOSS format
-MOSS_TOKENIZER_CODE = '''
+MOSS_TOKENIZER_CODE = """
 from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
@@ -320,7 +341,7 @@ Path({marker!r}).write_text("custom tokenizer code ran")
 
 class MossTokenizer(PreTrainedTokenizerFast):
     pass
-'''
+"""
 
 
 def write_moss_dir(path: Path, hf_model, tokenizer: MossTokenizer, marker: Path) -> None:
@@ -330,16 +351,39 @@ def write_moss_dir(path: Path, hf_model, tokenizer: MossTokenizer, marker: Path)
     path.mkdir(parents=True)
     c = hf_model.config
     config = {
-        "_name_or_path": "fnlp/moss-moon-003-sft", "architectures": ["MossForCausalLM"], "model_type": "moss",
-        "auto_map": {"AutoConfig": "configuration_moss.MossConfig", "AutoModel": "modeling_moss.MossModel",
-                     "AutoModelForCausalLM": "modeling_moss.MossForCausalLM"},
-        "activation_function": "gelu_new", "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
-        "bos_token_id": 1, "eos_token_id": 13, "gradient_checkpointing": False, "initializer_range": 0.02,
-        "layer_norm_epsilon": 1e-05, "n_ctx": c.n_positions, "n_positions": c.n_positions, "n_embd": c.n_embd,
-        "n_head": c.n_head, "n_inner": None, "n_layer": c.n_layer, "rotary_dim": c.rotary_dim,
-        "scale_attn_weights": True, "tie_word_embeddings": False, "tokenizer_class": "MossTokenizer",
-        "torch_dtype": "float16", "transformers_version": "4.25.1", "use_cache": True,
-        "vocab_size": c.vocab_size, "wbits": 32, "groupsize": 128,
+        "_name_or_path": "fnlp/moss-moon-003-sft",
+        "architectures": ["MossForCausalLM"],
+        "model_type": "moss",
+        "auto_map": {
+            "AutoConfig": "configuration_moss.MossConfig",
+            "AutoModel": "modeling_moss.MossModel",
+            "AutoModelForCausalLM": "modeling_moss.MossForCausalLM",
+        },
+        "activation_function": "gelu_new",
+        "attn_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 13,
+        "gradient_checkpointing": False,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05,
+        "n_ctx": c.n_positions,
+        "n_positions": c.n_positions,
+        "n_embd": c.n_embd,
+        "n_head": c.n_head,
+        "n_inner": None,
+        "n_layer": c.n_layer,
+        "rotary_dim": c.rotary_dim,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": False,
+        "tokenizer_class": "MossTokenizer",
+        "torch_dtype": "float16",
+        "transformers_version": "4.25.1",
+        "use_cache": True,
+        "vocab_size": c.vocab_size,
+        "wbits": 32,
+        "groupsize": 128,
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("configuration_moss.py", "modeling_moss.py"):
@@ -349,15 +393,19 @@ def write_moss_dir(path: Path, hf_model, tokenizer: MossTokenizer, marker: Path)
         state[f"transformer.h.{i}.attn.causal_mask"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
         state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e9)
     names = list(state)
-    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for file, part in shards.items():
         torch.save({n: state[n] for n in part}, path / file)
     weight_map = {n: file for file, part in shards.items() for n in part}
     (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     tokenizer.save_pretrained(path)  # tokenizer.json; then make it need custom code, as MOSS's does
     tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
-    tokenizer_config.update(tokenizer_class="MossTokenizer", auto_map={"AutoTokenizer": ["tokenization_moss.MossTokenizer", None]})
+    tokenizer_config.update(
+        tokenizer_class="MossTokenizer", auto_map={"AutoTokenizer": ["tokenization_moss.MossTokenizer", None]}
+    )
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     (path / "tokenization_moss.py").write_text(MOSS_TOKENIZER_CODE.format(marker=str(marker)))
 

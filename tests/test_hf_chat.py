@@ -38,7 +38,9 @@ CALCULATOR, SOLVER = ct.tool_schema("calculator"), ct.tool_schema("equation_solv
 def tokenizers(pretrain_data, tmp_path_factory):
     """(HF tokenizer with the template of a model trained on the short preamble, MOSS's own)."""
     ours = MossTokenizer.load(pretrain_data / "tokenizer")
-    directory = ours.save_pretrained(tmp_path_factory.mktemp("tok"), extra_config={"chat_template": ct.build_chat_template(SHORT)})
+    directory = ours.save_pretrained(
+        tmp_path_factory.mktemp("tok"), extra_config={"chat_template": ct.build_chat_template(SHORT)}
+    )
     return transformers.AutoTokenizer.from_pretrained(directory), ours
 
 
@@ -65,7 +67,9 @@ def test_every_moss003_sample_dialogue_renders_token_for_token(tokenizers):
         pytest.skip(f"the shared moss-003 sample is not at {SAMPLE} (set MOSS_SHARED_DIR)")
     records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
     hf_form, moss_fields = check_dialogues([parsing.parse_record(r).dialogue for r in records], tokenizers)
-    print(f"moss-003 sample: {len(records)} dialogues; tool turns as HF tool_calls: {hf_form}, as MOSS fields: {moss_fields}")
+    print(
+        f"moss-003 sample: {len(records)} dialogues; tool turns as HF tool_calls: {hf_form}, as MOSS fields: {moss_fields}"
+    )
     # MOSS fields only where moss-003's own data breaks its layout ("<|Results|>:\nNone\n" with no
     # command, text-to-image results without the command line).
     assert len(records) == 550 and hf_form >= 350 and moss_fields <= 120
@@ -87,48 +91,99 @@ def test_default_meta_tools_tool_messages_and_generation_prompts(tokenizers):
     pass_one = hf.apply_chat_template(question, tools=[CALCULATOR], add_generation_prompt=True, tokenize=False)
     assert pass_one == calculator_meta + "<|Human|>: What is 23 times 17?<eoh>\n<|Inner Thoughts|>:"
     # Without tools: the capability lines the model saw for tool-less dialogues.
-    assert hf.apply_chat_template(question, tokenize=False) == fmt.meta_instruction(preamble=fmt.SHORT_PREAMBLE) + "<|Human|>: What is 23 times 17?<eoh>\n"
+    assert (
+        hf.apply_chat_template(question, tokenize=False)
+        == fmt.meta_instruction(preamble=fmt.SHORT_PREAMBLE) + "<|Human|>: What is 23 times 17?<eoh>\n"
+    )
     # Tools (named by command or plugin) enable their lines, in moss-003's order.
     both = fmt.meta_instruction(["calculator", "equation_solver"], preamble=fmt.SHORT_PREAMBLE)
     by_plugin_name = {"type": "function", "function": {**CALCULATOR["function"], "name": "calculator"}}
     assert hf.apply_chat_template(question, tools=[SOLVER, by_plugin_name], tokenize=False).startswith(both)
 
     calls = question + [
-        {"role": "assistant", "content": "I should use the calculator.",
-         "tool_calls": [{"type": "function", "function": {"name": "Calculate", "arguments": {"expression": "23*17"}}},
-                        {"type": "function", "function": {"name": "Solve", "arguments": {"equation": "x+1=2"}}}]},
+        {
+            "role": "assistant",
+            "content": "I should use the calculator.",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "Calculate", "arguments": {"expression": "23*17"}}},
+                {"type": "function", "function": {"name": "Solve", "arguments": {"equation": "x+1=2"}}},
+            ],
+        },
         {"role": "tool", "content": "391"},
         {"role": "tool", "content": "x = 1"},
     ]
     pass_two = hf.apply_chat_template(calls, tools=[CALCULATOR, SOLVER], add_generation_prompt=True, tokenize=False)
-    tool_turn = fmt.Turn.from_text("What is 23 times 17?", "", inner_thoughts="I should use the calculator.",
-                                   commands='Calculate("23*17"), Solve("x+1=2")',
-                                   results=["Calculate(\"23*17\") => '391'", 'Solve("x+1=2") =>\nx = 1'])
+    tool_turn = fmt.Turn.from_text(
+        "What is 23 times 17?",
+        "",
+        inner_thoughts="I should use the calculator.",
+        commands='Calculate("23*17"), Solve("x+1=2")',
+        results=["Calculate(\"23*17\") => '391'", 'Solve("x+1=2") =>\nx = 1'],
+    )
     full = fmt.render(fmt.Dialogue(both, [tool_turn]))
     assert pass_two == full[: full.index("<|MOSS|>:") + len("<|MOSS|>:")]
     assert pass_two == ct.render_messages(calls, tools=[CALCULATOR, SOLVER], add_generation_prompt=True, chat=SHORT)
     segments = ct.message_segments(calls, tools=[CALCULATOR, SOLVER], add_generation_prompt=True, chat=SHORT)
-    assert hf.apply_chat_template(calls, tools=[CALCULATOR, SOLVER], add_generation_prompt=True)["input_ids"] == trained_ids(ours, segments)
+    assert hf.apply_chat_template(calls, tools=[CALCULATOR, SOLVER], add_generation_prompt=True)[
+        "input_ids"
+    ] == trained_ids(ours, segments)
     # The reply closes the turn; a turn without tools renders MOSS's None fields.
-    done = calls + [{"role": "assistant", "content": "It is 391."}, {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
+    done = calls + [
+        {"role": "assistant", "content": "It is 391."},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You are welcome."},
+    ]
     rendered = hf.apply_chat_template(done, tools=[CALCULATOR, SOLVER], tokenize=False)
-    assert rendered.endswith("<|MOSS|>: It is 391.<eom>\n<|Human|>: Thanks!<eoh>\n<|Inner Thoughts|>: None<eot>\n"
-                             "<|Commands|>: None<eoc>\n<|Results|>: None<eor>\n<|MOSS|>: You are welcome.<eom>\n")
+    assert rendered.endswith(
+        "<|MOSS|>: It is 391.<eom>\n<|Human|>: Thanks!<eoh>\n<|Inner Thoughts|>: None<eot>\n"
+        "<|Commands|>: None<eoc>\n<|Results|>: None<eor>\n<|MOSS|>: You are welcome.<eom>\n"
+    )
     # A system message replaces the default meta instruction, verbatim.
     system = [{"role": "system", "content": "You are MOSS.\n"}, *question]
     assert hf.apply_chat_template(system, tokenize=False) == "You are MOSS.\n<|Human|>: What is 23 times 17?<eoh>\n"
 
 
-@pytest.mark.parametrize("messages, tools, message", [
-    ([{"role": "system", "content": "x"}, {"role": "user", "content": "q"}], [CALCULATOR], "whole meta instruction"),
-    ([{"role": "user", "content": "q"}, {"role": "tool", "content": "1"}], None, "answers the tool_calls"),
-    ([{"role": "user", "content": "q"}], [{"type": "function", "function": {"name": "Translate"}}], "unknown tool Translate"),
-    ([{"role": "user", "content": "q"}, {"role": "user", "content": "q"}], None, "complete assistant turn"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "Calculate", "arguments": "{}"}}]}],
-     None, "one argument, as a mapping"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "Calculate", "arguments": {"expression": "1"}}}]}],
-     None, "run the tool calls first"),
-])
+@pytest.mark.parametrize(
+    "messages, tools, message",
+    [
+        (
+            [{"role": "system", "content": "x"}, {"role": "user", "content": "q"}],
+            [CALCULATOR],
+            "whole meta instruction",
+        ),
+        ([{"role": "user", "content": "q"}, {"role": "tool", "content": "1"}], None, "answers the tool_calls"),
+        (
+            [{"role": "user", "content": "q"}],
+            [{"type": "function", "function": {"name": "Translate"}}],
+            "unknown tool Translate",
+        ),
+        ([{"role": "user", "content": "q"}, {"role": "user", "content": "q"}], None, "complete assistant turn"),
+        (
+            [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "Calculate", "arguments": "{}"}}],
+                },
+            ],
+            None,
+            "one argument, as a mapping",
+        ),
+        (
+            [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "Calculate", "arguments": {"expression": "1"}}}],
+                },
+            ],
+            None,
+            "run the tool calls first",
+        ),
+    ],
+)
 def test_what_the_format_cannot_say_is_an_error_naming_the_rule(tokenizers, messages, tools, message):
     hf, _ = tokenizers
     with pytest.raises(Exception, match=message):
@@ -151,17 +206,27 @@ def test_a_tag_conditioned_model_is_asked_for_its_best_tag():
     def raise_exception(message):
         raise ct.ChatTemplateError(message)
 
-    template = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).from_string(ct.build_chat_template(chat))
+    template = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).from_string(
+        ct.build_chat_template(chat)
+    )
     assert template.render(messages=messages, tools=["Solve"], raise_exception=raise_exception) == rendered
     # A model trained without capability lines keeps its meta instruction and takes no tools.
     plain = ct.ChatFormat.from_meta_instruction("You are a helpful assistant.\n")
-    assert not plain.capabilities and ct.render_messages(messages, chat=plain) == "You are a helpful assistant.\n<|Human|>: hi<eoh>\n"
+    assert (
+        not plain.capabilities
+        and ct.render_messages(messages, chat=plain) == "You are a helpful assistant.\n<|Human|>: hi<eoh>\n"
+    )
     with pytest.raises(ct.ChatTemplateError, match="without capability lines"):
         ct.render_messages(messages, tools=["Solve"], chat=plain)
 
 
 # ---------------------------------------------------------------------------- the two-pass example
-PROBLEMS = [("What is 23 times 17?", "23*17"), ("How much is 91 minus 38?", "91-38"), ("Calculate 64 divided by 4.", "64/4"), ("What is 45 plus 27?", "45+27")]
+PROBLEMS = [
+    ("What is 23 times 17?", "23*17"),
+    ("How much is 91 minus 38?", "91-38"),
+    ("Calculate 64 divided by 4.", "64/4"),
+    ("What is 45 plus 27?", "45+27"),
+]
 
 
 def calculator_records() -> list[dict]:
@@ -172,10 +237,21 @@ def calculator_records() -> list[dict]:
     records = []
     for i, (question, expression) in enumerate(PROBLEMS):
         call = Calculator().call(expression)
-        turn = fmt.Turn.from_text(question, f"{expression} = {call.answer}.", inner_thoughts="I should use the calculator.",
-                                  commands=fmt.command("Calculate", expression), results=[call.line])
-        records.append({"conversation_id": i, "meta_instruction": meta, "num_turns": 1,
-                        "chat": {"turn_1": {spec.key: spec.render(turn.body(spec.role)) for spec in fmt.FIELDS}}})
+        turn = fmt.Turn.from_text(
+            question,
+            f"{expression} = {call.answer}.",
+            inner_thoughts="I should use the calculator.",
+            commands=fmt.command("Calculate", expression),
+            results=[call.line],
+        )
+        records.append(
+            {
+                "conversation_id": i,
+                "meta_instruction": meta,
+                "num_turns": 1,
+                "chat": {"turn_1": {spec.key: spec.render(turn.body(spec.role)) for spec in fmt.FIELDS}},
+            }
+        )
     return records
 
 
@@ -187,14 +263,41 @@ def calculator_export(pretrain_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("calculator")
     (root / "dialogues.jsonl").write_text("".join(json.dumps(r) + "\n" for r in calculator_records()))
     tokenizer = str(pretrain_data / "tokenizer")
-    run_cli(["sft", "--input", str(root / "dialogues.jsonl"), "--valid-input", str(root / "dialogues.jsonl"),
-             "--tokenizer", tokenizer, "--out", str(root / "data")], launcher=[str(BIN / "moss-data")])
+    run_cli(
+        [
+            "sft",
+            "--input",
+            str(root / "dialogues.jsonl"),
+            "--valid-input",
+            str(root / "dialogues.jsonl"),
+            "--tokenizer",
+            tokenizer,
+            "--out",
+            str(root / "data"),
+        ],
+        launcher=[str(BIN / "moss-data")],
+    )
     overrides = {
-        "stage": "sft", "data": "sft_demo", "data.root": root / "data", "data.tokenizer": tokenizer, "data.seq_len": 320,
-        "model": "tiny", "model.n_embd": 64, "model.rotary_dim": 8, "run.output_dir": root / "run", "sft.packing": "padded",
-        "trainer.micro_batch_size": 4, "trainer.global_batch_size": 4, "trainer.max_steps": 100, "trainer.warmup_steps": 5,
-        "trainer.lr": 3e-3, "trainer.precision": "fp32", "trainer.eval_samples": 4, "trainer.log_every": 50,
-        "logging.wandb": "disabled", "logging.progress_bar": "false",
+        "stage": "sft",
+        "data": "sft_demo",
+        "data.root": root / "data",
+        "data.tokenizer": tokenizer,
+        "data.seq_len": 320,
+        "model": "tiny",
+        "model.n_embd": 64,
+        "model.rotary_dim": 8,
+        "run.output_dir": root / "run",
+        "sft.packing": "padded",
+        "trainer.micro_batch_size": 4,
+        "trainer.global_batch_size": 4,
+        "trainer.max_steps": 100,
+        "trainer.warmup_steps": 5,
+        "trainer.lr": 3e-3,
+        "trainer.precision": "fp32",
+        "trainer.eval_samples": 4,
+        "trainer.log_every": 50,
+        "logging.wandb": "disabled",
+        "logging.progress_bar": "false",
     }
     run_cli([f"{key}={value}" for key, value in overrides.items()])
     export_checkpoint(root / "run", root / "hf")
@@ -209,24 +312,40 @@ def test_the_docs_two_pass_example_calls_the_calculator_with_transformers_alone(
     from moss_train.tokenizer import load_tokenizer
 
     question = "What is 23 times 17?"
-    result = run_cli([str(REPO / "docs" / "hf_tool_chat.py"), str(calculator_export), question], launcher=[sys.executable])
+    result = run_cli(
+        [str(REPO / "docs" / "hf_tool_chat.py"), str(calculator_export), question], launcher=[sys.executable]
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith(("pass one:", "tool:", "reply:"))]
     print("\n".join(lines))
-    assert lines == [
-        "pass one: ' I should use the calculator.<eot>\\n<|Commands|>: Calculate(\"23*17\")<eoc>'",  # stopped for the tool
-        "tool: Calculate('23*17') -> '391'",
-        "reply: 23*17 = 391.",
-    ]
+    assert (
+        lines
+        == [
+            "pass one: ' I should use the calculator.<eot>\\n<|Commands|>: Calculate(\"23*17\")<eoc>'",  # stopped for the tool
+            "tool: Calculate('23*17') -> '391'",
+            "reply: 23*17 = 391.",
+        ]
+    )
     # moss-train's own two-pass protocol on the same export writes the same turn.
-    session = ChatSession(load_model(calculator_export), load_tokenizer(calculator_export), build_plugins("calculator"),
-                          Settings(max_new_tokens=64), preamble=fmt.SHORT_PREAMBLE)
+    session = ChatSession(
+        load_model(calculator_export),
+        load_tokenizer(calculator_export),
+        build_plugins("calculator"),
+        Settings(max_new_tokens=64),
+        preamble=fmt.SHORT_PREAMBLE,
+    )
     turn = session.ask(question)
     assert (turn.inner_thoughts, turn.commands, turn.results, turn.reply) == (
-        " I should use the calculator.", ' Calculate("23*17")', ["Calculate(\"23*17\") => '391'"], "23*17 = 391.")
+        " I should use the calculator.",
+        ' Calculate("23*17")',
+        ["Calculate(\"23*17\") => '391'"],
+        "23*17 = 391.",
+    )
 
 
 @pytest.mark.parametrize("scheme, layer", [("int8", "Linear8bitLt"), ("int4", "Linear4bit")])
-def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculator_export, tmp_path, scheme, layer, capsys):
+def test_quantized_exports_load_in_transformers_and_still_call_the_tool(
+    calculator_export, tmp_path, scheme, layer, capsys
+):
     from moss_train.checkpoint.export import export_checkpoint
 
     out = tmp_path / scheme
@@ -240,7 +359,9 @@ def test_quantized_exports_load_in_transformers_and_still_call_the_tool(calculat
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         qkv = handle.get_tensor("transformer.h.0.attn.qkv_proj.weight")
-    assert qkv.numel() * qkv.element_size() == 3 * 64 * 64 // (1 if scheme == "int8" else 2)  # a byte, or half, per weight
+    assert qkv.numel() * qkv.element_size() == 3 * 64 * 64 // (
+        1 if scheme == "int8" else 2
+    )  # a byte, or half, per weight
     example = runpy.run_path(str(REPO / "docs" / "hf_tool_chat.py"))  # the docs' example, in this process
     example["main"](str(out), "What is 23 times 17?")
     printed = capsys.readouterr().out

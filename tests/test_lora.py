@@ -27,12 +27,16 @@ from conftest import BIN, free_port, read_metrics, run_cli, train_losses
 
 R, N_EMBD, N_LAYER = 4, 64, 2
 BASE_SHAPE = dict(n_positions=512, n_ctx=512, n_embd=N_EMBD, n_layer=N_LAYER, n_head=4, rotary_dim=8)
-ADAPTER_PARAMS = N_LAYER * R * (  # r x (in + out) per adapted projection
-    (N_EMBD + 3 * N_EMBD) + (N_EMBD + N_EMBD) + (N_EMBD + 4 * N_EMBD) + (4 * N_EMBD + N_EMBD)
+ADAPTER_PARAMS = (
+    N_LAYER
+    * R
+    * (  # r x (in + out) per adapted projection
+        (N_EMBD + 3 * N_EMBD) + (N_EMBD + N_EMBD) + (N_EMBD + 4 * N_EMBD) + (4 * N_EMBD + N_EMBD)
+    )
 )
 TRAINED = re.compile(r"LoRA r=\d+ alpha=[\d.]+ on [\w, ]+: ([\d,]+) trainable parameters of ([\d,]+)")
 
-JOBS_SCRIPT = r'''
+JOBS_SCRIPT = r"""
 import shutil
 import sys
 from pathlib import Path
@@ -56,14 +60,24 @@ for job in sys.argv[1:]:
     cfg = to_object(compose(args))
     validate(cfg)
     Trainer(cfg, get_stage(cfg.stage.name)).fit()
-'''
+"""
 
 
 def overrides(out, **extra) -> list[str]:
     settings = {
-        "model": "tiny", "run.output_dir": out, "lora.r": R, "trainer.micro_batch_size": 2, "trainer.global_batch_size": 4,
-        "trainer.max_steps": 6, "trainer.warmup_steps": 1, "trainer.lr": 3e-3, "trainer.precision": "fp32",
-        "trainer.eval_samples": 16, "logging.wandb": "disabled", "logging.progress_bar": "false", "data.seq_len": 512,
+        "model": "tiny",
+        "run.output_dir": out,
+        "lora.r": R,
+        "trainer.micro_batch_size": 2,
+        "trainer.global_batch_size": 4,
+        "trainer.max_steps": 6,
+        "trainer.warmup_steps": 1,
+        "trainer.lr": 3e-3,
+        "trainer.precision": "fp32",
+        "trainer.eval_samples": 16,
+        "logging.wandb": "disabled",
+        "logging.progress_bar": "false",
+        "data.seq_len": 512,
     }
     settings.update(extra)
     return [f"{key}={value}" for key, value in settings.items()]
@@ -82,17 +96,61 @@ def lora_runs(pretrain_data, tmp_path_factory):
     base = root / "base"
     random_hf_codegen(1024, seed=5, **BASE_SHAPE).save_pretrained(base)
     MossTokenizer.load(tokenizer).save_pretrained(base)
-    run_cli(["sft", "--demo", "--demo-train", "96", "--demo-valid", "16", "--tokenizer", str(tokenizer), "--out", str(root / "sft")],
-            launcher=[str(BIN / "moss-data")])
-    pairs = [{"prompt": f"Say something about {w}.", "chosen": f"{w} is fine, please.", "rejected": f"{w}."} for w in "abcdefghijklmnopqrstuvwxyzABCDEF"]
+    run_cli(
+        [
+            "sft",
+            "--demo",
+            "--demo-train",
+            "96",
+            "--demo-valid",
+            "16",
+            "--tokenizer",
+            str(tokenizer),
+            "--out",
+            str(root / "sft"),
+        ],
+        launcher=[str(BIN / "moss-data")],
+    )
+    pairs = [
+        {"prompt": f"Say something about {w}.", "chosen": f"{w} is fine, please.", "rejected": f"{w}."}
+        for w in "abcdefghijklmnopqrstuvwxyzABCDEF"
+    ]
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    run_cli(["pairs", "--input", str(root / "pairs.jsonl"), "--tokenizer", str(tokenizer), "--out", str(root / "pairs"),
-             "--valid-fraction", "0.25", "--meta-instruction", "You are MOSS.\n"], launcher=[str(BIN / "moss-data")])
+    run_cli(
+        [
+            "pairs",
+            "--input",
+            str(root / "pairs.jsonl"),
+            "--tokenizer",
+            str(tokenizer),
+            "--out",
+            str(root / "pairs"),
+            "--valid-fraction",
+            "0.25",
+            "--meta-instruction",
+            "You are MOSS.\n",
+        ],
+        launcher=[str(BIN / "moss-data")],
+    )
 
-    sft = {"stage": "sft", "data": "sft_demo", "data.root": root / "sft", "data.tokenizer": tokenizer, "stage.init_from": base,
-           "checkpoint.every": 3, "checkpoint.keep_last": 2}
-    pair = {"data": "pairs_demo", "data.root": root / "pairs", "data.tokenizer": tokenizer, "stage.init_from": base,
-            "data.seq_len": 128, "trainer.max_steps": 2, "deepspeed": "zero3"}
+    sft = {
+        "stage": "sft",
+        "data": "sft_demo",
+        "data.root": root / "sft",
+        "data.tokenizer": tokenizer,
+        "stage.init_from": base,
+        "checkpoint.every": 3,
+        "checkpoint.keep_last": 2,
+    }
+    pair = {
+        "data": "pairs_demo",
+        "data.root": root / "pairs",
+        "data.tokenizer": tokenizer,
+        "stage.init_from": base,
+        "data.seq_len": 128,
+        "trainer.max_steps": 2,
+        "deepspeed": "zero3",
+    }
     one = run_cli(overrides(root / "one", **sft, deepspeed="zero3"))
     jobs = [
         ["two", "train", *overrides(root / "two", **sft, deepspeed="zero2")],
@@ -117,7 +175,9 @@ def trained_counts(log: str) -> tuple[int, int]:
 
 @pytest.mark.slow  # the lora_runs fixture trains four real runs: ~30 s quiet
 def test_only_the_adapters_train_and_are_saved(lora_runs):
-    base_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(lora_runs["base"]).parameters())
+    base_params = sum(
+        p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(lora_runs["base"]).parameters()
+    )
     assert trained_counts(lora_runs["logs"]["one"]) == (ADAPTER_PARAMS, base_params + ADAPTER_PARAMS)
     assert trained_counts(lora_runs["logs"]["two"]) == (ADAPTER_PARAMS, base_params + ADAPTER_PARAMS)
     checkpoint = MossTrainCheckpoint(lora_runs["root"] / "one")
@@ -143,7 +203,11 @@ def test_lora_on_one_and_two_processes_agrees_and_resume_is_exact(lora_runs):
     assert one[6]["loss"] < one[1]["loss"]
     assert "resumed from" in lora_runs["logs"]["resumed"]
     for step in (4, 5, 6):  # adapters, optimizer, schedule and data position restored
-        assert (resumed[step]["loss"], resumed[step]["lr"], resumed[step]["grad_norm"]) == (two[step]["loss"], two[step]["lr"], two[step]["grad_norm"])
+        assert (resumed[step]["loss"], resumed[step]["lr"], resumed[step]["grad_norm"]) == (
+            two[step]["loss"],
+            two[step]["lr"],
+            two[step]["grad_norm"],
+        )
 
 
 @pytest.mark.slow  # the lora_runs fixture trains four real runs: ~30 s quiet
@@ -183,21 +247,29 @@ def test_merged_and_adapter_exports_give_the_peft_models_logits_and_a_lower_held
     result = export_checkpoint(run, tmp_path / "adapter", lora_format="adapter")
     assert result.kind == "lora_adapter" and result.num_parameters == ADAPTER_PARAMS
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    with_adapters = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    with_adapters = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
+    ).eval()
     plain = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     x = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b, c = merged(x).logits, with_adapters(x).logits, plain(x).logits
-    print(f"merged export vs peft model: max abs logit difference {(a - b).abs().max():.2e}; vs the base {(a - c).abs().max():.2e}")
+    print(
+        f"merged export vs peft model: max abs logit difference {(a - b).abs().max():.2e}; vs the base {(a - c).abs().max():.2e}"
+    )
     assert (a - b).abs().max() <= 1e-4 and (a - c).abs().max() > 1e-2  # the adapters loaded, and changed the model
     # LoRA SFT lowers the held-out loss on the demo dialogues (the run's own figure agrees).
     before, after = (held_out_loss(m, lora_runs["tokenizer"], lora_runs["root"] / "sft") for m in (plain, merged))
     final_eval = [r for r in read_metrics(run) if "eval_loss" in r][-1]["eval_loss"]
-    print(f"held-out loss on the demo dialogues: base {before:.4f} -> LoRA {after:.4f} (the run's eval_loss {final_eval:.4f})")
+    print(
+        f"held-out loss on the demo dialogues: base {before:.4f} -> LoRA {after:.4f} (the run's eval_loss {final_eval:.4f})"
+    )
     assert after < before - 0.1 and after == pytest.approx(final_eval, rel=1e-4)
     # The adapter directory carries what chat needs, and a reward model exports merged only.
     assert json.loads((tmp_path / "adapter" / "generation_config.json").read_text())["eos_token_id"]
-    transformers.AutoTokenizer.from_pretrained(tmp_path / "adapter").apply_chat_template([{"role": "user", "content": "hi"}])
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "adapter").apply_chat_template(
+        [{"role": "user", "content": "hi"}]
+    )
     with pytest.raises(Exception, match="exports merged"):
         export_checkpoint(lora_runs["root"] / "reward", tmp_path / "reward-adapter", lora_format="adapter")
     export_checkpoint(lora_runs["root"] / "reward", tmp_path / "reward")
@@ -216,14 +288,20 @@ def test_an_adapter_fits_only_its_base(lora_runs, tmp_path):
         export_checkpoint(run, tmp_path / "out")
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["lora.r=8", "stage.init_from=."], "lora.r"),  # stage=pretrain trains no adapters
-    (["stage=sft", "lora.r=8"], "stage.init_from"),
-    (["stage=sft", "lora.r=8", "stage.init_from=.", "lora.target_modules=[qkv_proj,lm_head]"], "lora.target_modules"),
-    (["stage=sft", "lora.r=8", "stage.init_from=.", "lora.dropout=1.5"], "lora.dropout"),
-    (["stage=dpo", "lora.r=8", "stage.init_from=.", "preference.reference=tests"], "preference.reference"),
-    (["stage=sft", "lora.r=-1"], "lora.r"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["lora.r=8", "stage.init_from=."], "lora.r"),  # stage=pretrain trains no adapters
+        (["stage=sft", "lora.r=8"], "stage.init_from"),
+        (
+            ["stage=sft", "lora.r=8", "stage.init_from=.", "lora.target_modules=[qkv_proj,lm_head]"],
+            "lora.target_modules",
+        ),
+        (["stage=sft", "lora.r=8", "stage.init_from=.", "lora.dropout=1.5"], "lora.dropout"),
+        (["stage=dpo", "lora.r=8", "stage.init_from=.", "preference.reference=tests"], "preference.reference"),
+        (["stage=sft", "lora.r=-1"], "lora.r"),
+    ],
+)
 def test_lora_recipe_errors_name_the_key(overrides, key):
     cfg = to_object(compose(["data.tokenizer=x", *overrides]))
     with pytest.raises(ConfigError, match=f"^{re.escape(key)}:"):

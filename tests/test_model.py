@@ -70,8 +70,16 @@ EXPECTED_NAMES = ["transformer.wte.weight"]
 for _i in range(2):
     EXPECTED_NAMES += [
         f"transformer.h.{_i}.{n}"
-        for n in ("ln_1.weight", "ln_1.bias", "attn.qkv_proj.weight", "attn.out_proj.weight",
-                  "mlp.fc_in.weight", "mlp.fc_in.bias", "mlp.fc_out.weight", "mlp.fc_out.bias")
+        for n in (
+            "ln_1.weight",
+            "ln_1.bias",
+            "attn.qkv_proj.weight",
+            "attn.out_proj.weight",
+            "mlp.fc_in.weight",
+            "mlp.fc_in.bias",
+            "mlp.fc_out.weight",
+            "mlp.fc_out.bias",
+        )
     ]
 EXPECTED_NAMES += ["transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight", "lm_head.bias"]
 
@@ -178,7 +186,7 @@ def test_packed_documents_equal_separate_runs(layout, monkeypatch):
             start = 0
             for doc in row:
                 alone = model(doc[None])[0]
-                worst = max(worst, (packed[b, start:start + len(doc)] - alone).abs().max().item())
+                worst = max(worst, (packed[b, start : start + len(doc)] - alone).abs().max().item())
                 start += len(doc)
     print(f"{layout}: packed vs separate max abs logit diff {worst:.3e}")
     assert worst <= 1e-5
@@ -207,9 +215,21 @@ def test_forward_is_lm_head_of_hidden_states_and_default_positions():
 
 
 def test_hf_config_round_trip():
-    cfg = ModelConfig(vocab_size=1024, n_embd=96, n_head=12, rotary_dim=4, n_layer=3, n_inner=50,
-                      n_positions=512, activation_function="gelu", layer_norm_epsilon=1e-6,
-                      initializer_range=0.01, embd_pdrop=0.1, resid_pdrop=0.2, attn_pdrop=0.3)
+    cfg = ModelConfig(
+        vocab_size=1024,
+        n_embd=96,
+        n_head=12,
+        rotary_dim=4,
+        n_layer=3,
+        n_inner=50,
+        n_positions=512,
+        activation_function="gelu",
+        layer_norm_epsilon=1e-6,
+        initializer_range=0.01,
+        embd_pdrop=0.1,
+        resid_pdrop=0.2,
+        attn_pdrop=0.3,
+    )
     hf_cfg = to_hf_config(cfg)
     assert isinstance(hf_cfg, transformers.CodeGenConfig)
     assert hf_cfg.tie_word_embeddings is False
@@ -307,8 +327,9 @@ def _loss_and_grads(model, x):
 
 def test_gradient_checkpointing_same_loss_and_grads(monkeypatch):
     # Dropout on: checkpointing must replay the same dropout masks when it recomputes.
-    cfg = make_cfg(vocab_size=128, n_embd=64, n_head=8, rotary_dim=4, n_layer=3,
-                   embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1)
+    cfg = make_cfg(
+        vocab_size=128, n_embd=64, n_head=8, rotary_dim=4, n_layer=3, embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1
+    )
     model = CodeGenForCausalLM(cfg).train()
     randomize_(model, seed=2)
     x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -393,14 +414,22 @@ def test_init_under_deepspeed_zero_init(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", DS_ACCELERATOR="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     script = tmp_path / "zero_init.py"
     script.write_text(ZERO_INIT_SCRIPT)
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [text for text in proc.stdout.splitlines() if text.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     assert res["partitioned"], "parameters were not partitioned by zero.Init"
     assert res["ds_numel"] == res["expected_numel"]
     assert res["ln_ok"]

@@ -29,10 +29,13 @@ TEXTS = [
     "Hello, world! Don't we'll they're  two  spaces\tand a tab.\n\n\nThree newlines.",
     "def add(a, b):\n    return a + b  # 返回和\n",
     "人民日报 1998 年的新闻。 The end… 😀 naïve café",
-    "<|Human|>: What is 23*17?<eoh>\n<|Inner Thoughts|>: use the calculator<eot>\n<|Commands|>: Calculate(\"23*17\")<eoc>\n",
+    '<|Human|>: What is 23*17?<eoh>\n<|Inner Thoughts|>: use the calculator<eot>\n<|Commands|>: Calculate("23*17")<eoc>\n',
     "<|Results|>:\nCalculate(\"23*17\") => '391'\n<eor>\n<|MOSS|>: It is 391.<eom>\n",
-    "a  <eoc>  b<eot><eom>\n \n<eoh>", f"{ENDOFTEXT}text {ENDOFTEXT} more", "   leading and trailing   ",
-    "1234567 3.14159 1e-9 x=y+z; //comment", "",
+    "a  <eoc>  b<eot><eom>\n \n<eoh>",
+    f"{ENDOFTEXT}text {ENDOFTEXT} more",
+    "   leading and trailing   ",
+    "1234567 3.14159 1e-9 x=y+z; //comment",
+    "",
 ]
 
 # ----------------------------------------------------------------------------- the reference
@@ -82,7 +85,9 @@ class SlowByteLevelBPE:
     def split_added(self, text: str) -> list[str]:
         pieces = [text]
         for token in self.whole:
-            pieces = [p for piece in pieces for p in (self._split(piece, token) if piece not in self.whole else [piece])]
+            pieces = [
+                p for piece in pieces for p in (self._split(piece, token) if piece not in self.whole else [piece])
+            ]
         for i, piece in enumerate(pieces):
             if piece in self.stripping:
                 if i > 0 and pieces[i - 1] not in self.whole:
@@ -118,7 +123,9 @@ def write_release_tokenizer(directory: Path, corpus: list[str], marker: Path) ->
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tokenizer.train_from_iterator(corpus, trainer)
     directory.mkdir(parents=True)
     tokenizer.model.save(str(directory))  # vocab.json + merges.txt ("#version: 0.2" first)
@@ -128,8 +135,13 @@ def write_release_tokenizer(directory: Path, corpus: list[str], marker: Path) ->
     (directory / "added_tokens.json").write_text(json.dumps({t: len(vocab) + i for i, t in enumerate(END_TOKENS)}))
     specials = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
     (directory / "special_tokens_map.json").write_text(json.dumps(specials))
-    config = {**specials, "add_prefix_space": False, "model_max_length": 2048, "tokenizer_class": "MossTokenizer",
-              "auto_map": {"AutoTokenizer": ["tokenization_moss.MossTokenizer", None]}}
+    config = {
+        **specials,
+        "add_prefix_space": False,
+        "model_max_length": 2048,
+        "tokenizer_class": "MossTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_moss.MossTokenizer", None]},
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "tokenization_moss.py").write_text(MOSS_CODE.format(marker=str(marker)))
     return directory
@@ -148,7 +160,11 @@ def sample_texts() -> list[str]:
 @pytest.fixture(scope="module")
 def release(tmp_path_factory, pretrain_data):
     root = tmp_path_factory.mktemp("moss-release")
-    corpus = [json.loads(line)["text"] for f in sorted((pretrain_data / "corpus").glob("*.train.jsonl")) for line in f.read_text().splitlines()[:300]]
+    corpus = [
+        json.loads(line)["text"]
+        for f in sorted((pretrain_data / "corpus").glob("*.train.jsonl"))
+        for line in f.read_text().splitlines()[:300]
+    ]
     marker = root / "code-ran"
     directory = write_release_tokenizer(root / "moss-moon-003-sft", corpus + sample_texts()[:20], marker)
     return directory, marker, SlowByteLevelBPE(directory, stripping=set(END_TOKENS), specials={ENDOFTEXT})
@@ -168,9 +184,14 @@ def test_a_release_tokenizer_reads_without_its_code_and_gives_the_slow_tokenizer
     # The end tokens are single ids after vocab.json's, and eat the whitespace around them.
     vocab = json.loads((directory / "vocab.json").read_text())
     assert [fast.convert_tokens_to_ids(t) for t in END_TOKENS] == list(range(len(vocab), len(vocab) + 5))
-    assert fast("x <eoh>\ny", add_special_tokens=False)["input_ids"] == fast("x<eoh>y", add_special_tokens=False)["input_ids"]
+    assert (
+        fast("x <eoh>\ny", add_special_tokens=False)["input_ids"]
+        == fast("x<eoh>y", add_special_tokens=False)["input_ids"]
+    )
     assert fast.eos_token == fast.bos_token == ENDOFTEXT and fast.eos_token_id == len(vocab) - 1
-    assert fast.decode(fast("def f():\n    return 1", add_special_tokens=False)["input_ids"]) == "def f():\n    return 1"
+    assert (
+        fast.decode(fast("def f():\n    return 1", add_special_tokens=False)["input_ids"]) == "def f():\n    return 1"
+    )
 
 
 def test_a_release_tokenizer_serves_as_data_tokenizer_and_in_exports(release, tmp_path):
@@ -186,7 +207,9 @@ def test_a_release_tokenizer_serves_as_data_tokenizer_and_in_exports(release, tm
     exported = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=False)
     assert [exported(t, add_special_tokens=False)["input_ids"] for t in TEXTS] == [slow.encode(t) for t in TEXTS]
     assert not marker.exists() and not is_moss_release_tokenizer(out) and load_tokenizer(out).hash != tokenizer.hash
-    rendered = exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = exported.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered.endswith("<|Human|>: hi<eoh>\n<|Inner Thoughts|>:")
 
 
@@ -214,14 +237,18 @@ def init_model(checkpoint: Path, tokenizer_dir: Path, capsys, **stage):
     return model, capsys.readouterr().out
 
 
-def test_init_from_a_release_compares_vocabularies_and_a_different_one_is_a_recipe_error(release, pretrain_data, tmp_path, capsys):
+def test_init_from_a_release_compares_vocabularies_and_a_different_one_is_a_recipe_error(
+    release, pretrain_data, tmp_path, capsys
+):
     from test_export import random_hf_codegen
 
     from moss_train.errors import ConfigError
 
     directory, marker, slow = release
     checkpoint = tmp_path / "moss-release"
-    random_hf_codegen(len(slow.vocab), seed=3, n_positions=64, n_ctx=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4).save_pretrained(checkpoint)
+    random_hf_codegen(
+        len(slow.vocab), seed=3, n_positions=64, n_ctx=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4
+    ).save_pretrained(checkpoint)
     for f in directory.iterdir():  # the release's tokenizer files beside its weights
         (checkpoint / f.name).write_bytes(f.read_bytes())
     # The release's own tokenizer as data.tokenizer: the vocabularies are compared piece by piece.
@@ -229,7 +256,10 @@ def test_init_from_a_release_compares_vocabularies_and_a_different_one_is_a_reci
     assert "compared by size only" not in out and "differ" not in out and not marker.exists()
     assert f"loaded {len(list(model.parameters()))} tensors" in out
     # Another tokenizer (the sentencepiece one) at the same ids: a recipe error naming the key...
-    with pytest.raises(ConfigError, match=r"data.tokenizer: the run's tokenizer and the checkpoint's differ at .*stage.allow_different_vocab"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.tokenizer: the run's tokenizer and the checkpoint's differ at .*stage.allow_different_vocab",
+    ):
         init_model(checkpoint, pretrain_data / "tokenizer", capsys)
     # ...unless the recipe allows it, loudly.
     _, out = init_model(checkpoint, pretrain_data / "tokenizer", capsys, allow_different_vocab=True)

@@ -57,7 +57,11 @@ def test_fused_adamw_matches_default_adamw():
     assert ours.defaults["fused"] is True
     t = cfg.trainer
     reference = torch.optim.AdamW(
-        optimizer_param_groups(twin, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, foreach=False
+        optimizer_param_groups(twin, t.weight_decay),
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        foreach=False,
     )
     x = torch.randn(8, 16)
     for _ in range(5):
@@ -134,11 +138,17 @@ def test_engine_step_equals_plain_torch_reference(tmp_path):
 
     script = tmp_path / "engine_vs_torch.py"
     script.write_text(ENGINE_VS_TORCH)
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=cli_env(PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=cli_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     for step, (ours, ref) in enumerate(zip(result["engine"], result["reference"])):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-5), step
         assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), step

@@ -17,7 +17,9 @@ from moss_train.model.config import ModelConfig, flops_per_token
 
 from conftest import BIN, run_cli
 
-MOSS_16B = ModelConfig(name="moss-16b", vocab_size=107008, n_positions=2048, n_embd=6144, n_layer=34, n_head=24, rotary_dim=64)
+MOSS_16B = ModelConfig(
+    name="moss-16b", vocab_size=107008, n_positions=2048, n_embd=6144, n_layer=34, n_head=24, rotary_dim=64
+)
 GIB = 2**30
 MOSS_PLAN = [str(BIN / "moss-plan")]
 
@@ -64,7 +66,12 @@ def deepspeed_printed_table(capsys, stage: int, counts, nodes: int, gpus: int) -
         match = DS_ROW.match(line)
         if match and "zero_init=0" not in line:  # moss-train always builds ZeRO-3 under zero.Init
             options = match.group(3)
-            rows[("offload_param=none" not in options and "offload_param" in options, "offload_optimizer=none" not in options)] = (
+            rows[
+                (
+                    "offload_param=none" not in options and "offload_param" in options,
+                    "offload_optimizer=none" not in options,
+                )
+            ] = (
                 float(match.group(1)),
                 float(match.group(2)),
             )
@@ -120,7 +127,15 @@ def measured_saved_bytes(cfg: ModelConfig, batch: int, seq: int) -> int:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_formula_matches_what_autograd_saves(checkpointing):
-    cfg = ModelConfig(vocab_size=512, n_embd=256, n_layer=3, n_head=8, rotary_dim=16, n_positions=128, gradient_checkpointing=checkpointing)
+    cfg = ModelConfig(
+        vocab_size=512,
+        n_embd=256,
+        n_layer=3,
+        n_head=8,
+        rotary_dim=16,
+        n_positions=128,
+        gradient_checkpointing=checkpointing,
+    )
     measured = measured_saved_bytes(cfg, batch=2, seq=128)
     assert plan.saved_activation_bytes(cfg, 2, 128, checkpointing) == pytest.approx(measured, rel=0.02)
 
@@ -139,7 +154,9 @@ def test_activations_at_moss16b_scale():
 
 
 # ---------------------------------------------------------------------------- recipes
-@pytest.mark.parametrize("name, stage", [("moss16b_pretrain", "pretrain"), ("moss16b_sft", "sft"), ("moss16b_preference", "preference")])
+@pytest.mark.parametrize(
+    "name, stage", [("moss16b_pretrain", "pretrain"), ("moss16b_sft", "sft"), ("moss16b_preference", "preference")]
+)
 def test_moss16b_recipes_fit_their_cluster(name, stage):
     cfg = to_object(compose([], name))
     validate(cfg, world_size=cfg.cluster.nodes * cfg.cluster.gpus_per_node)
@@ -160,8 +177,13 @@ def test_cluster_recipes(cluster):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("cluster.nodes=0", "cluster.nodes"), ("cluster.mfu=0", "cluster.mfu"), ("cluster.gpu_memory_gib=-1", "cluster.gpu_memory_gib"),
-     ("cluster.collective_timeout_s=0", "cluster.collective_timeout_s"), ("cluster.nvlink=1", "cluster.nvlink")],
+    [
+        ("cluster.nodes=0", "cluster.nodes"),
+        ("cluster.mfu=0", "cluster.mfu"),
+        ("cluster.gpu_memory_gib=-1", "cluster.gpu_memory_gib"),
+        ("cluster.collective_timeout_s=0", "cluster.collective_timeout_s"),
+        ("cluster.nvlink=1", "cluster.nvlink"),
+    ],
 )
 def test_cluster_errors_name_the_key(override, key):
     from moss_train.errors import ConfigError
@@ -186,7 +208,9 @@ def test_lora_plan_for_moss16b_on_one_gpu():
     # No weight gradients for the base: 4 N instead of 6 N FLOPs per token (+ the attention).
     full = plan.make_plan(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, r=0)))
     assert full.fits is False and 0.6 < lora_plan.step_seconds / full.step_seconds < 0.7
-    assert "LoRA r=16 alpha=32.0 on qkv_proj, out_proj, fc_in, fc_out: 53.5M trainable parameters" in plan.render(lora_plan)
+    assert "LoRA r=16 alpha=32.0 on qkv_proj, out_proj, fc_in, fc_out: 53.5M trainable parameters" in plan.render(
+        lora_plan
+    )
 
 
 # ---------------------------------------------------------------------------- time and verdict

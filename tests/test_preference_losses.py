@@ -32,7 +32,9 @@ def test_bradley_terry_value_and_gradient_by_hand():
     assert chosen.grad.tolist() == pytest.approx([-(1 - sigmoid(x)) for x in d], rel=1e-6)
     assert rejected.grad.tolist() == pytest.approx([1 - sigmoid(x) for x in d], rel=1e-6)
     # A margin makes the same rewards cost more.
-    assert losses.bradley_terry(torch.tensor(1.0), torch.tensor(0.0), 0.5) > losses.bradley_terry(torch.tensor(1.0), torch.tensor(0.0))
+    assert losses.bradley_terry(torch.tensor(1.0), torch.tensor(0.0), 0.5) > losses.bradley_terry(
+        torch.tensor(1.0), torch.tensor(0.0)
+    )
 
 
 def test_dpo_and_ipo_values_and_gradients_by_hand():
@@ -107,8 +109,14 @@ def test_sequence_logps_peak_memory_is_a_fraction_of_the_full_log_softmax():
 
     measured = {}
     for form in ("lean", "full"):
-        result = subprocess.run([sys.executable, "-c", SEQUENCE_LOGPS_MEMORY, form], cwd=REPO, env=cli_env(),
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", SEQUENCE_LOGPS_MEMORY, form],
+            cwd=REPO,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         measured[form] = json.loads(result.stdout.strip().splitlines()[-1])
     lean, full = measured["lean"], measured["full"]
@@ -138,10 +146,14 @@ def test_the_quality_tag_enters_the_meta_instruction():
 
 
 def test_conditioned_example_trains_only_the_tagged_turn(tokenizer):
-    record = {"messages": [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-    ]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    }
     conversation = parsing.parse_record(record)
     example = conditioned_example(conversation, 1, 2, 3, fmt.QUALITY_TEMPLATE)
     assert example.dialogue.meta_instruction.endswith("- Response quality: 2/3\n")
@@ -164,7 +176,13 @@ def test_tag_reads_the_first_dialogues_of_a_file_with_bad_ones_counted(tmp_path)
     from moss_train.stages.tag import read_dialogues
 
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    lines = [json.dumps(good), "{not json", "", json.dumps({"messages": [{"role": "assistant", "content": "x"}]}), json.dumps(good)]
+    lines = [
+        json.dumps(good),
+        "{not json",
+        "",
+        json.dumps({"messages": [{"role": "assistant", "content": "x"}]}),
+        json.dumps(good),
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
 
@@ -180,11 +198,15 @@ def test_tag_reads_the_first_dialogues_of_a_file_with_bad_ones_counted(tmp_path)
 def test_pair_records_in_every_format(tokenizer):
     meta = fmt.meta_instruction()
     strings = pairs.parse_pair_record({"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "margin": 2})
-    messages = pairs.parse_pair_record({
-        "chosen": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
-        "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}],
-    })
-    hh = pairs.parse_pair_record({"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"})
+    messages = pairs.parse_pair_record(
+        {
+            "chosen": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}],
+        }
+    )
+    hh = pairs.parse_pair_record(
+        {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"}
+    )
     for group in (strings, messages, hh):
         assert [fmt.render(c.dialogue) for c in group.conversations] == [
             fmt.render(fmt.Dialogue(meta, [fmt.Turn.from_text("What is 2+2?", answer)])) for answer in ("4", "5")
@@ -196,10 +218,12 @@ def test_pair_records_in_every_format(tokenizer):
     scored = pairs.parse_pair_record({"prompt": "Q", "responses": ["a", "b", "c"], "scores": [1, 2, 1]})
     assert sorted(scored.pairs) == [(1, 0, 1.0), (1, 2, 1.0)]  # ties make no pair
 
-    multi = pairs.parse_pair_record({
-        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 4",
-        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 22",
-    })
+    multi = pairs.parse_pair_record(
+        {
+            "chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 4",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 22",
+        }
+    )
     (c_ids, c_flags), (r_ids, r_flags) = pairs.render_groups(tokenizer, [multi])[0]
     c_labels = pairs.response_labels(c_ids, c_flags)
     # The DPO labels cover the last reply only, never the first turn's reply.
@@ -207,14 +231,28 @@ def test_pair_records_in_every_format(tokenizer):
     assert "4" in labelled and "Hello" not in labelled
     assert pairs.turn_ends(c_flags)[-1] == len(c_ids) - 1 and len(pairs.turn_ends(c_flags)) == 2
 
-    tool = pairs.parse_pair_record({
-        "meta_instruction": fmt.meta_instruction(["calculator"]), "prompt": "2*3?",
-        "responses": [{"inner_thoughts": "calc", "commands": 'Calculate("2*3")', "results": ["Calculate(\"2*3\") => '6'"], "moss": "6"},
-                      {"moss": "7"}],
-        "scores": [2, 0],
-    })
+    tool = pairs.parse_pair_record(
+        {
+            "meta_instruction": fmt.meta_instruction(["calculator"]),
+            "prompt": "2*3?",
+            "responses": [
+                {
+                    "inner_thoughts": "calc",
+                    "commands": 'Calculate("2*3")',
+                    "results": ["Calculate(\"2*3\") => '6'"],
+                    "moss": "6",
+                },
+                {"moss": "7"},
+            ],
+            "scores": [2, 0],
+        }
+    )
     turn = tool.conversations[0].dialogue.turns[0]
-    assert turn.commands == ' Calculate("2*3")' and turn.results == "\nCalculate(\"2*3\") => '6'\n" and turn.human == " 2*3?"
+    assert (
+        turn.commands == ' Calculate("2*3")'
+        and turn.results == "\nCalculate(\"2*3\") => '6'\n"
+        and turn.human == " 2*3?"
+    )
 
 
 @pytest.mark.parametrize(
@@ -246,8 +284,14 @@ def test_bad_pair_records_are_rejected_by_reason(record, reason):
         (["stage=tag"], "preference.reward_model"),
         (["stage=tag", "preference.reward_model=.", "preference.tag_inputs=[a,b]"], "preference.tag_inputs"),
         (["stage=tag", "preference.levels=1"], "preference.levels"),
-        (["stage=tag", "preference.reward_model=.", "preference.tag_inputs=[README.md]", "preference.tag_limit=-1"], "preference.tag_limit"),
-        (["stage=preference", "data=preference_demo", "preference.quality_template='quality {grade}'"], "preference.quality_template"),
+        (
+            ["stage=tag", "preference.reward_model=.", "preference.tag_inputs=[README.md]", "preference.tag_limit=-1"],
+            "preference.tag_limit",
+        ),
+        (
+            ["stage=preference", "data=preference_demo", "preference.quality_template='quality {grade}'"],
+            "preference.quality_template",
+        ),
         (["stage=reward", "data=pairs_demo", "preference.margin_scale=-1"], "preference.margin_scale"),
     ],
 )
@@ -263,4 +307,9 @@ def test_preference_recipes_are_validated_naming_the_key(overrides, key):
 def test_every_preference_stage_is_registered():
     from moss_train.stages import get_stage
 
-    assert [get_stage(name).name for name in ("reward", "tag", "preference", "dpo")] == ["reward", "tag", "preference", "dpo"]
+    assert [get_stage(name).name for name in ("reward", "tag", "preference", "dpo")] == [
+        "reward",
+        "tag",
+        "preference",
+        "dpo",
+    ]

@@ -40,17 +40,33 @@ def pair_records(n: int, seed: int) -> list[dict]:
         if kind == 0:
             records.append({"prompt": prompt, "chosen": good, "rejected": bad})
         elif kind == 1:
-            records.append({"chosen": f"\n\nHuman: {prompt}\n\nAssistant: {good}", "rejected": f"\n\nHuman: {prompt}\n\nAssistant: {bad}"})
+            records.append(
+                {
+                    "chosen": f"\n\nHuman: {prompt}\n\nAssistant: {good}",
+                    "rejected": f"\n\nHuman: {prompt}\n\nAssistant: {bad}",
+                }
+            )
         elif kind == 2:
             user = {"role": "user", "content": prompt}
-            records.append({"chosen": [user, {"role": "assistant", "content": good}], "rejected": [user, {"role": "assistant", "content": bad}]})
+            records.append(
+                {
+                    "chosen": [user, {"role": "assistant", "content": good}],
+                    "rejected": [user, {"role": "assistant", "content": bad}],
+                }
+            )
         else:  # a ranked list of 3: two good ones above a bad one (1 tie -> 2 pairs)
-            records.append({"prompt": prompt, "responses": [good, reply(rng, False), reply(rng, True)], "scores": [1, 0, 1]})
+            records.append(
+                {"prompt": prompt, "responses": [good, reply(rng, False), reply(rng, True)], "scores": [1, 0, 1]}
+            )
     return records
 
 
 SYSTEM = "You are an AI assistant whose name is MOSS.\n"  # short, so pairs fit in 128 tokens
-BAD_LINES = ['{"prompt": "Q", "chosen": "same", "rejected": "same"}', "{not json", '{"prompt": "Q", "responses": ["a", "b"], "scores": [2, 2]}']
+BAD_LINES = [
+    '{"prompt": "Q", "chosen": "same", "rejected": "same"}',
+    "{not json",
+    '{"prompt": "Q", "responses": ["a", "b"], "scores": [2, 2]}',
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +76,19 @@ def pair_data(pretrain_data, tmp_path_factory):
         lines = [json.dumps(r) for r in records] + extra
         (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     result = run_cli(
-        ["pairs", "--input", str(root / "train.jsonl"), "--valid-input", str(root / "valid.jsonl"),
-         "--tokenizer", str(pretrain_data / "tokenizer"), "--out", str(root / "out"), "--meta-instruction", SYSTEM],
+        [
+            "pairs",
+            "--input",
+            str(root / "train.jsonl"),
+            "--valid-input",
+            str(root / "valid.jsonl"),
+            "--tokenizer",
+            str(pretrain_data / "tokenizer"),
+            "--out",
+            str(root / "out"),
+            "--meta-instruction",
+            SYSTEM,
+        ],
         launcher=[str(BIN / "moss-data")],
     )
     assert "pairs: 291 records -> 288 response groups, 3 rejected" in result.stdout
@@ -75,7 +102,11 @@ def test_pairs_are_rendered_with_every_reject_counted(pair_data):
     rejects = [json.loads(line) for line in (pair_data / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["reason"] for r in rejects) == ["identical_responses", "invalid_json", "no_pair"]
     # 240 records: 180 single pairs + 60 ranked lists of 3 responses with 2 pairs each.
-    assert summary["shards"]["train"] == {**summary["shards"]["train"], "responses": 180 * 2 + 60 * 3, "pairs": 180 + 60 * 2}
+    assert summary["shards"]["train"] == {
+        **summary["shards"]["train"],
+        "responses": 180 * 2 + 60 * 3,
+        "pairs": 180 + 60 * 2,
+    }
     index = np.load(pair_data / "shards" / "train.pairs.npy")
     assert index.shape == (300, 3) and (index[:, 0] != index[:, 1]).all()
 
@@ -85,7 +116,12 @@ def torchrun() -> list[str]:
 
 
 def stage_overrides(pretrain_data, out, **extra) -> list[str]:
-    settings = {"deepspeed": "zero3", "data.tokenizer": str(pretrain_data / "tokenizer"), "data.seq_len": 128, "trainer.micro_batch_size": 4}
+    settings = {
+        "deepspeed": "zero3",
+        "data.tokenizer": str(pretrain_data / "tokenizer"),
+        "data.seq_len": 128,
+        "trainer.micro_batch_size": 4,
+    }
     settings.update(extra)
     return train_overrides(pretrain_data, out, **settings)
 
@@ -95,12 +131,23 @@ def reward_run(pretrain_data, pair_data, tmp_path_factory):
     """Two processes, ZeRO-3, from scratch: the reward model learns "please" is preferred."""
     out = tmp_path_factory.mktemp("reward")
     run_cli(
-        stage_overrides(pretrain_data, out, **{
-            "stage": "reward", "data": "pairs_demo", "data.root": str(pair_data),
-            "trainer.max_steps": 24, "trainer.global_batch_size": 16, "trainer.lr": 3e-3, "trainer.warmup_steps": 4,
-            "trainer.eval_samples": 48, "trainer.log_every": 8,
-        }),
-        launcher=torchrun(), timeout=400,
+        stage_overrides(
+            pretrain_data,
+            out,
+            **{
+                "stage": "reward",
+                "data": "pairs_demo",
+                "data.root": str(pair_data),
+                "trainer.max_steps": 24,
+                "trainer.global_batch_size": 16,
+                "trainer.lr": 3e-3,
+                "trainer.warmup_steps": 4,
+                "trainer.eval_samples": 48,
+                "trainer.log_every": 8,
+            },
+        ),
+        launcher=torchrun(),
+        timeout=400,
     )
     return out
 
@@ -147,8 +194,11 @@ def test_the_reward_run_exports_and_scores_as_trained(reward_run, pretrain_data,
     scores = {True: [], False: []}
     for i in range(8):
         polite = i % 2 == 0
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."},
-                    {"role": "assistant", "content": reply(rng, polite)}]
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."},
+            {"role": "assistant", "content": reply(rng, polite)},
+        ]
         ids, _ = rendering.render(tokenizer, parsing.parse_record({"messages": messages}))
         x = torch.from_numpy(ids)[None]
         with torch.no_grad():
@@ -164,9 +214,16 @@ def dialogues(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."}, {"role": "assistant", "content": reply(rng, i % 2 == 0)}]
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."},
+            {"role": "assistant", "content": reply(rng, i % 2 == 0)},
+        ]
         if i % 5 == 0:  # a second turn, tagged on its own
-            messages += [{"role": "user", "content": "And more?"}, {"role": "assistant", "content": reply(rng, i % 2 == 1)}]
+            messages += [
+                {"role": "user", "content": "And more?"},
+                {"role": "assistant", "content": reply(rng, i % 2 == 1)},
+            ]
         out.append({"messages": messages})
     return out
 
@@ -175,15 +232,25 @@ def dialogues(n: int, seed: int) -> list[dict]:
 def tag_run(pretrain_data, reward_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("tag")
     train, valid = root / "train.jsonl", root / "valid.jsonl"
-    train.write_text("\n".join(json.dumps(d) for d in dialogues(60, 3)) + '\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    train.write_text(
+        "\n".join(json.dumps(d) for d in dialogues(60, 3)) + '\n{"messages": [{"role": "assistant", "content": "x"}]}\n'
+    )
     valid.write_text("\n".join(json.dumps(d) for d in dialogues(12, 4)) + "\n")
     out = root / "run"
     run_cli(
-        stage_overrides(pretrain_data, out, **{
-            "stage": "tag", "preference.reward_model": str(reward_run), "preference.levels": 3, "data.seq_len": 256,
-            "preference.tag_inputs": f"[{train},{valid}]",
-        }),
-        launcher=torchrun(), timeout=300,
+        stage_overrides(
+            pretrain_data,
+            out,
+            **{
+                "stage": "tag",
+                "preference.reward_model": str(reward_run),
+                "preference.levels": 3,
+                "data.seq_len": 256,
+                "preference.tag_inputs": f"[{train},{valid}]",
+            },
+        ),
+        launcher=torchrun(),
+        timeout=300,
     )
     return out
 
@@ -226,12 +293,22 @@ def preference_run(pretrain_data, tag_run, tmp_path_factory):
     the tag asks for."""
     out = tmp_path_factory.mktemp("preference")
     result = run_cli(
-        stage_overrides(pretrain_data, out, **{
-            "stage": "preference", "data": "preference_demo", "data.root": str(tag_run / "conditioned"),
-            "data.train_shards": "[shards/train.*]", "data.valid_shards": "[shards/valid.*]",
-            "trainer.max_steps": 200, "trainer.lr": 3e-3, "data.seq_len": 256,
-        }),
-        launcher=torchrun(), timeout=300,
+        stage_overrides(
+            pretrain_data,
+            out,
+            **{
+                "stage": "preference",
+                "data": "preference_demo",
+                "data.root": str(tag_run / "conditioned"),
+                "data.train_shards": "[shards/train.*]",
+                "data.valid_shards": "[shards/valid.*]",
+                "trainer.max_steps": 200,
+                "trainer.lr": 3e-3,
+                "data.seq_len": 256,
+            },
+        ),
+        launcher=torchrun(),
+        timeout=300,
     )
     return out, result.stdout
 
@@ -240,7 +317,9 @@ def test_preference_trains_on_the_tagged_dialogues_on_two_processes(pretrain_dat
     from moss_train.data.shards import open_shards
     from moss_train.tokenizer import load_tokenizer
 
-    shards = open_shards(sorted(str(p)[: -len(".json")] for p in (tag_run / "conditioned" / "shards").glob("train.*.json")))
+    shards = open_shards(
+        sorted(str(p)[: -len(".json")] for p in (tag_run / "conditioned" / "shards").glob("train.*.json"))
+    )
     tokenizer = load_tokenizer(pretrain_data / "tokenizer")
     assert sum(len(s) for s in shards) == 72  # one example per tagged turn
     text = tokenizer.decode(shards[0].document(0).tolist())
@@ -266,13 +345,28 @@ def test_preference_with_lora_trains_adapters_only(pretrain_data, tag_run, tmp_p
     from moss_train.tokenizer import MossTokenizer
 
     base, out = tmp_path / "base", tmp_path / "run"
-    random_hf_codegen(1024, seed=2, n_positions=256, n_ctx=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8).save_pretrained(base)
+    random_hf_codegen(
+        1024, seed=2, n_positions=256, n_ctx=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8
+    ).save_pretrained(base)
     MossTokenizer.load(pretrain_data / "tokenizer").save_pretrained(base)
-    result = run_cli(stage_overrides(pretrain_data, out, **{
-        "stage": "preference", "data": "preference_demo", "data.root": str(tag_run / "conditioned"),
-        "data.train_shards": "[shards/train.*]", "data.valid_shards": "[shards/valid.*]", "data.seq_len": 256,
-        "stage.init_from": str(base), "lora.r": 4, "trainer.max_steps": 3, "trainer.lr": 3e-3,
-    }))
+    result = run_cli(
+        stage_overrides(
+            pretrain_data,
+            out,
+            **{
+                "stage": "preference",
+                "data": "preference_demo",
+                "data.root": str(tag_run / "conditioned"),
+                "data.train_shards": "[shards/train.*]",
+                "data.valid_shards": "[shards/valid.*]",
+                "data.seq_len": 256,
+                "stage.init_from": str(base),
+                "lora.r": 4,
+                "trainer.max_steps": 3,
+                "trainer.lr": 3e-3,
+            },
+        )
+    )
     assert "LoRA r=4 alpha=16.0 on qkv_proj, out_proj, fc_in, fc_out: 8,192 trainable parameters" in result.stdout
     records = train_losses(out)
     assert records[3]["loss"] < records[1]["loss"]
@@ -335,7 +429,11 @@ def answer_figures(pretrain_data, reward_run):
         answers = sampled_replies(load_model(model_dir), tokenizer, meta, prompts)
         rewards = []
         for prompt, text in answers:
-            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
+            messages = [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": text},
+            ]
             ids, _ = rendering.render(tokenizer, parsing.parse_record({"messages": messages}))
             with torch.no_grad():
                 rewards.append(float(reward_model(torch.from_numpy(ids)[None])[0]))
@@ -357,11 +455,22 @@ def dpo_run(pretrain_data, pair_data, preference_run, tmp_path_factory):
     """DPO on two processes from the tag-conditioned SFT run, with it as the frozen reference."""
     out = tmp_path_factory.mktemp("dpo") / "run"
     run_cli(
-        stage_overrides(pretrain_data, out, **{
-            "stage": "dpo", "data": "pairs_demo", "data.root": str(pair_data), "stage.init_from": str(preference_run[0]),
-            "trainer.max_steps": 40, "trainer.lr": 3e-4, "preference.beta": 0.5, "trainer.eval_samples": 16,
-        }),
-        launcher=torchrun(), timeout=300,
+        stage_overrides(
+            pretrain_data,
+            out,
+            **{
+                "stage": "dpo",
+                "data": "pairs_demo",
+                "data.root": str(pair_data),
+                "stage.init_from": str(preference_run[0]),
+                "trainer.max_steps": 40,
+                "trainer.lr": 3e-4,
+                "preference.beta": 0.5,
+                "trainer.eval_samples": 16,
+            },
+        ),
+        launcher=torchrun(),
+        timeout=300,
     )
     return out
 
@@ -381,12 +490,16 @@ def greedy_figures(model_dir, tokenizer, reward_model, records) -> dict:
         with torch.no_grad():
             rewards.append(float(reward_model(torch.from_numpy(ids)[None])[0]))
     return {
-        "right": sum(s == tool_use.JUDGE_MAX for s in scores), "tool_called": sum(tool_use.called_a_tool(a) for a in answers),
-        "judge_mean": float(np.mean(scores)), "reward_mean": float(np.mean(rewards)),
+        "right": sum(s == tool_use.JUDGE_MAX for s in scores),
+        "tool_called": sum(tool_use.called_a_tool(a) for a in answers),
+        "judge_mean": float(np.mean(scores)),
+        "reward_mean": float(np.mean(rewards)),
     }
 
 
-def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data, reward_run, preference_run, dpo_run, tmp_path, capsys):
+def test_compare_reports_every_model_on_the_held_out_demo_prompts(
+    pretrain_data, reward_run, preference_run, dpo_run, tmp_path, capsys
+):
     """The quickstart's comparison command, on tool-use demo prompts: the tag-conditioned model
     asked for the best and the worst tag, the DPO model and its SFT start. Sampled answers (the
     same seeds for every model), judged and scored; greedy gives one answer per prompt, and its
@@ -400,9 +513,23 @@ def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data,
     from moss_train.tokenizer import load_tokenizer
 
     valid = write_demo_dialogues(tmp_path, n_train=20, n_valid=30, seed=5)["valid"]
-    base = ["compare", "--tokenizer", str(pretrain_data / "tokenizer"), "--reward-model", str(reward_run),
-            "--dialogues", str(valid), "--preference", str(preference_run[0]), "--dpo", str(dpo_run),
-            "--sft", str(preference_run[0]), "--limit", "4"]
+    base = [
+        "compare",
+        "--tokenizer",
+        str(pretrain_data / "tokenizer"),
+        "--reward-model",
+        str(reward_run),
+        "--dialogues",
+        str(valid),
+        "--preference",
+        str(preference_run[0]),
+        "--dpo",
+        str(dpo_run),
+        "--sft",
+        str(preference_run[0]),
+        "--limit",
+        "4",
+    ]
     for extra, answers in ((["--samples", "2"], 8), (["--temperature", "0"], 4)):
         out = tmp_path / "comparison.json"
         assert moss_eval.main(base + extra + ["--out", str(out)]) == 0
@@ -412,7 +539,9 @@ def test_compare_reports_every_model_on_the_held_out_demo_prompts(pretrain_data,
         for name in ("best_tag", "worst_tag", "dpo", "sft"):
             row = figures[name]
             right, called = row["right"], row["tool_called"]
-            assert row["prompts"] == 4 and row["answers"] == right["n"] == answers and 0 <= row["judge_mean"] <= JUDGE_MAX
+            assert (
+                row["prompts"] == 4 and row["answers"] == right["n"] == answers and 0 <= row["judge_mean"] <= JUDGE_MAX
+            )
             assert 0 <= right["rate"] <= called["rate"] <= 1  # a right answer called the tool
             assert f"{name:<10} right" in printed and math.isfinite(row["reward_mean"])
     assert figures["sampling"] == {"samples": 1, "temperature": 0.0, "top_p": 0.8, "seed": 0}

@@ -23,7 +23,11 @@ def test_the_shrunken_quickstart_writes_summary_export_and_pictures(tmp_path):
     out = tmp_path / "runs"
     result = subprocess.run(
         [sys.executable, "launch/quickstart.py", "--smoke", "--out", str(out), "--data", str(tmp_path / "data")],
-        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
@@ -33,7 +37,9 @@ def test_the_shrunken_quickstart_writes_summary_export_and_pictures(tmp_path):
     assert all(row["wall_s"] > 0 for row in stages.values())
     assert sum(row["wall_s"] for row in stages.values()) <= summary["wall_s"]
     for name in TRAINING:  # three optimizer steps each, with their speed and losses
-        assert stages[name]["steps"] == 3 and stages[name]["tokens_per_s"] > 0 and math.isfinite(stages[name]["loss_last"])
+        assert (
+            stages[name]["steps"] == 3 and stages[name]["tokens_per_s"] > 0 and math.isfinite(stages[name]["loss_last"])
+        )
     figures = summary["figures"]
     for name in RATES:
         assert 0 <= figures[name] <= 1 and figures[f"{name}_n"] > 0 and figures[f"{name}_stderr"] >= 0

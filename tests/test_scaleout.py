@@ -86,7 +86,9 @@ def test_multinode_launch_refuses_a_recipe_that_does_not_fit(tmp_path):
     hostfile.write_text("# one GPU per node\nnode0 slots=1\n")
     result = run_cli(
         ["--config-name=moss16b_pretrain", "cluster=a100-80g-x1", f"run.output_dir={tmp_path}/run"],
-        launcher=[MULTINODE], check=False, env=dict(HOSTFILE=str(hostfile), NODE_RANK="0"),
+        launcher=[MULTINODE],
+        check=False,
+        env=dict(HOSTFILE=str(hostfile), NODE_RANK="0"),
     )
     assert result.returncode == 1
     assert "1 node(s) x 1 GPUs" in result.stdout and "DOES NOT FIT" in result.stdout
@@ -136,8 +138,15 @@ def wandb_run(run_dir: Path) -> dict:
 def test_rank_failure_ends_the_job_and_the_next_start_resumes(pretrain_data, one_node_two_processes, tmp_path):
     out = tmp_path / "run"
     recipe = train_overrides(
-        pretrain_data, out, **STEPS,
-        **{"checkpoint.every": 1, "logging.wandb": "offline", "run.name": "scaleout-restart", "logging.group": "scaleout"},
+        pretrain_data,
+        out,
+        **STEPS,
+        **{
+            "checkpoint.every": 1,
+            "logging.wandb": "offline",
+            "run.name": "scaleout-restart",
+            "logging.group": "scaleout",
+        },
     )
     # 1. torchrun, two processes; rank 1 raises at step 2 (after step 1's checkpoint).
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train"]
@@ -152,7 +161,10 @@ def test_rank_failure_ends_the_job_and_the_next_start_resumes(pretrain_data, one
     # 2. The next start, as srun starts a requeued job: one process per task, SLURM's variables.
     slurm = dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     tasks = [
-        ([str(BIN / "moss-train")] + recipe, dict(slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r), WANDB_SILENT="false"))
+        (
+            [str(BIN / "moss-train")] + recipe,
+            dict(slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r), WANDB_SILENT="false"),
+        )
         for r in (0, 1)
     ]
     restarted = start_processes(tasks, timeout=240)
@@ -197,7 +209,9 @@ def test_a_collective_waits_only_the_configured_timeout(tmp_path):
     script.write_text(HANGING_PEER)
     env = dict(WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     command = [str(BIN / "python"), str(script), "3"]
-    peer = subprocess.Popen(command, cwd=REPO, env=cli_env(**env, RANK="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peer = subprocess.Popen(
+        command, cwd=REPO, env=cli_env(**env, RANK="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         waiting = run_cli(command[1:], launcher=command[:1], check=False, env=dict(env, RANK="0"), timeout=120)
     finally:
@@ -209,19 +223,30 @@ def test_a_collective_waits_only_the_configured_timeout(tmp_path):
 
 
 # ---------------------------------------------------------------------------- sharded construction
-MOSS16B_LAYERS = ["model=moss-16b", "model.n_layer=2", "trainer.precision=bf16", "trainer.micro_batch_size=1", "trainer.global_batch_size=2"]
+MOSS16B_LAYERS = [
+    "model=moss-16b",
+    "model.n_layer=2",
+    "trainer.precision=bf16",
+    "trainer.micro_batch_size=1",
+    "trainer.global_batch_size=2",
+]
 
 
 @pytest.mark.parametrize(
     "vocab",
-    [pytest.param(["model.vocab_size=1024"], id="small-vocab"), pytest.param([], id="moss-vocab", marks=pytest.mark.slow)],
+    [
+        pytest.param(["model.vocab_size=1024"], id="small-vocab"),
+        pytest.param([], id="moss-vocab", marks=pytest.mark.slow),
+    ],
 )
 def test_zero3_builds_moss16b_layers_sharded(vocab, tmp_path):
     """Two ranks build two moss-16b layers (n_embd 6144, MLP 24576) under ZeRO-3 zero.Init, as
     the trainer does: each rank ends with half the parameters, and its resident memory never
     grows by the whole model's size (each layer is built, then sharded, one at a time)."""
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    run_cli([str(REPO / "tests" / "zero3_probe.py"), str(tmp_path)] + MOSS16B_LAYERS + vocab, launcher=torchrun, timeout=600)
+    run_cli(
+        [str(REPO / "tests" / "zero3_probe.py"), str(tmp_path)] + MOSS16B_LAYERS + vocab, launcher=torchrun, timeout=600
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     full = ranks[0]["full_bytes"]
     assert ranks[0]["dtype"] == "torch.bfloat16" and full == 2 * ranks[0]["num_params"]
@@ -250,11 +275,26 @@ def test_killing_torchrun_stops_its_ranks_and_frees_the_run_directory(pretrain_d
     both ranks training to the end; now they stop. 3. The dead job's lock is taken over by the
     next job, which resumes, and metrics.jsonl holds each step once."""
     out = tmp_path / "run"
-    recipe = train_overrides(pretrain_data, out, **{"trainer.max_steps": 400, "checkpoint.every": 1, "checkpoint.keep_last": 1})
-    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "moss_train", *recipe]
-    job = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    recipe = train_overrides(
+        pretrain_data, out, **{"trainer.max_steps": 400, "checkpoint.every": 1, "checkpoint.keep_last": 1}
+    )
+    command = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "moss_train",
+        *recipe,
+    ]
+    job = subprocess.Popen(
+        command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
-        _wait_for(lambda: (out / "checkpoints" / "latest").is_file() or job.poll() is not None, 240, "the first checkpoint")
+        _wait_for(
+            lambda: (out / "checkpoints" / "latest").is_file() or job.poll() is not None, 240, "the first checkpoint"
+        )
         assert job.poll() is None
         ranks = child_processes(job.pid)
         assert len(ranks) == 2
@@ -263,11 +303,18 @@ def test_killing_torchrun_stops_its_ranks_and_frees_the_run_directory(pretrain_d
 
         second = run_cli(recipe, check=False, timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
-        assert f"recipe error: run.output_dir: {out} is in use by another job (pid {holder['pid']} on host {holder['host']}" in second.stderr
+        assert (
+            f"recipe error: run.output_dir: {out} is in use by another job (pid {holder['pid']} on host {holder['host']}"
+            in second.stderr
+        )
 
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-        _wait_for(lambda: not any(process_running(pid) for pid in ranks), 30, f"ranks {ranks} to stop after torchrun was killed")
+        _wait_for(
+            lambda: not any(process_running(pid) for pid in ranks),
+            30,
+            f"ranks {ranks} to stop after torchrun was killed",
+        )
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
@@ -279,5 +326,9 @@ def test_killing_torchrun_stops_its_ranks_and_frees_the_run_directory(pretrain_d
     step = int(stopped_at.split("_")[-1])
     resumed = run_cli(train_overrides(pretrain_data, out, **{"trainer.max_steps": step + 1}), timeout=240)
     assert f"at step {step}" in resumed.stdout
-    steps = [r["step"] for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = [
+        r["step"]
+        for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
     assert steps == list(range(1, step + 2))  # each step once, the killed run's extra steps dropped

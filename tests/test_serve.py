@@ -56,7 +56,9 @@ def models(pretrain_data, tmp_path_factory):
     tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
     train_tool_model(tokenizer, root / "calc")
     torch.manual_seed(1)
-    untrained = CodeGenForCausalLM(ModelConfig(vocab_size=tokenizer.vocab_size, n_positions=1024, n_embd=64, n_layer=2, n_head=4, rotary_dim=8))
+    untrained = CodeGenForCausalLM(
+        ModelConfig(vocab_size=tokenizer.vocab_size, n_positions=1024, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    )
     write_hf_directory(untrained.eval(), tokenizer, root / "tagged")
     write_quality_form(root / "tagged", levels=3)
     return {"calc": root / "calc", "tagged": root / "tagged", "tokenizer": tokenizer}
@@ -75,15 +77,36 @@ class Server:
     def post(self, body, key: str | None = KEY, **options) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         content = body if isinstance(body, str) else json.dumps(body)
-        return httpx.post(self.url + "/v1/chat/completions", content=content, headers={**headers, "Content-Type": "application/json"}, timeout=120, **options)
+        return httpx.post(
+            self.url + "/v1/chat/completions",
+            content=content,
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=120,
+            **options,
+        )
 
 
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     """`moss-serve` as a user starts it (no --host: the default bind), with an API key and 4 slots."""
     port, log = free_port(), tmp_path_factory.mktemp("serve-log") / "server.log"
-    command = [str(BIN / "moss-serve"), f"calc={models['calc']}", f"tagged={models['tagged']}", "--plugins", ",".join(PLUGINS),
-               "--preamble", "short", "--port", str(port), "--api-key", KEY, "--max-batch", "4", "--log-level", "warning"]
+    command = [
+        str(BIN / "moss-serve"),
+        f"calc={models['calc']}",
+        f"tagged={models['tagged']}",
+        "--plugins",
+        ",".join(PLUGINS),
+        "--preamble",
+        "short",
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--max-batch",
+        "4",
+        "--log-level",
+        "warning",
+    ]
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
     server = Server(process, port, log)
@@ -109,8 +132,13 @@ def server(models, tmp_path_factory):
 
 
 def library_session(models, **settings) -> ChatSession:
-    return ChatSession(load_model(models["calc"]), models["tokenizer"], build_plugins(",".join(PLUGINS)),
-                       Settings(**{"max_new_tokens": 64, "temperature": 0.0, **settings}), preamble=fmt.SHORT_PREAMBLE)
+    return ChatSession(
+        load_model(models["calc"]),
+        models["tokenizer"],
+        build_plugins(",".join(PLUGINS)),
+        Settings(**{"max_new_tokens": 64, "temperature": 0.0, **settings}),
+        preamble=fmt.SHORT_PREAMBLE,
+    )
 
 
 def library_turn(models, question: str = QUESTION, history=(), **settings):
@@ -136,24 +164,39 @@ def test_the_served_models_are_listed_with_their_plugins_and_quality_levels(serv
 
 def test_a_calculator_question_runs_the_calculator_server_side(server, models):
     response = server.client().chat.completions.create(
-        model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=64)
+        model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=64
+    )
     [choice] = response.choices
     moss = moss_of(choice.message)
     assert choice.message.content == "24*15 is 360." and choice.finish_reason == "stop"
     assert moss["commands"] == 'Calculate("24*15")' and "calculator" in moss["inner_thoughts"]
-    assert moss["results"] == [{"command": 'Calculate("24*15")', "result": "360", "error": None, "line": "Calculate(\"24*15\") => '360'"}]
+    assert moss["results"] == [
+        {"command": 'Calculate("24*15")', "result": "360", "error": None, "line": "Calculate(\"24*15\") => '360'"}
+    ]
     assert moss["plugins"] == list(PLUGINS) and moss["quality"] is None
     expected = library_turn(models)  # the same protocol, through moss-chat's library
-    assert (choice.message.content, moss["inner_thoughts"], moss["commands"]) == (expected.reply, fmt.body_text(expected.inner_thoughts), fmt.body_text(expected.commands))
+    assert (choice.message.content, moss["inner_thoughts"], moss["commands"]) == (
+        expected.reply,
+        fmt.body_text(expected.inner_thoughts),
+        fmt.body_text(expected.commands),
+    )
     assert response.usage.completion_tokens > 20 and response.usage.prompt_tokens > 100
 
 
 def test_streaming_gives_the_same_turn_token_by_token(server):
     client = server.client()
-    whole = client.chat.completions.create(model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=64)
+    whole = client.chat.completions.create(
+        model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=64
+    )
     content, thoughts, commands, results, finish, usage, content_chunks = "", "", "", [], None, None, 0
-    stream = client.chat.completions.create(model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=0,
-                                            max_tokens=64, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="calc",
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=64,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in stream:
         usage = chunk.usage or usage
         for choice in chunk.choices:
@@ -175,8 +218,15 @@ def test_a_sampled_turn_follows_its_seed_as_the_library_does(server, models):
     client = server.client()
 
     def ask(seed):
-        response = client.chat.completions.create(model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=2.0,
-                                                  top_p=1.0, seed=seed, max_tokens=64, extra_body={"repetition_penalty": 1.0})
+        response = client.chat.completions.create(
+            model="calc",
+            messages=[{"role": "user", "content": QUESTION}],
+            temperature=2.0,
+            top_p=1.0,
+            seed=seed,
+            max_tokens=64,
+            extra_body={"repetition_penalty": 1.0},
+        )
         return response.choices[0].message.content, moss_of(response.choices[0].message)["inner_thoughts"]
 
     answers = {seed: ask(seed) for seed in (1, 2, 3)}
@@ -188,10 +238,17 @@ def test_a_sampled_turn_follows_its_seed_as_the_library_does(server, models):
 
 def test_a_history_with_its_moss_field_is_rendered_as_the_library_renders_it(server, models):
     client = server.client()
-    first = client.chat.completions.create(model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=64)
+    first = client.chat.completions.create(
+        model="calc", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=64
+    )
     message = first.choices[0].message
-    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": message.content, "moss": moss_of(message)}]
-    second = client.chat.completions.create(model="calc", messages=[*history, {"role": "user", "content": "Hello!"}], temperature=0, max_tokens=64)
+    history = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": message.content, "moss": moss_of(message)},
+    ]
+    second = client.chat.completions.create(
+        model="calc", messages=[*history, {"role": "user", "content": "Hello!"}], temperature=0, max_tokens=64
+    )
     session = library_session(models)
     session.ask(QUESTION)
     prompt = protocol.first_prompt(models["tokenizer"], protocol.TurnRequest(session.meta, session.history, "Hello!"))
@@ -209,26 +266,45 @@ def test_stop_strings_end_the_reply_and_a_system_message_is_the_preamble(server)
     ask = dict(model="calc", temperature=0, max_tokens=64)
     cut = client.chat.completions.create(messages=[{"role": "user", "content": QUESTION}], stop=[" is 3"], **ask)
     assert cut.choices[0].message.content == "24*15" and cut.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(messages=[{"role": "user", "content": QUESTION}], stop=" is 3", stream=True, **ask)
+    streamed = client.chat.completions.create(
+        messages=[{"role": "user", "content": QUESTION}], stop=" is 3", stream=True, **ask
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "24*15"
-    system = client.chat.completions.create(messages=[{"role": "system", "content": fmt.SHORT_PREAMBLE}, {"role": "user", "content": QUESTION}], **ask)
-    assert system.choices[0].message.content == "24*15 is 360."  # the same meta instruction as the server's --preamble short
-    other = client.chat.completions.create(messages=[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": QUESTION}], **ask)
+    system = client.chat.completions.create(
+        messages=[{"role": "system", "content": fmt.SHORT_PREAMBLE}, {"role": "user", "content": QUESTION}], **ask
+    )
+    assert (
+        system.choices[0].message.content == "24*15 is 360."
+    )  # the same meta instruction as the server's --preamble short
+    other = client.chat.completions.create(
+        messages=[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": QUESTION}], **ask
+    )
     assert other.usage.prompt_tokens != system.usage.prompt_tokens
 
 
 def test_sixteen_concurrent_streams_all_complete_batched(server, models):
     questions = ["What is 24*15?", "What is 125+389?", "Solve 3x+5=20", "Hello!"]
     client = server.client()
-    expected = {q: client.chat.completions.create(model="calc", messages=[{"role": "user", "content": q}], temperature=0,
-                                                  max_tokens=64).choices[0].message.content for q in questions}
+    expected = {
+        q: client.chat.completions.create(
+            model="calc", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=64
+        )
+        .choices[0]
+        .message.content
+        for q in questions
+    }
     before = server.health()["models"]["calc"]
     replies, errors = {}, []
 
     def stream(i: int):
         try:
-            chunks = client.chat.completions.create(model="calc", messages=[{"role": "user", "content": questions[i % 4]}],
-                                                    temperature=0, max_tokens=64, stream=True)
+            chunks = client.chat.completions.create(
+                model="calc",
+                messages=[{"role": "user", "content": questions[i % 4]}],
+                temperature=0,
+                max_tokens=64,
+                stream=True,
+            )
             replies[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         except Exception as error:  # reported below, with the others
             errors.append(repr(error))
@@ -251,14 +327,46 @@ BAD_REQUESTS = {
     "malformed JSON": ('{"model": "calc", "messages": [{"role": "user", "content": "hi"}', 400, "not valid JSON"),
     "unknown role": ({"model": "calc", "messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].role"),
     "empty message list": ({"model": "calc", "messages": []}, 400, "messages"),
-    "no user message to answer": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "last message must be the user's"),
-    "prompt longer than the context": ({"model": "calc", "messages": [{"role": "user", "content": "hello " * 600}]}, 400, "the model's context is 512"),
-    "max_tokens 0": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
-    "max_tokens past the context": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens 100000 does not fit"),
-    "unknown model": ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model 'gpt-4' is not served here"),
-    "plugin not loaded": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "plugins": ["web_search"]}, 400, "web_search not loaded"),
-    "quality for an untagged model": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "quality": "best"}, 400, "not tag-conditioned"),
-    "quality out of range": ({"model": "tagged", "messages": [{"role": "user", "content": "hi"}], "quality": "4/3"}, 400, "N/K"),
+    "no user message to answer": (
+        {"model": "calc", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        400,
+        "last message must be the user's",
+    ),
+    "prompt longer than the context": (
+        {"model": "calc", "messages": [{"role": "user", "content": "hello " * 600}]},
+        400,
+        "the model's context is 512",
+    ),
+    "max_tokens 0": (
+        {"model": "calc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+        400,
+        "max_tokens",
+    ),
+    "max_tokens past the context": (
+        {"model": "calc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
+        400,
+        "max_tokens 100000 does not fit",
+    ),
+    "unknown model": (
+        {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]},
+        404,
+        "model 'gpt-4' is not served here",
+    ),
+    "plugin not loaded": (
+        {"model": "calc", "messages": [{"role": "user", "content": "hi"}], "plugins": ["web_search"]},
+        400,
+        "web_search not loaded",
+    ),
+    "quality for an untagged model": (
+        {"model": "calc", "messages": [{"role": "user", "content": "hi"}], "quality": "best"},
+        400,
+        "not tag-conditioned",
+    ),
+    "quality out of range": (
+        {"model": "tagged", "messages": [{"role": "user", "content": "hi"}], "quality": "4/3"},
+        400,
+        "N/K",
+    ),
     "n above 1": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n:"),
     "top_p 0": ({"model": "calc", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
 }
@@ -287,9 +395,16 @@ def test_the_api_needs_the_key(server):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     before = server.health()["models"]["tagged"]
-    body = {"model": "tagged", "messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0,
-            "max_tokens": 700, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+    body = {
+        "model": "tagged",
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "temperature": 0,
+        "max_tokens": 700,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # the first chunk: the turn has started
@@ -304,7 +419,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
         time.sleep(0.05)
     assert stats["cancelled"] == before.get("cancelled", 0) + 1
     assert stats["tokens"] - before["tokens"] < 700  # it did not run to max_tokens
-    quick = server.post({"model": "tagged", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "quality": "2/3"})
+    quick = server.post(
+        {"model": "tagged", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "quality": "2/3"}
+    )
     assert quick.status_code == 200 and quick.json()["choices"][0]["message"]["moss"]["quality"] == "2/3"
 
 
@@ -312,7 +429,11 @@ def test_the_server_binds_loopback_by_default(server):
     from moss_train.serve.cli import parse_args
 
     assert parse_args(["some/model"]).host == "127.0.0.1"
-    listening = [c.laddr for c in psutil.Process(server.process.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    listening = [
+        c.laddr
+        for c in psutil.Process(server.process.pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
     assert listening and {address.ip for address in listening} == {"127.0.0.1"}
 
 
@@ -328,13 +449,27 @@ def chromium_or_skip():
 def test_the_page_streams_a_calculator_answer_and_shows_the_tool_call(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     elsewhere, posted = [], []
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium_or_skip(), args=flags, headless=True,
-            viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+            str(tmp_path / "profile"),
+            executable_path=chromium_or_skip(),
+            args=flags,
+            headless=True,
+            viewport={"width": 390, "height": 844},
+            is_mobile=True,
+            has_touch=True,
+        )
         try:
             page = context.new_page()
 
@@ -372,7 +507,11 @@ def test_the_page_streams_a_calculator_answer_and_shows_the_tool_call(server, tm
             expect(turn.locator(".commands")).to_have_text('Calculate("24*15")')
             expect(turn.locator(".thoughts")).to_contain_text("calculator")
             assert int(turn.get_attribute("data-deltas")) > 3  # the reply arrived token by token
-            assert posted[-1]["stream"] is True and posted[-1]["temperature"] == 0 and posted[-1]["plugins"] == list(PLUGINS)
+            assert (
+                posted[-1]["stream"] is True
+                and posted[-1]["temperature"] == 0
+                and posted[-1]["plugins"] == list(PLUGINS)
+            )
             assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # fits a phone
             phone, desktop = tmp_path / "serve-page-phone.png", tmp_path / "serve-page-desktop.png"
             page.screenshot(path=str(phone), full_page=True)

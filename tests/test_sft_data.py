@@ -86,7 +86,9 @@ def test_loss_masks_on_every_real_conversation(sample_records, tokenizer):
         for t in turns:
             results = t["Tool Responses"]
             body_end = len(results) - len("<eor>\n")
-            reference.append(pending + t["Human"] + t["Inner Thoughts"] + t["Commands"] + results[: len("<|Results|>:")])
+            reference.append(
+                pending + t["Human"] + t["Inner Thoughts"] + t["Commands"] + results[: len("<|Results|>:")]
+            )
             pending = results[body_end:] + t["MOSS"]
         reference.append(pending)
         assert tokenizer.decode(ids) == moss003_text(record)
@@ -98,7 +100,9 @@ def test_loss_masks_on_every_real_conversation(sample_records, tokenizer):
         text_off = tokenizer.decode(ids[(flags & rendering.LOSS_DEFAULT) == 0])
         assert all(t["Human"] in text_off and t["Tool Responses"] in text_off for t in turns)
         checked[conversation.category] += 1
-    print(f"\nmask check on the moss-003 sample: {sum(checked.values())} conversations {dict(checked)}, mismatches {len(mismatches)}")
+    print(
+        f"\nmask check on the moss-003 sample: {sum(checked.values())} conversations {dict(checked)}, mismatches {len(mismatches)}"
+    )
     assert not mismatches, mismatches[:5]
     assert set(checked) == CATEGORIES and sum(checked.values()) == len(sample_records) == 550
 
@@ -118,7 +122,10 @@ def test_messages_and_alpaca_records(tokenizer):
     ids, flags = rendering.render(tokenizer, conversation)
     none_fields = "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n"
     assert decoded_spans(tokenizer, ids, flags, rendering.LOSS_DEFAULT) == [
-        none_fields, "<|MOSS|>: Hello! 你好<eom>\n", none_fields, "<|MOSS|>: 4<eom>\n"
+        none_fields,
+        "<|MOSS|>: Hello! 你好<eom>\n",
+        none_fields,
+        "<|MOSS|>: 4<eom>\n",
     ]
     alpaca = parsing.parse_record({"instruction": "Translate", "input": "cat", "output": "猫"}, meta_instruction="M\n")
     assert fmt.render(alpaca.dialogue) == (
@@ -131,10 +138,16 @@ BAD_RECORDS = [
     ("[1, 2]", parsing.NOT_AN_OBJECT),
     ('{"text": "no dialogue here"}', parsing.UNKNOWN_FORMAT),
     ("{not json", "invalid_json"),
-    ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}', parsing.WRONG_ROLE_ORDER),
+    (
+        '{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}',
+        parsing.WRONG_ROLE_ORDER,
+    ),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', parsing.WRONG_ROLE_ORDER),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}', parsing.UNKNOWN_ROLE),
-    ('{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}', parsing.NON_STRING_CONTENT),
+    (
+        '{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}',
+        parsing.NON_STRING_CONTENT,
+    ),
     ('{"instruction": 5, "output": "x"}', parsing.NON_STRING_CONTENT),
 ]
 
@@ -159,8 +172,13 @@ def test_bad_input_is_counted_by_reason_and_written_to_rejects(sample_records, t
     assert {type(r["conversation_id"]) for r in sample_records} == {int, str}
     assert any("category" not in r for r in sample_records)
     good += [r for r in sample_records if "category" not in r][:3]
-    breakages = {"missing_field": parsing.MISSING_FIELD, "num_turns": parsing.NUM_TURNS_MISMATCH, "non_string": parsing.NON_STRING_CONTENT,
-                 "turn_order": parsing.WRONG_TURN_ORDER, "malformed": parsing.MALFORMED_FIELD}
+    breakages = {
+        "missing_field": parsing.MISSING_FIELD,
+        "num_turns": parsing.NUM_TURNS_MISMATCH,
+        "non_string": parsing.NON_STRING_CONTENT,
+        "turn_order": parsing.WRONG_TURN_ORDER,
+        "malformed": parsing.MALFORMED_FIELD,
+    }
     lines = [json.dumps(r, ensure_ascii=False) for r in good]
     multi_turn = [r for r in good if r["num_turns"] >= 2]
     lines += [json.dumps(_broken(multi_turn[i], how), ensure_ascii=False) for i, how in enumerate(breakages)]
@@ -169,7 +187,9 @@ def test_bad_input_is_counted_by_reason_and_written_to_rejects(sample_records, t
     path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")  # a blank line is not a record
     # A limit some first turns exceed (skipped) and some conversations exceed later (cut).
     rendered = rendering.render_many(tokenizer, [parsing.parse_record(r) for r in good])
-    first_turns = sorted(int(np.append(np.flatnonzero(flags & rendering.TURN_START), len(ids))[1]) for ids, flags in rendered)
+    first_turns = sorted(
+        int(np.append(np.flatnonzero(flags & rendering.TURN_START), len(ids))[1]) for ids, flags in rendered
+    )
     limit = first_turns[len(first_turns) // 4]
     too_long = sum(rendering.kept_length(flags, limit) == 0 for _, flags in rendered)
     cut = sum(0 < rendering.kept_length(flags, limit) < len(ids) for ids, flags in rendered)
@@ -182,7 +202,9 @@ def test_bad_input_is_counted_by_reason_and_written_to_rejects(sample_records, t
     assert summary["truncated"] == cut
     assert summary["records_in"] == len(lines) == summary["conversations_written"] + summary["rejected"]
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == summary["rejected"] and all(r["file"] == str(path) and r["line"] > 0 and r["detail"] for r in rejects)
+    assert len(rejects) == summary["rejected"] and all(
+        r["file"] == str(path) and r["line"] > 0 and r["detail"] for r in rejects
+    )
     written = open_shards([p.with_suffix("") for p in sorted((tmp_path / "out" / "shards").glob("*.json"))])
     assert sum(s.n_docs for s in written) == summary["conversations_written"] == len(good) - too_long
     assert all(s.has_mask and len(s.document(i)) <= limit for s in written for i in range(s.n_docs))
@@ -197,7 +219,9 @@ def test_whole_turn_truncation(sample_records, tokenizer):
         limit = int(turn_starts[2]) + 5  # room for two whole turns and a little of the third
         kept = rendering.kept_length(flags, limit)
         turns = list(record["chat"].values())
-        assert tokenizer.decode(ids[:kept]) == record["meta_instruction"] + "".join(t[k] for t in turns[:2] for k in FIELD_KEYS)
+        assert tokenizer.decode(ids[:kept]) == record["meta_instruction"] + "".join(
+            t[k] for t in turns[:2] for k in FIELD_KEYS
+        )
         assert rendering.kept_length(flags, int(turn_starts[1]) - 1) == 0  # the first turn does not fit: skipped
         assert rendering.kept_length(flags, len(ids)) == len(ids)
 
@@ -205,7 +229,11 @@ def test_whole_turn_truncation(sample_records, tokenizer):
 # ------------------------------------------------------------------- inputs as tokenize reads them
 def _dialogue(i: int, *turns: tuple[str, str]) -> dict:
     turns = turns or ((f"What is {i}+{i}?", f"It is {2 * i}."),)
-    return {"messages": [{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))]}
+    return {
+        "messages": [
+            {"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))
+        ]
+    }
 
 
 def _lines(records) -> bytes:
@@ -278,8 +306,16 @@ def test_an_interrupted_render_leaves_no_temporary_files(pretrain_data, tmp_path
         return parsing.parse_record(record)
 
     with pytest.raises(KeyboardInterrupt):
-        render_records(RecordSource([path]), pretrain_data / "tokenizer", out, provenance={}, make_outputs=_Outputs,
-                       parse=parse_then_ctrl_c, render_chunk=lambda pending, outputs: _render_chunk(pending, outputs, 0), chunk_size=1)
+        render_records(
+            RecordSource([path]),
+            pretrain_data / "tokenizer",
+            out,
+            provenance={},
+            make_outputs=_Outputs,
+            parse=parse_then_ctrl_c,
+            render_chunk=lambda pending, outputs: _render_chunk(pending, outputs, 0),
+            chunk_size=1,
+        )
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier outputs, nothing else
 
 
@@ -292,7 +328,9 @@ def test_a_huge_record_is_refused_by_its_characters_before_tokenizing(pretrain_d
     started = time.monotonic()
     summary = render_sft([path], pretrain_data / "tokenizer", tmp_path / "out", max_length=1024)
     seconds = time.monotonic() - started
-    assert summary["rejected_by_reason"] == {parsing.FIRST_TURN_TOO_LONG: 1} and _rejects(tmp_path / "out")[0]["line"] == 1
+    assert (
+        summary["rejected_by_reason"] == {parsing.FIRST_TURN_TOO_LONG: 1} and _rejects(tmp_path / "out")[0]["line"] == 1
+    )
     assert summary["conversations_written"] == 2 and (summary["truncated"], summary["turns_dropped"]) == (1, 1)
     assert seconds < 15, f"{seconds:.1f} s: the huge turns were tokenized"
     written = open_shards([p.with_suffix("") for p in sorted((tmp_path / "out" / "shards").glob("*.json"))])
@@ -354,10 +392,19 @@ def sample_shards(sample_records, pretrain_data, tmp_path_factory) -> Path:
 
 def _stage_data(shards_dir: Path, pretrain_data: Path, tmp_path: Path, **sft_settings):
     overrides = [
-        "stage=sft", "data=sft_moss003_sample", "model=tiny", "model.n_embd=64", "model.rotary_dim=8",
-        f"data.root={shards_dir}", f"data.tokenizer={pretrain_data / 'tokenizer'}", "data.seq_len=2048",
-        "model.n_positions=2048", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
-        f"run.output_dir={tmp_path}", *[f"sft.{k}={v}" for k, v in sft_settings.items()],
+        "stage=sft",
+        "data=sft_moss003_sample",
+        "model=tiny",
+        "model.n_embd=64",
+        "model.rotary_dim=8",
+        f"data.root={shards_dir}",
+        f"data.tokenizer={pretrain_data / 'tokenizer'}",
+        "data.seq_len=2048",
+        "model.n_positions=2048",
+        "trainer.micro_batch_size=2",
+        "trainer.global_batch_size=4",
+        f"run.output_dir={tmp_path}",
+        *[f"sft.{k}={v}" for k, v in sft_settings.items()],
     ]
     cfg = to_object(compose(overrides))
     stage = SFTStage()
@@ -380,11 +427,15 @@ def test_packed_samples_keep_conversations_apart(sample_shards, pretrain_data, t
             assert sample["input_ids"][at : at + n].tolist() == ids.tolist()
             assert (sample["segment_ids"][at : at + n] == segment).all()
             assert sample["position_ids"][at : at + n].tolist() == list(range(n))
-            expected = np.where(flags[1:] & rendering.LOSS_DEFAULT, ids[1:], sft.IGNORE_INDEX).tolist() + [sft.IGNORE_INDEX]
+            expected = np.where(flags[1:] & rendering.LOSS_DEFAULT, ids[1:], sft.IGNORE_INDEX).tolist() + [
+                sft.IGNORE_INDEX
+            ]
             assert sample["labels"][at : at + n].tolist() == expected  # none across the boundary
             at += n
             seen += 1
-        assert (sample["labels"][at:] == sft.IGNORE_INDEX).all() and (sample["input_ids"][at:] == tokenizer.pad_id).all()
+        assert (sample["labels"][at:] == sft.IGNORE_INDEX).all() and (
+            sample["input_ids"][at:] == tokenizer.pad_id
+        ).all()
     assert seen == len(conversations) and len(data.train) < len(conversations)  # several per sequence
     report = json.loads((tmp_path / "sft_data.json").read_text())
     assert report["train"]["truncated"] > 0 and report["train"]["kept"] == len(conversations)
@@ -449,6 +500,16 @@ def test_sft_recipe_errors_name_the_key(pretrain_data, tmp_path):
     tokenizer = MossTokenizer.load(pretrain_data / "tokenizer")
     with ShardWriter(tmp_path / "shards" / "train.plain", "uint16", tokenizer.hash, "plain") as writer:
         writer.add_document([5, 6, 7])  # a pretraining shard: no mask stream
-    cfg = to_object(compose(["stage=sft", "data=sft_demo", f"data.root={tmp_path}", f"data.tokenizer={pretrain_data / 'tokenizer'}", f"run.output_dir={tmp_path}"]))
+    cfg = to_object(
+        compose(
+            [
+                "stage=sft",
+                "data=sft_demo",
+                f"data.root={tmp_path}",
+                f"data.tokenizer={pretrain_data / 'tokenizer'}",
+                f"run.output_dir={tmp_path}",
+            ]
+        )
+    )
     with pytest.raises(ConfigError, match="data.train_shards.*loss-mask"):
         SFTStage().build_data(StageContext(cfg, tokenizer))

@@ -21,8 +21,18 @@ from moss_train.model.config import ModelConfig
 
 @pytest.mark.parametrize(
     "expression, answer",
-    [("24*15", "360"), ("125+389", "514"), ("907-21", "886"), ("3657/53", "69"), ("37^2", "1369"), ("2**10", "1024"),
-     ("50/(2*7)", "3.571428571"), ("(12/2)*(2*6+(12-1)*3)", "270"), ("sqrt(16)+1.5", "5.5"), ("7÷2", "3.5")],
+    [
+        ("24*15", "360"),
+        ("125+389", "514"),
+        ("907-21", "886"),
+        ("3657/53", "69"),
+        ("37^2", "1369"),
+        ("2**10", "1024"),
+        ("50/(2*7)", "3.571428571"),
+        ("(12/2)*(2*6+(12-1)*3)", "270"),
+        ("sqrt(16)+1.5", "5.5"),
+        ("7÷2", "3.5"),
+    ],
 )
 def test_calculator(expression, answer):
     assert calculate(expression) == answer
@@ -39,8 +49,17 @@ def test_equation_solver():
 
 @pytest.mark.parametrize(
     "hostile",
-    ["__import__('os').system('echo hi')", "9^9^9", "((((2^512)^512)^512)^512)", "(" * 200 + "1" + ")" * 200,
-     "1" * 5000, "1/0", "x+1", "exec('1')", "lambda: 1"],
+    [
+        "__import__('os').system('echo hi')",
+        "9^9^9",
+        "((((2^512)^512)^512)^512)",
+        "(" * 200 + "1" + ")" * 200,
+        "1" * 5000,
+        "1/0",
+        "x+1",
+        "exec('1')",
+        "lambda: 1",
+    ],
 )
 def test_tools_never_run_code_or_hang(hostile):
     started = time.perf_counter()
@@ -99,7 +118,10 @@ def test_check_reply_is_strict_about_command_and_result():
 
 
 def test_the_demo_judge_credits_the_tool_the_command_and_the_result():
-    record = {"meta_instruction": fmt.meta_instruction(["calculator"]), "check": {"command": 'Calculate("24*15")', "plugin": "calculator", "answer": ["360"]}}
+    record = {
+        "meta_instruction": fmt.meta_instruction(["calculator"]),
+        "check": {"command": 'Calculate("24*15")', "plugin": "calculator", "answer": ["360"]},
+    }
 
     def score(commands, reply):
         return judge(record, commands, reply)
@@ -114,7 +136,9 @@ def test_the_demo_judge_credits_the_tool_the_command_and_the_result():
 
 def test_batched_generation_equals_one_prompt_at_a_time():
     torch.manual_seed(0)
-    model = CodeGenForCausalLM(ModelConfig(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)).eval()
+    model = CodeGenForCausalLM(
+        ModelConfig(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
+    ).eval()
     prompts = [[5, 9, 11, 3, 7, 20, 21], [4, 4], [30, 31, 32, 33]]
     batched = generate_batch(model, prompts, max_new_tokens=6, stop_ids=(17,), pad_id=0)
     alone = [generate_batch(model, [p], max_new_tokens=6, stop_ids=(17,), pad_id=0)[0] for p in prompts]

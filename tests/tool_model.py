@@ -42,15 +42,21 @@ def dialogues() -> list[fmt.Dialogue]:
             api, argument = command.split('("', 1)
             tool = TOOLS[api]
             answer = tool.run(argument[:-2])
-            turn = fmt.Turn.from_text(question, before + answer + after, thoughts, command, [tool.result_line(argument[:-2])])
+            turn = fmt.Turn.from_text(
+                question, before + answer + after, thoughts, command, [tool.result_line(argument[:-2])]
+            )
         out.append(fmt.Dialogue(META, [turn]))
     return out
 
 
-def train_tool_model(tokenizer, out_dir: Path, max_steps: int = 400, lr: float = 1e-2, seed: int = 0, n_positions: int = 512) -> Path:
+def train_tool_model(
+    tokenizer, out_dir: Path, max_steps: int = 400, lr: float = 1e-2, seed: int = 0, n_positions: int = 512
+) -> Path:
     """Train the tiny model on DIALOGUES (loss on what MOSS writes) and write it to `out_dir`."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4, rotary_dim=8
+    )
     model = CodeGenForCausalLM(cfg)
     rows = rendering.render_many(tokenizer, [parsing.Conversation(d, "tools") for d in dialogues()])
     longest = max(len(ids) for ids, _ in rows)
@@ -59,7 +65,9 @@ def train_tool_model(tokenizer, out_dir: Path, max_steps: int = 400, lr: float =
     for r, (row_ids, flags) in enumerate(rows):
         ids[r, : len(row_ids)] = torch.as_tensor(row_ids)
         target = torch.as_tensor(row_ids[1:])
-        labels[r, : len(row_ids) - 1] = torch.where(torch.as_tensor(flags[1:] & rendering.LOSS_DEFAULT > 0), target, IGNORE_INDEX)
+        labels[r, : len(row_ids) - 1] = torch.where(
+            torch.as_tensor(flags[1:] & rendering.LOSS_DEFAULT > 0), target, IGNORE_INDEX
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     targets = labels != IGNORE_INDEX
     for step in range(1, max_steps + 1):  # noqa: B007 (returned: the steps it took)
@@ -73,7 +81,9 @@ def train_tool_model(tokenizer, out_dir: Path, max_steps: int = 400, lr: float =
         loss.backward()
         optimizer.step()
     else:
-        raise AssertionError(f"the tool model did not learn its {len(rows)} dialogues in {max_steps} steps (loss {loss.item():.3f})")
+        raise AssertionError(
+            f"the tool model did not learn its {len(rows)} dialogues in {max_steps} steps (loss {loss.item():.3f})"
+        )
     model.eval()
     write_hf_directory(model, tokenizer, out_dir)
     return step
@@ -86,7 +96,11 @@ def write_hf_directory(model: CodeGenForCausalLM, tokenizer, out_dir: Path) -> P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config(model.config, "causal_lm", tokenizer, torch.float32).save_pretrained(str(out_dir))
-    save_file({n: t.detach().contiguous() for n, t in model.state_dict().items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {n: t.detach().contiguous() for n, t in model.state_dict().items()},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     write_tokenizer(out_dir, tokenizer)
     return out_dir
 

@@ -25,10 +25,18 @@ DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=0, repetition_penalty=1.02, ma
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options that say what a model talks with (shared with moss-serve)."""
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's own or its recipe's)")
-    p.add_argument("--plugins", default="", help="comma list: calculator, equation_solver, web_search=BACKEND, "
-                   "text2img=BACKEND (BACKEND: module:function or http(s)://url); default none")
-    p.add_argument("--preamble", default="moss", help="meta-instruction preamble: moss, short (the demo data's) or a file")
-    p.add_argument("--tool-timeout", type=float, default=20.0, help="seconds for a configured web_search / text2img backend")
+    p.add_argument(
+        "--plugins",
+        default="",
+        help="comma list: calculator, equation_solver, web_search=BACKEND, "
+        "text2img=BACKEND (BACKEND: module:function or http(s)://url); default none",
+    )
+    p.add_argument(
+        "--preamble", default="moss", help="meta-instruction preamble: moss, short (the demo data's) or a file"
+    )
+    p.add_argument(
+        "--tool-timeout", type=float, default=20.0, help="seconds for a configured web_search / text2img backend"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,9 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(p)
     p.add_argument("--prompt", action="append", help="answer this and exit (repeat for a multi-turn script)")
     p.add_argument("--show-thoughts", action="store_true", help="also print inner thoughts, commands and tool results")
-    p.add_argument("--quality", help="N/K, best or worst: the quality level to ask a tag-conditioned model for "
-                   "(default: best, when the model carries its tag form, quality.json)")
-    p.add_argument("--meta-instruction", help="a file with the whole meta instruction (replaces --preamble and the plugin lines)")
+    p.add_argument(
+        "--quality",
+        help="N/K, best or worst: the quality level to ask a tag-conditioned model for "
+        "(default: best, when the model carries its tag form, quality.json)",
+    )
+    p.add_argument(
+        "--meta-instruction", help="a file with the whole meta instruction (replaces --preamble and the plugin lines)"
+    )
     p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
     for name, value in DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -102,7 +115,9 @@ def build_session(args: argparse.Namespace):
     quality = choose_quality(args.quality, form)
     template = form["template"] if form else fmt.QUALITY_TEMPLATE
     model, tokenizer = load_model(args.model), find_tokenizer(args.model, args.tokenizer)
-    return ChatSession(model, tokenizer, plugins, settings, meta=meta, preamble=preamble, quality=quality, quality_template=template)
+    return ChatSession(
+        model, tokenizer, plugins, settings, meta=meta, preamble=preamble, quality=quality, quality_template=template
+    )
 
 
 def show(result, show_thoughts: bool, out=sys.stdout) -> None:

@@ -62,7 +62,11 @@ class KVCache:
         param = next(model.parameters())
         shape = (batch, cfg.n_head, capacity, cfg.n_embd // cfg.n_head)
         self.layers = [
-            _LayerKV(self, torch.empty(shape, dtype=param.dtype, device=param.device), torch.empty(shape, dtype=param.dtype, device=param.device))
+            _LayerKV(
+                self,
+                torch.empty(shape, dtype=param.dtype, device=param.device),
+                torch.empty(shape, dtype=param.dtype, device=param.device),
+            )
             for _ in range(cfg.n_layer)
         ]
         self.segments = torch.empty((batch, capacity), dtype=torch.long, device=param.device)
@@ -95,7 +99,9 @@ class KVCache:
             self.one_segment = False
         same = self.segments[:, None, :end] == segment_ids[:, :, None]  # (B, T, end)
         if end - start > 1:  # a single new token comes after every cached one: causal already
-            same &= torch.arange(end, device=same.device)[None, :] <= torch.arange(start, end, device=same.device)[:, None]
+            same &= (
+                torch.arange(end, device=same.device)[None, :] <= torch.arange(start, end, device=same.device)[:, None]
+            )
         return same[:, None]
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -139,7 +145,9 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise ValueError(f"invalid sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+            raise ValueError(
+                f"invalid sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -231,9 +239,12 @@ class _FullDecoder:
 
     def join(self, ids, positions, segments, room: int) -> torch.Tensor:
         width = max(self.ids.shape[1], ids.shape[1])
-        old, new = (_pad_left(t, width) for t in (self.ids, self.positions, self.segments)), (_pad_left(t, width) for t in (ids, positions, segments))
+        old, new = (
+            (_pad_left(t, width) for t in (self.ids, self.positions, self.segments)),
+            (_pad_left(t, width) for t in (ids, positions, segments)),
+        )
         (self.ids, self.positions, self.segments) = (torch.cat(pair) for pair in zip(old, new))
-        return self._run()[-ids.shape[0]:]
+        return self._run()[-ids.shape[0] :]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)

@@ -49,8 +49,14 @@ MAX_DEPTH = 24
 MAX_EXPONENT = 512
 MAX_RESULT_BITS = 1 << 16  # bounds a power's size before sympy computes it
 _FUNCTIONS = {
-    "sqrt": sympy.sqrt, "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan,
-    "log": sympy.log, "ln": sympy.log, "exp": sympy.exp, "abs": sympy.Abs,
+    "sqrt": sympy.sqrt,
+    "sin": sympy.sin,
+    "cos": sympy.cos,
+    "tan": sympy.tan,
+    "log": sympy.log,
+    "ln": sympy.log,
+    "exp": sympy.exp,
+    "abs": sympy.Abs,
 }
 _CONSTANTS = {"pi": sympy.pi, "e": sympy.E}
 # ASCII digits only: \d would also take "1٠0" (an Arabic-Indic zero) as the number 100.
@@ -73,9 +79,15 @@ def _tokens(text: str) -> list[tuple[str, str, bool]]:
     while at < len(text):
         match = _TOKEN.match(text, at)
         if not match:
-            raise ExpressionError(f"unexpected {text[at:at + 10]!r}")
+            raise ExpressionError(f"unexpected {text[at : at + 10]!r}")
         space, number, name, op = match.groups()
-        kind, value = ("num", number) if number else ("name", name) if name else ("op", {"×": "*", "÷": "/", "**": "^"}.get(op, op))
+        kind, value = (
+            ("num", number)
+            if number
+            else ("name", name)
+            if name
+            else ("op", {"×": "*", "÷": "/", "**": "^"}.get(op, op))
+        )
         out.append((kind, value, not space))
         at = match.end()
     return out
@@ -218,7 +230,15 @@ def format_number(value) -> str:
 
 
 # Everything sympy may raise on a bad expression; these become the reason of a "No result.".
-_MATH_ERRORS = (ExpressionError, ZeroDivisionError, TypeError, ValueError, OverflowError, ArithmeticError, NotImplementedError)
+_MATH_ERRORS = (
+    ExpressionError,
+    ZeroDivisionError,
+    TypeError,
+    ValueError,
+    OverflowError,
+    ArithmeticError,
+    NotImplementedError,
+)
 
 
 def calculate_or_raise(expression: str) -> str:
@@ -450,7 +470,9 @@ def http_backend(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> Backend:
         body = json.dumps({"api": api, "input": argument}).encode()
         request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s if limit_s is None else min(timeout_s, limit_s)) as response:
+            with urllib.request.urlopen(
+                request, timeout=timeout_s if limit_s is None else min(timeout_s, limit_s)
+            ) as response:
                 raw = response.read(MAX_RESPONSE_BYTES + 1)
         except OSError as error:  # URLError, HTTPError, timeouts
             raise ToolError(f"{url}: {error}") from None

@@ -37,8 +37,17 @@ class Settings:
 
     def generate(self, model, tokenizer, prompts, max_new_tokens, stop_ids) -> list[list[int]]:
         return generate_batch(
-            model, prompts, max_new_tokens, stop_ids, tokenizer.pad_id, self.temperature, self.top_k, self.seed,
-            top_p=self.top_p, repetition_penalty=self.repetition_penalty, vocab_size=tokenizer.vocab_size,
+            model,
+            prompts,
+            max_new_tokens,
+            stop_ids,
+            tokenizer.pad_id,
+            self.temperature,
+            self.top_k,
+            self.seed,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            vocab_size=tokenizer.vocab_size,
         )
 
 
@@ -188,7 +197,9 @@ class ChatSession:
         """The model's turn for `human`; the turn joins the history. The oldest turns are left
         out of the prompt when it would not leave room for the reply within n_positions."""
         self._fit(human)
-        result = two_pass(self.model, self.tokenizer, [TurnRequest(self.meta, self.history, human)], self.plugins, self.settings)[0]
+        result = two_pass(
+            self.model, self.tokenizer, [TurnRequest(self.meta, self.history, human)], self.plugins, self.settings
+        )[0]
         self.history.append(result.turn())
         return result
 

@@ -92,7 +92,9 @@ def _serve(conn, memory_mb: int, preload: tuple[str, ...]) -> None:
 class Sandbox:
     """One reusable worker process; :meth:`call` is thread-safe (calls run one at a time)."""
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = DEFAULT_MEMORY_MB, preload: tuple[str, ...] = ()):
+    def __init__(
+        self, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = DEFAULT_MEMORY_MB, preload: tuple[str, ...] = ()
+    ):
         self.timeout_s, self.memory_mb, self.preload = timeout_s, memory_mb, preload
         self._process = None
         self._conn = None
@@ -124,7 +126,9 @@ class Sandbox:
             self._stop()
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, self.memory_mb, self.preload), daemon=True, name="moss-tools")
+        self._process = context.Process(
+            target=_serve, args=(child, self.memory_mb, self.preload), daemon=True, name="moss-tools"
+        )
         self._process.start()
         child.close()
         self._conn = parent
@@ -159,6 +163,8 @@ def default_sandbox() -> Sandbox:
     """The process-wide sandbox the built-in tools share (started on first use)."""
     global _DEFAULT
     if _DEFAULT is None:
-        _DEFAULT = Sandbox(preload=("moss_train.chat.plugins:calculate_or_raise", "moss_train.chat.plugins:solve_or_raise"))
+        _DEFAULT = Sandbox(
+            preload=("moss_train.chat.plugins:calculate_or_raise", "moss_train.chat.plugins:solve_or_raise")
+        )
         atexit.register(_DEFAULT.close)
     return _DEFAULT

@@ -45,7 +45,9 @@ from typing import Optional
 from moss_train import format as fmt
 
 ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL = "system", "user", "assistant", "tool"
-IT, CMD, RES, REPLY, HUMAN = (fmt.FIELD_BY_ROLE[r] for r in (fmt.INNER_THOUGHTS, fmt.COMMANDS, fmt.RESULTS, fmt.MOSS, fmt.HUMAN))
+IT, CMD, RES, REPLY, HUMAN = (
+    fmt.FIELD_BY_ROLE[r] for r in (fmt.INNER_THOUGHTS, fmt.COMMANDS, fmt.RESULTS, fmt.MOSS, fmt.HUMAN)
+)
 ENABLEABLE = fmt.ENABLEABLE_PLUGINS
 API_BY_PLUGIN = {plugin: fmt.plugin_api(plugin)[0] for plugin in ENABLEABLE}
 # A tool is named by its command or its plugin name.
@@ -132,7 +134,7 @@ def _field(spec: fmt.FieldSpec, body_expression: str) -> str:
 
 
 def _text_body(expression: str) -> str:
-    """" " + text, or moss-003's " None" when there is none."""
+    """ " " + text, or moss-003's " None" when there is none."""
     return f"((' ' ~ {expression}) if {_is_set(expression)} else {_literal(fmt.NONE_BODY)})"
 
 
@@ -156,8 +158,12 @@ def _default_meta(chat: ChatFormat) -> str:
     quality = _literal(chat.tag_suffix)
     if not chat.capabilities:
         return f"{{%- if ns.plugins -%}}{_raise(_literal(NO_CAPABILITIES))}{{%- endif -%}}{{{{ {_literal(chat.preamble)} ~ {quality} }}}}"
-    thoughts_on, thoughts_off = (_literal(fmt.capability_line(fmt.INNER_THOUGHTS_CAPABILITY, state)) for state in (True, False))
-    lines = [f"{{{{ {_literal(chat.preamble + fmt.CAPABILITIES_HEADER)} ~ ({thoughts_on} if ns.plugins else {thoughts_off}) }}}}"]
+    thoughts_on, thoughts_off = (
+        _literal(fmt.capability_line(fmt.INNER_THOUGHTS_CAPABILITY, state)) for state in (True, False)
+    )
+    lines = [
+        f"{{{{ {_literal(chat.preamble + fmt.CAPABILITIES_HEADER)} ~ ({thoughts_on} if ns.plugins else {thoughts_off}) }}}}"
+    ]
     for name, label, api in fmt.PLUGIN_CAPABILITIES:
         on, off = (_literal(fmt.capability_line(label, state, api)) for state in (True, False))
         lines.append(f"{{{{ {on} if {_literal(name)} in ns.plugins else {off} }}}}")
@@ -180,10 +186,16 @@ _CALL = (
     "{%- set function = call['function'] if call['function'] is defined else call -%}"
     "{%- set arguments = function['arguments'] -%}"
     "{%- if arguments is not mapping or arguments | length != 1 -%}"
-    + _raise(_literal("a MOSS tool call takes one argument, as a mapping ({\"expression\": \"1+1\"}); got ") + " ~ arguments")
+    + _raise(
+        _literal('a MOSS tool call takes one argument, as a mapping ({"expression": "1+1"}); got ') + " ~ arguments"
+    )
     + "{%- endif -%}"
     "{%- set api = api_by_plugin[function['name']] if function['name'] in api_by_plugin else function['name'] -%}"
-    "{%- set ns.calls = ns.calls + [api ~ " + _literal(COMMAND_OPEN) + " ~ (arguments.values() | first) ~ " + _literal(COMMAND_CLOSE) + "] -%}"
+    "{%- set ns.calls = ns.calls + [api ~ "
+    + _literal(COMMAND_OPEN)
+    + " ~ (arguments.values() | first) ~ "
+    + _literal(COMMAND_CLOSE)
+    + "] -%}"
     "{%- set ns.apis = ns.apis + [api] -%}"
 )
 
@@ -191,12 +203,18 @@ _CALL = (
 def build_chat_template(chat: ChatFormat = ChatFormat()) -> str:
     """The template of a model trained as `chat` describes (see the module docstring)."""
     thoughts = (
-        "{%- set thoughts = message['reasoning_content'] if " + _is_set("message['reasoning_content']") + " else message['inner_thoughts'] -%}"
+        "{%- set thoughts = message['reasoning_content'] if "
+        + _is_set("message['reasoning_content']")
+        + " else message['inner_thoughts'] -%}"
     )
     tool_call_turn = (
-        "{%- if not " + _is_set("thoughts") + " and message['content'] -%}{%- set thoughts = message['content'] -%}{%- endif -%}"
+        "{%- if not "
+        + _is_set("thoughts")
+        + " and message['content'] -%}{%- set thoughts = message['content'] -%}{%- endif -%}"
         "{%- set ns.calls = [] -%}{%- set ns.apis = [] -%}{%- set ns.answered = 0 -%}"
-        "{%- for call in message['tool_calls'] -%}" + _CALL + "{%- endfor -%}"
+        "{%- for call in message['tool_calls'] -%}"
+        + _CALL
+        + "{%- endfor -%}"
         + _field(IT, _text_body("thoughts"))
         + _field(CMD, "(' ' ~ ns.calls | join(', '))")
         + "{%- set ns.stage = 'commands' -%}"
@@ -211,11 +229,22 @@ def build_chat_template(chat: ChatFormat = ChatFormat()) -> str:
     newline = _literal("\n")
     tool_result = (
         "{%- if ns.stage == 'commands' -%}{{ " + _literal(RES.prefix) + " }}{%- set ns.stage = 'results' -%}"
-        "{%- elif ns.stage != 'results' -%}" + _raise(_literal("a tool message answers the tool_calls of the assistant message before it")) + "{%- endif -%}"
-        "{%- if ns.answered >= ns.calls | length -%}" + _raise(_literal("more tool messages than tool calls")) + "{%- endif -%}"
+        "{%- elif ns.stage != 'results' -%}"
+        + _raise(_literal("a tool message answers the tool_calls of the assistant message before it"))
+        + "{%- endif -%}"
+        "{%- if ns.answered >= ns.calls | length -%}"
+        + _raise(_literal("more tool messages than tool calls"))
+        + "{%- endif -%}"
         "{%- set api = ns.apis[ns.answered] -%}"
-        "{{ " + newline + " ~ ns.calls[ns.answered] ~ ((" + _literal(MULTILINE_ARROW) + " ~ message['content']) if api in multiline_apis else ("
-        + _literal(ARROW) + " ~ message['content'] ~ " + _literal(ARROW_END) + ")) }}"
+        "{{ "
+        + newline
+        + " ~ ns.calls[ns.answered] ~ (("
+        + _literal(MULTILINE_ARROW)
+        + " ~ message['content']) if api in multiline_apis else ("
+        + _literal(ARROW)
+        + " ~ message['content'] ~ "
+        + _literal(ARROW_END)
+        + ")) }}"
         "{%- set ns.answered = ns.answered + 1 -%}"
         "{%- if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' -%}"
         "{{ " + newline + " ~ " + _literal(RES.suffix) + " }}{%- set ns.stage = 'answered' -%}{%- endif -%}"
@@ -233,24 +262,41 @@ def build_chat_template(chat: ChatFormat = ChatFormat()) -> str:
         "{%- for message in messages -%}"
         "{%- set role = message['role'] -%}"
         "{%- if role == 'system' -%}"
-        "{%- if not loop.first -%}" + _raise(_literal("the system message (the meta instruction) must come first")) + "{%- endif -%}"
+        "{%- if not loop.first -%}"
+        + _raise(_literal("the system message (the meta instruction) must come first"))
+        + "{%- endif -%}"
         "{%- elif role == 'user' -%}"
-        "{%- if ns.stage != 'closed' -%}" + _raise(_literal("a user message must follow a complete assistant turn")) + "{%- endif -%}"
+        "{%- if ns.stage != 'closed' -%}"
+        + _raise(_literal("a user message must follow a complete assistant turn"))
+        + "{%- endif -%}"
         + _field(HUMAN, "(' ' ~ message['content'])")
         + "{%- set ns.stage = 'human' -%}"
         "{%- elif role == 'assistant' -%}"
-        "{%- if ns.stage == 'human' -%}" + thoughts
-        + "{%- if message['tool_calls'] -%}" + tool_call_turn + "{%- else -%}" + plain_turn + "{%- endif -%}"
-        "{%- elif ns.stage == 'answered' -%}" + _field(REPLY, "(' ' ~ message['content'])") + "{%- set ns.stage = 'closed' -%}"
-        "{%- else -%}" + _raise(_literal("an assistant message follows a user message, or the tool messages of its tool calls")) + "{%- endif -%}"
-        "{%- elif role == 'tool' -%}" + tool_result
-        + "{%- else -%}" + _raise(_literal("MOSS messages have the roles system, user, assistant, tool; got ") + " ~ role")
+        "{%- if ns.stage == 'human' -%}"
+        + thoughts
+        + "{%- if message['tool_calls'] -%}"
+        + tool_call_turn
+        + "{%- else -%}"
+        + plain_turn
+        + "{%- endif -%}"
+        "{%- elif ns.stage == 'answered' -%}"
+        + _field(REPLY, "(' ' ~ message['content'])")
+        + "{%- set ns.stage = 'closed' -%}"
+        "{%- else -%}"
+        + _raise(_literal("an assistant message follows a user message, or the tool messages of its tool calls"))
+        + "{%- endif -%}"
+        "{%- elif role == 'tool' -%}"
+        + tool_result
+        + "{%- else -%}"
+        + _raise(_literal("MOSS messages have the roles system, user, assistant, tool; got ") + " ~ role")
         + "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}"
         "{%- if ns.stage == 'human' -%}{{ " + _literal(IT.prefix) + " }}"
         "{%- elif ns.stage == 'answered' -%}{{ " + _literal(REPLY.prefix) + " }}"
-        "{%- elif ns.stage != 'closed' -%}" + _raise(_literal("run the tool calls first: one tool message per call")) + "{%- endif -%}"
+        "{%- elif ns.stage != 'closed' -%}"
+        + _raise(_literal("run the tool calls first: one tool message per call"))
+        + "{%- endif -%}"
         "{%- endif -%}"
     )
 
@@ -275,7 +321,9 @@ def _call(call: Mapping) -> tuple[str, str]:
     function = call.get("function", call)
     arguments = function.get("arguments")
     if not isinstance(arguments, Mapping) or len(arguments) != 1:
-        raise ChatTemplateError(f'a MOSS tool call takes one argument, as a mapping ({{"expression": "1+1"}}); got {arguments}')
+        raise ChatTemplateError(
+            f'a MOSS tool call takes one argument, as a mapping ({{"expression": "1+1"}}); got {arguments}'
+        )
     return API_BY_PLUGIN.get(function["name"], function["name"]), str(next(iter(arguments.values())))
 
 
@@ -340,7 +388,9 @@ def message_segments(
             field(fmt.MOSS, " " + message["content"])
             stage = "closed"
         elif role == ROLE_ASSISTANT:
-            raise ChatTemplateError("an assistant message follows a user message, or the tool messages of its tool calls")
+            raise ChatTemplateError(
+                "an assistant message follows a user message, or the tool messages of its tool calls"
+            )
         elif role == ROLE_TOOL:
             if stage not in ("commands", "results"):
                 raise ChatTemplateError("a tool message answers the tool_calls of the assistant message before it")
@@ -364,7 +414,9 @@ def message_segments(
     return segments
 
 
-def render_messages(messages: Sequence[Mapping], tools=None, add_generation_prompt: bool = False, chat: ChatFormat = ChatFormat()) -> str:
+def render_messages(
+    messages: Sequence[Mapping], tools=None, add_generation_prompt: bool = False, chat: ChatFormat = ChatFormat()
+) -> str:
     """The MOSS text of messages, by the format module (what the template renders)."""
     return "".join(s.text for s in message_segments(messages, tools, add_generation_prompt, chat))
 
@@ -396,8 +448,15 @@ def _tool_messages(turn: fmt.Turn) -> Optional[list[dict]]:
         answers.append(answer if multiline else answer.removesuffix("'"))
     thoughts = _text(turn.inner_thoughts)
     messages = [
-        {"role": ROLE_ASSISTANT, "content": None, **({} if thoughts is None else {"reasoning_content": thoughts}),
-         "tool_calls": [{"type": "function", "function": {"name": api, "arguments": {_parameter(api): argument}}} for api, argument in calls]},
+        {
+            "role": ROLE_ASSISTANT,
+            "content": None,
+            **({} if thoughts is None else {"reasoning_content": thoughts}),
+            "tool_calls": [
+                {"type": "function", "function": {"name": api, "arguments": {_parameter(api): argument}}}
+                for api, argument in calls
+            ],
+        },
         *({"role": ROLE_TOOL, "content": answer} for answer in answers),
         {"role": ROLE_ASSISTANT, "content": _text(turn.moss)},
     ]
@@ -430,7 +489,11 @@ def _assistant_message(turn: fmt.Turn) -> dict:
         message["commands"] = _text(turn.commands)
     block = turn.results
     if block != fmt.NONE_BODY:
-        message["results"] = block[1:-1].split("\n") if block.startswith("\n") and block.endswith("\n") and len(block) > 1 else _text(block)
+        message["results"] = (
+            block[1:-1].split("\n")
+            if block.startswith("\n") and block.endswith("\n") and len(block) > 1
+            else _text(block)
+        )
     return message
 
 

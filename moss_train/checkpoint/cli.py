@@ -17,21 +17,45 @@ import sys
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="moss-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="moss-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="run, checkpoints or step_N directory")
     parser.add_argument("out_dir", help="the HF directory to write")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB, 500MB (default 5GB)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run's recipe names)")
-    parser.add_argument("--preamble", default=None, help="the chat template's meta-instruction preamble: moss, short or a "
-                        "file (default: the one the run's training dialogues have)")
+    parser.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)"
+    )
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB, 500MB (default 5GB)"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory (default: the one the run's recipe names)"
+    )
+    parser.add_argument(
+        "--preamble",
+        default=None,
+        help="the chat template's meta-instruction preamble: moss, short or a "
+        "file (default: the one the run's training dialogues have)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantized weights that "
-                        "transformers loads through config.json's quantization_config (needs moss-train[quantize])")
-    parser.add_argument("--lora", choices=("merged", "adapter"), default="merged", help="a LoRA checkpoint: merged into its "
-                        "base (plain HF weights, default) or a peft adapter directory")
-    parser.add_argument("--base", default=None, help="--lora adapter: an HF export of the base, when stage.init_from was a "
-                        "moss-train checkpoint")
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="weight-only quantized weights that "
+        "transformers loads through config.json's quantization_config (needs moss-train[quantize])",
+    )
+    parser.add_argument(
+        "--lora",
+        choices=("merged", "adapter"),
+        default="merged",
+        help="a LoRA checkpoint: merged into its base (plain HF weights, default) or a peft adapter directory",
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="--lora adapter: an HF export of the base, when stage.init_from was a moss-train checkpoint",
+    )
     return parser.parse_args(argv)
 
 

@@ -77,7 +77,10 @@ from moss_train.model.reward import SCORE_PREFIX, RewardModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAUSAL_LM, REWARD, LORA_ADAPTER = "causal_lm", "reward", "lora_adapter"
-KIND_NAMES = {CAUSAL_LM: "causal language model (an lm_head)", REWARD: f"reward model ({SCORE_PREFIX}weight, no lm_head)"}
+KIND_NAMES = {
+    CAUSAL_LM: "causal language model (an lm_head)",
+    REWARD: f"reward model ({SCORE_PREFIX}weight, no lm_head)",
+}
 LORA_FORMATS = ("merged", "adapter")  # a LoRA checkpoint exports as full weights or as a peft adapter
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REWARD_FORMAT = {"format_version": 1, "head": "score", "read_at": "last_token"}
@@ -114,7 +117,11 @@ def check_names_and_shapes(source, expected: dict[str, tuple]) -> None:
     have = set(source.names)
     missing = [n for n in expected if n not in have]
     extra = sorted(have - set(expected))
-    wrong = [f"{n} {source.shape(n)} vs {expected[n]}" for n in expected if n in have and tuple(source.shape(n)) != expected[n]]
+    wrong = [
+        f"{n} {source.shape(n)} vs {expected[n]}"
+        for n in expected
+        if n in have and tuple(source.shape(n)) != expected[n]
+    ]
     if missing or extra or wrong:
         raise CheckpointError(
             f"{source.path} does not hold the model its config describes: missing {missing[:6]}, "
@@ -137,7 +144,9 @@ def write_safetensors(
     from safetensors.torch import save_file
 
     placeholders = {n: torch.empty(s, dtype=dtype, device="meta") for n, s in shapes.items()}
-    split = split_torch_state_dict_into_shards(placeholders, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        placeholders, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size
+    )
     for filename, names in split.filename_to_tensors.items():
         tensors = {n: fetch(n).to(dtype).contiguous() for n in names}
         save_file(tensors, str(directory / filename), metadata={"format": "pt"})
@@ -248,13 +257,19 @@ def export_checkpoint(
     cfg = source.model_config
     settings = source.meta.get("lora")
     if lora_format == "adapter" and not settings:
-        raise CheckpointError(f"{source.step_dir} holds full weights, not LoRA adapters: export it without --lora adapter")
+        raise CheckpointError(
+            f"{source.step_dir} holds full weights, not LoRA adapters: export it without --lora adapter"
+        )
     weights = LoraMerged(source, settings) if settings else source
     kind = model_kind(weights.names)
     if lora_format == "adapter" and kind == REWARD:
-        raise CheckpointError("a LoRA reward model exports merged (its score head is not a peft adapter of a causal LM)")
+        raise CheckpointError(
+            "a LoRA reward model exports merged (its score head is not a peft adapter of a causal LM)"
+        )
     if quantize and (kind == REWARD or lora_format == "adapter"):
-        raise CheckpointError("quantized exports are for causal LMs with their weights (not reward models or adapter directories)")
+        raise CheckpointError(
+            "quantized exports are for causal LMs with their weights (not reward models or adapter directories)"
+        )
     shapes = expected_shapes(cfg, kind)
     check_names_and_shapes(weights, shapes)
     tokenizer = _export_tokenizer(source, tokenizer_dir, cfg)
@@ -303,7 +318,9 @@ def lora_base(settings: dict):
         raise CheckpointError(f"the base these LoRA adapters were trained on, {path}, is not there any more")
     base = open_source(path)
     if weights_fingerprint(base) != settings["base"]["fingerprint"]:
-        raise CheckpointError(f"{path} has changed since the LoRA adapters were trained on it: they fit only the weights they were trained with")
+        raise CheckpointError(
+            f"{path} has changed since the LoRA adapters were trained on it: they fit only the weights they were trained with"
+        )
     return base
 
 
@@ -332,7 +349,9 @@ class LoraMerged:
         return self.base.tensor(name)
 
 
-def write_adapter(directory: Path, source: MossTrainCheckpoint, settings: dict, dtype: torch.dtype, base_dir) -> list[str]:
+def write_adapter(
+    directory: Path, source: MossTrainCheckpoint, settings: dict, dtype: torch.dtype, base_dir
+) -> list[str]:
     """peft's adapter directory: adapter_config.json + adapter_model.safetensors, for
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), directory)``."""
     from safetensors.torch import save_file
@@ -352,16 +371,22 @@ def hf_base(settings: dict, base_dir) -> Path:
     if (base / "config.json").is_file() and base_dir is None:
         return base
     if base_dir is None:
-        raise CheckpointError(f"the adapters' base {base} is a moss-train checkpoint: export it (moss-export {base} BASE_DIR) and pass --base BASE_DIR")
+        raise CheckpointError(
+            f"the adapters' base {base} is a moss-train checkpoint: export it (moss-export {base} BASE_DIR) and pass --base BASE_DIR"
+        )
     base_dir = Path(base_dir)
     manifest = json.loads((base_dir / EXPORT_MANIFEST).read_text()) if (base_dir / EXPORT_MANIFEST).is_file() else {}
     same = manifest.get("source") == str(base) or ((base / "config.json").is_file() and base_dir.resolve() == base)
     if not same:
-        raise CheckpointError(f"{base_dir} is not an export of the adapters' base {base} (its moss_export.json names {manifest.get('source')})")
+        raise CheckpointError(
+            f"{base_dir} is not an export of the adapters' base {base} (its moss_export.json names {manifest.get('source')})"
+        )
     return base_dir
 
 
-def write_manifest(directory: Path, source: MossTrainCheckpoint, kind: str, dtype: str, files: list[str], tokenizer) -> None:
+def write_manifest(
+    directory: Path, source: MossTrainCheckpoint, kind: str, dtype: str, files: list[str], tokenizer
+) -> None:
     """moss_export.json: where the weights came from, for whoever finds the directory later."""
     manifest = {
         "source": str(source.step_dir.resolve()),
@@ -394,7 +419,9 @@ def _export_tokenizer(source: MossTrainCheckpoint, tokenizer_dir, cfg: ModelConf
         )
     tokenizer = _load_tokenizer(directory)
     if tokenizer.vocab_size > model_vocab_size(cfg):
-        raise CheckpointError(f"tokenizer {directory} has {tokenizer.vocab_size} ids, the model {model_vocab_size(cfg)} rows")
+        raise CheckpointError(
+            f"tokenizer {directory} has {tokenizer.vocab_size} ids, the model {model_vocab_size(cfg)} rows"
+        )
     return tokenizer
 
 

@@ -112,7 +112,9 @@ def load_initial_weights(model: torch.nn.Module, cfg, tokenizer, dist: DistInfo)
         except ConfigError as exc:  # a recipe error: every rank raises it, naming the key
             error = exc
         except Exception as exc:  # every rank must learn of it, or the others wait forever
-            error = str(exc) if isinstance(exc, CheckpointError) else f"{cfg.stage.init_from}: {type(exc).__name__}: {exc}"
+            error = (
+                str(exc) if isinstance(exc, CheckpointError) else f"{cfg.stage.init_from}: {type(exc).__name__}: {exc}"
+            )
     plan, error = broadcast_object((plan, error))
     if isinstance(error, ConfigError):
         raise error
@@ -163,7 +165,9 @@ def plan_load(model, source, tokenizer, trust_remote_code: bool, allow_different
         raise CheckpointError(f"{source.path}: shapes differ from the model: {'; '.join(wrong[:8])}")
     unused = sorted(available - set(expected))
     if unused:
-        log(f"{len(unused)} tensors of {source.path} are not part of this model and stay unused: {', '.join(unused[:4])}")
+        log(
+            f"{len(unused)} tensors of {source.path} are not part of this model and stay unused: {', '.join(unused[:4])}"
+        )
     fresh = [n for n in expected if n not in available]
     if fresh:
         log(f"{len(fresh)} parameters start freshly initialised (not in the checkpoint): {', '.join(fresh)}")
@@ -176,7 +180,11 @@ def plan_load(model, source, tokenizer, trust_remote_code: bool, allow_different
 
 
 def fresh_vocab_rows(
-    tokenizer, source_pieces: Optional[list[str]], source_rows: int, model_rows: int, allow_different_vocab: bool = False
+    tokenizer,
+    source_pieces: Optional[list[str]],
+    source_rows: int,
+    model_rows: int,
+    allow_different_vocab: bool = False,
 ) -> list[int]:
     """Rows to start at the mean embedding: every row past the checkpoint's, and the run
     tokenizer's ids past the end of the checkpoint's own tokenizer (its added tokens).
@@ -197,10 +205,13 @@ def fresh_vocab_rows(
                 f"(first: id {i} {ours[i]!r} vs {theirs[i]!r}); those embeddings belong to other tokens"
             )
             if not allow_different_vocab:
-                raise ConfigError("data.tokenizer", f"{problem}: use the checkpoint's tokenizer (or one that only adds tokens at the end), or set stage.allow_different_vocab=true")
+                raise ConfigError(
+                    "data.tokenizer",
+                    f"{problem}: use the checkpoint's tokenizer (or one that only adds tokens at the end), or set stage.allow_different_vocab=true",
+                )
             log(f"WARNING: {problem} (stage.allow_different_vocab)")
         if len(ours) > len(theirs):
-            log(f"{len(ours) - len(theirs)} tokens added to the checkpoint's tokenizer: {ours[len(theirs):][:10]}")
+            log(f"{len(ours) - len(theirs)} tokens added to the checkpoint's tokenizer: {ours[len(theirs) :][:10]}")
             fresh.update(range(len(theirs), min(len(ours), model_rows)))
     return sorted(fresh)
 
@@ -216,4 +227,3 @@ def _fit(value: torch.Tensor, param, name: str, plan: LoadPlan) -> torch.Tensor:
     out[:kept] = value[:kept]
     out[plan.fresh_rows] = value[: plan.mean_of_rows].float().mean(dim=0).to(value.dtype)
     return out
-

@@ -33,18 +33,29 @@ def quantization_config(scheme: str, library: str = DEFAULT_LIBRARY):
 
         if scheme == "int8":
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=KEEP)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=KEEP)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=KEEP,
+        )
     if library == "torchao":
         from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
         from torchao.quantization.granularity import PerGroup
         from transformers import TorchAoConfig
 
-        config = Int8WeightOnlyConfig() if scheme == "int8" else IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+        config = (
+            Int8WeightOnlyConfig()
+            if scheme == "int8"
+            else IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+        )
         return TorchAoConfig(config, modules_to_not_convert=KEEP)
     raise ValueError(f"quantization library {library!r} is not one of bitsandbytes, torchao")
 
 
-def quantize_export(directory: Path, scheme: str, max_shard_size: int | str = "5GB", library: str = DEFAULT_LIBRARY) -> list[str]:
+def quantize_export(
+    directory: Path, scheme: str, max_shard_size: int | str = "5GB", library: str = DEFAULT_LIBRARY
+) -> list[str]:
     """Replace the full-precision weights of the causal-LM export in `directory` by `scheme`'s
     (quantized from them, on the CPU), as safetensors; config.json gains the quantization
     config. Returns the weight files."""
@@ -56,7 +67,9 @@ def quantize_export(directory: Path, scheme: str, max_shard_size: int | str = "5
     if importlib.util.find_spec(module) is None:
         raise ImportError(f"a {scheme} export needs {library}: pip install 'moss-train[quantize]'")
     directory = Path(directory)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), quantization_config=quantization_config(scheme, library), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), quantization_config=quantization_config(scheme, library), device_map="cpu"
+    )
     for stale in [*directory.glob("model*.safetensors"), directory / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     model.save_pretrained(str(directory), safe_serialization=True, max_shard_size=max_shard_size)

@@ -53,7 +53,9 @@ def refuse_unsafe_files(directory: str | Path) -> None:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as error:  # not a zip-format torch file: nothing we can vouch for
-            raise CheckpointError(f"{path}: not a readable torch checkpoint file ({type(error).__name__}: {error})") from None
+            raise CheckpointError(
+                f"{path}: not a readable torch checkpoint file ({type(error).__name__}: {error})"
+            ) from None
         refused = sorted(set(unsafe) - allowed)
         if refused:
             raise CheckpointError(
@@ -72,7 +74,9 @@ def weights_only():
         with torch.serialization.safe_globals(deepspeed_types()):
             yield
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"refused to load a checkpoint file (read in weights-only mode): {_reason(error)}") from None
+        raise CheckpointError(
+            f"refused to load a checkpoint file (read in weights-only mode): {_reason(error)}"
+        ) from None
     finally:
         if previous is None:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)

@@ -176,10 +176,14 @@ def hf_model_config(config: dict, where: str) -> ModelConfig:
     if model_type not in HF_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not one of {', '.join(HF_MODEL_TYPES)}")
     if int(config.get("wbits", 32)) < 16:
-        raise CheckpointError(f"{where}: a {config['wbits']}-bit quantized checkpoint cannot be trained; use the fp16 release")
+        raise CheckpointError(
+            f"{where}: a {config['wbits']}-bit quantized checkpoint cannot be trained; use the fp16 release"
+        )
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?")
-        raise CheckpointError(f"{where}: a quantized ({method}) export is for inference in transformers; moss-train reads full-precision weights")
+        raise CheckpointError(
+            f"{where}: a quantized ({method}) export is for inference in transformers; moss-train reads full-precision weights"
+        )
     fields = CodeGenConfig().to_dict()
     fields.update(config)
     if "n_positions" not in config and "n_ctx" in config:
@@ -255,7 +259,11 @@ class HFDirectory:
             )
         except Exception as error:  # custom code refused, or files transformers cannot read
             needs_code = "trust_remote_code" in str(error) or "custom code" in str(error)
-            reason = "it needs custom code; set stage.trust_remote_code=true to run it" if needs_code else str(error).splitlines()[0]
+            reason = (
+                "it needs custom code; set stage.trust_remote_code=true to run it"
+                if needs_code
+                else str(error).splitlines()[0]
+            )
             log(f"the tokenizer in {self.path} was not loaded ({reason}); its vocabulary is compared by size only")
             return None
         return [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))]

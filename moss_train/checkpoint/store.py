@@ -179,7 +179,9 @@ def _repair_universal_optimizer_state(engine, universal_dir: Path) -> None:
     optimizer = engine.optimizer.optimizer  # the wrapped torch optimizer
     saved = safe_load.load(universal_dir / "zero" / "optimizer_state.pt")["param_groups"]
     if len(saved) != len(optimizer.param_groups):
-        raise CheckpointError(f"{universal_dir}: {len(saved)} optimizer param groups saved, this run has {len(optimizer.param_groups)}")
+        raise CheckpointError(
+            f"{universal_dir}: {len(saved)} optimizer param groups saved, this run has {len(optimizer.param_groups)}"
+        )
     for group, settings in zip(optimizer.param_groups, saved):
         group.update({key: value for key, value in settings.items() if key != "params"})
     for state in optimizer.state.values():
@@ -193,8 +195,13 @@ def convert_to_universal(step_dir: Path, out: Path) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     args = argparse.Namespace(
-        input_folder=str(step_dir), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=True,  # inject: the version entry ZeRO 1/2 asks for
+        input_folder=str(step_dir),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # inject: the version entry ZeRO 1/2 asks for
     )
     output = io.StringIO()
     try:
@@ -255,7 +262,9 @@ class CheckpointManager:
         safe_load.refuse_unsafe_files(path)
         load_dir, tag = (self._universal_copy(path), path.name) if universal else (path.parent, path.name)
         with safe_load.weights_only():
-            load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=not self.trainable_only)
+            load_path, client_state = engine.load_checkpoint(
+                str(load_dir), tag=tag, load_module_strict=not self.trainable_only
+            )
         if universal:
             _repair_universal_optimizer_state(engine, load_dir / tag)
             barrier()
@@ -276,10 +285,16 @@ class CheckpointManager:
         if self.dist.is_main:
             shutil.rmtree(load_dir, ignore_errors=True)
             try:
-                ensure_free_space(self.root, int(checkpoint_bytes(path) * FREE_SPACE_MARGIN), f"a universal copy of {path.name}")
+                ensure_free_space(
+                    self.root, int(checkpoint_bytes(path) * FREE_SPACE_MARGIN), f"a universal copy of {path.name}"
+                )
                 convert_to_universal(path, load_dir / path.name)
             except Exception as exc:  # every rank must learn of it, or the others wait forever
-                error = str(exc) if isinstance(exc, CheckpointError) else f"{path}: universal conversion failed: {type(exc).__name__}: {exc}"
+                error = (
+                    str(exc)
+                    if isinstance(exc, CheckpointError)
+                    else f"{path}: universal conversion failed: {type(exc).__name__}: {exc}"
+                )
         error = broadcast_object(error)
         if error:
             raise CheckpointError(error)
@@ -297,7 +312,11 @@ class CheckpointManager:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         barrier()
         engine.save_checkpoint(
-            str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=self.trainable_only
+            str(self.root),
+            tag=tmp_tag,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=self.trainable_only,
         )
         torch.save(capture_rng(), tmp_dir / f"rng_rank{self.dist.rank}.pt")
         barrier()
@@ -355,7 +374,9 @@ class CheckpointManager:
             missing.append(f"{world - len(optim)} of {world} *optim_states.pt")
         unhashed = sorted(set(files) - set(checksums))
         if missing or empty or unhashed or not any(name.endswith("model_states.pt") for name in files):
-            raise CheckpointError(f"incomplete checkpoint in {directory}: missing {missing}, empty {empty}, unhashed {unhashed}")
+            raise CheckpointError(
+                f"incomplete checkpoint in {directory}: missing {missing}, empty {empty}, unhashed {unhashed}"
+            )
         entries = {name: {"size": size, "sha256": checksums[name]} for name, size in files.items()}
         _write_atomic(directory / COMPLETE, json.dumps({"step": step, "files": entries, "meta": meta}, indent=1))
 

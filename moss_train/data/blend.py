@@ -160,7 +160,11 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.slots_of = [np.flatnonzero(self.slot_source == s) for s in range(len(self.counts))]
         self._perms: dict[tuple[int, int], Permutation] = {}
         ends = [self.position_of(s, n) for s, n in enumerate(self.sizes)]  # first draw a source lacks
-        self.length = min(ends) if on_exhausted == "stop" else max(self.position_of(s, n - 1) + 1 for s, n in enumerate(self.sizes))
+        self.length = (
+            min(ends)
+            if on_exhausted == "stop"
+            else max(self.position_of(s, n - 1) + 1 for s, n in enumerate(self.sizes))
+        )
 
     # ------------------------------------------------------------------ mapping
     def position_of(self, source: int, draw: int) -> int:
@@ -177,7 +181,9 @@ class BlendedDataset(torch.utils.data.Dataset):
         draw = period * self.counts[s] + int(self.slot_rank[slot])
         epoch, offset = divmod(draw, self.sizes[s])
         if epoch and self.on_exhausted == "stop":
-            raise IndexError(f"blend position {i} needs sample {draw} of source {self.names[s]!r}, which has {self.sizes[s]}")
+            raise IndexError(
+                f"blend position {i} needs sample {draw} of source {self.names[s]!r}, which has {self.sizes[s]}"
+            )
         return s, self._permutation(s, epoch)(offset)
 
     def source_counts(self, start: int, stop: int) -> np.ndarray:

@@ -45,7 +45,9 @@ class _ShardStream:
         # Token offset of each shard in the stream (length n_shards + 1).
         self.shard_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.n_tokens = int(self.shard_starts[-1])
-        self.shard_sources = np.asarray(shard_sources if shard_sources is not None else [0] * len(self.shards), dtype=np.int64)
+        self.shard_sources = np.asarray(
+            shard_sources if shard_sources is not None else [0] * len(self.shards), dtype=np.int64
+        )
         if len(self.shard_sources) != len(self.shards):
             raise ValueError("shard_sources needs one source index per shard")
 

@@ -79,7 +79,9 @@ def parse_pair_record(record: Any, meta_instruction: str | None = None) -> PairG
             raise parsing.RecordError(BAD_SCORES, f"margin must be a number, got {margin!r}")
         pairs = [(0, 1, float(margin))]
     else:
-        raise parsing.RecordError(parsing.UNKNOWN_FORMAT, f"no 'chosen'+'rejected' or 'responses' key (keys: {sorted(record)[:8]})")
+        raise parsing.RecordError(
+            parsing.UNKNOWN_FORMAT, f"no 'chosen'+'rejected' or 'responses' key (keys: {sorted(record)[:8]})"
+        )
     conversations = [_conversation(record, context, r, meta_instruction) for r in responses]
     if any(fmt.render(conversations[a].dialogue) == fmt.render(conversations[b].dialogue) for a, b, _ in pairs):
         raise parsing.RecordError(IDENTICAL_RESPONSES, "a pair compares a response with itself")
@@ -89,7 +91,11 @@ def parse_pair_record(record: Any, meta_instruction: str | None = None) -> PairG
 def _ranked_pairs(scores: Any, k: int) -> list[tuple[int, int, float]]:
     if scores is None:  # best first
         return [(a, b, float(b - a)) for a in range(k) for b in range(a + 1, k)]
-    if not isinstance(scores, list) or len(scores) != k or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+    if (
+        not isinstance(scores, list)
+        or len(scores) != k
+        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+    ):
         raise parsing.RecordError(BAD_SCORES, f"scores must be {k} numbers, one per response")
     pairs = [(a, b, float(scores[a] - scores[b])) for a in range(k) for b in range(k) if scores[a] > scores[b]]
     if not pairs:
@@ -114,7 +120,9 @@ def _messages(value: Any, where: str) -> list[dict]:
         return hh_messages(value) if value.startswith("\n\nHuman:") else [{"role": "assistant", "content": value}]
     if isinstance(value, list):
         return value
-    raise parsing.RecordError(parsing.MALFORMED_FIELD, f"{where} must be a string or a message list, got {type(value).__name__}")
+    raise parsing.RecordError(
+        parsing.MALFORMED_FIELD, f"{where} must be a string or a message list, got {type(value).__name__}"
+    )
 
 
 def _context(record: dict) -> list:
@@ -149,7 +157,9 @@ def _response(message: Any) -> Any:
     """A message dict's content (assistant messages only), else the response as given."""
     if isinstance(message, dict) and "role" in message:
         if message["role"] != "assistant":
-            raise parsing.RecordError(parsing.WRONG_ROLE_ORDER, f"the compared message must be the assistant's, got {message['role']!r}")
+            raise parsing.RecordError(
+                parsing.WRONG_ROLE_ORDER, f"the compared message must be the assistant's, got {message['role']!r}"
+            )
         return message.get("content")
     return message
 
@@ -159,13 +169,19 @@ def _conversation(record: dict, context: list, response: Any, meta_override: str
     system = record.get("meta_instruction", record.get("system"))
     head = [{"role": "system", "content": system}] if isinstance(system, str) else []
     if isinstance(response, dict):  # a tool-using turn: parse the context with a placeholder reply
-        base = parsing.parse_record({"messages": head + context + [{"role": "assistant", "content": ""}]}, "messages", meta_override)
+        base = parsing.parse_record(
+            {"messages": head + context + [{"role": "assistant", "content": ""}]}, "messages", meta_override
+        )
         last = base.dialogue.turns[-1]
         base.dialogue.turns[-1] = _tool_turn(last.human, response)
         return base
     if not isinstance(response, str):
-        raise parsing.RecordError(parsing.NON_STRING_CONTENT, f"a response is {type(response).__name__}, not a string or a turn")
-    return parsing.parse_record({"messages": head + context + [{"role": "assistant", "content": response}]}, "messages", meta_override)
+        raise parsing.RecordError(
+            parsing.NON_STRING_CONTENT, f"a response is {type(response).__name__}, not a string or a turn"
+        )
+    return parsing.parse_record(
+        {"messages": head + context + [{"role": "assistant", "content": response}]}, "messages", meta_override
+    )
 
 
 def _tool_turn(human_body: str, fields: dict) -> fmt.Turn:
@@ -180,7 +196,9 @@ def _tool_turn(human_body: str, fields: dict) -> fmt.Turn:
         raise parsing.RecordError(parsing.MALFORMED_FIELD, "response field results must be a list of result lines")
     if text("moss") is None:
         raise parsing.RecordError(parsing.MISSING_FIELD, "a tool-use response needs its moss reply")
-    turn = fmt.Turn.from_text(human="", moss=text("moss"), inner_thoughts=text("inner_thoughts"), commands=text("commands"), results=results)
+    turn = fmt.Turn.from_text(
+        human="", moss=text("moss"), inner_thoughts=text("inner_thoughts"), commands=text("commands"), results=results
+    )
     turn.human = human_body
     return turn
 
@@ -255,7 +273,11 @@ class PairDataset(torch.utils.data.Dataset):
         self.report.kept = len(table)
         self.reference: np.ndarray | None = None  # (pairs, 2): reference log-probs of chosen, rejected
         lengths = [np.diff(s.doc_offsets) for s in self.shards]
-        self.mean_length = float(np.mean([lengths[s][d] for s, row in zip(self.shard_index, self.docs) for d in row])) if len(table) else 0.0
+        self.mean_length = (
+            float(np.mean([lengths[s][d] for s, row in zip(self.shard_index, self.docs) for d in row]))
+            if len(table)
+            else 0.0
+        )
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -270,8 +292,10 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         (chosen, chosen_labels), (rejected, rejected_labels) = self._response(i, 0), self._response(i, 1)
         item = {
-            "chosen": chosen, "chosen_labels": chosen_labels,
-            "rejected": rejected, "rejected_labels": rejected_labels,
+            "chosen": chosen,
+            "chosen_labels": chosen_labels,
+            "rejected": rejected,
+            "rejected_labels": rejected_labels,
             "margin": torch.tensor(self.margins[i]),
         }
         if self.reference is not None:
@@ -320,7 +344,10 @@ def open_pair_shards(cfg, patterns, key: str, tokenizer) -> list:
     shards = open_shards(prefixes, expect_tokenizer_hash=tokenizer.hash)
     for shard in shards:
         if not shard.has_mask or not pairs_path(shard.prefix).is_file():
-            raise ConfigError(key, f"{shard.prefix!r} is not a pair shard (mask stream + {pairs_path(shard.prefix).name}) written by moss-data pairs")
+            raise ConfigError(
+                key,
+                f"{shard.prefix!r} is not a pair shard (mask stream + {pairs_path(shard.prefix).name}) written by moss-data pairs",
+            )
     return shards
 
 
@@ -329,9 +356,15 @@ def pair_datasets(cfg, tokenizer, stage_name: str, is_main: bool) -> tuple[PairD
     what fitting did is printed and kept with the run (pair_data.json, by rank 0)."""
     data = cfg.data
     if not data.train_shards:
-        raise ConfigError("data.train_shards", f"stage={stage_name} reads pair shards (moss-data pairs) from data.train_shards")
+        raise ConfigError(
+            "data.train_shards", f"stage={stage_name} reads pair shards (moss-data pairs) from data.train_shards"
+        )
     train = PairDataset(open_pair_shards(cfg, data.train_shards, "data.train_shards", tokenizer), data.seq_len)
-    valid = PairDataset(open_pair_shards(cfg, data.valid_shards, "data.valid_shards", tokenizer), data.seq_len) if data.valid_shards else None
+    valid = (
+        PairDataset(open_pair_shards(cfg, data.valid_shards, "data.valid_shards", tokenizer), data.seq_len)
+        if data.valid_shards
+        else None
+    )
     report = {"train": train.report.as_dict(), "valid": valid.report.as_dict() if valid else None}
     if is_main:
         print(f"[moss-train] {stage_name} pairs (seq_len {data.seq_len}): {report}", flush=True)

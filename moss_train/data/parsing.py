@@ -59,10 +59,14 @@ def detect_format(record: dict) -> str:
         return "messages"
     if "instruction" in record and "output" in record:
         return "alpaca"
-    raise RecordError(UNKNOWN_FORMAT, f"no 'chat', 'messages' or 'instruction'+'output' key (keys: {sorted(record)[:8]})")
+    raise RecordError(
+        UNKNOWN_FORMAT, f"no 'chat', 'messages' or 'instruction'+'output' key (keys: {sorted(record)[:8]})"
+    )
 
 
-def parse_record(record: Any, format: str = "auto", meta_instruction: str | None = None, category_from: str = "plugins") -> Conversation:
+def parse_record(
+    record: Any, format: str = "auto", meta_instruction: str | None = None, category_from: str = "plugins"
+) -> Conversation:
     """One input record as a Conversation, or RecordError naming why not.
 
     `meta_instruction` replaces the record's own (moss003) or is used where a record has none
@@ -106,7 +110,9 @@ def _parse_moss003(record: dict, meta_override: str | None) -> fmt.Dialogue:
     meta = _string(record.get("meta_instruction"), "meta_instruction") if meta_override is None else meta_override
     chat = record.get("chat")
     if not isinstance(chat, dict):
-        raise RecordError(MISSING_FIELD if chat is None else MALFORMED_FIELD, "chat must be an object of turn_1..turn_N")
+        raise RecordError(
+            MISSING_FIELD if chat is None else MALFORMED_FIELD, "chat must be an object of turn_1..turn_N"
+        )
     if not chat:
         raise RecordError(EMPTY_CONVERSATION, "chat has no turns")
     num_turns = record.get("num_turns")
@@ -126,8 +132,15 @@ def _parse_moss003_turn(turn: Any, key: str) -> fmt.Turn:
     bodies = {}
     for spec in fmt.FIELDS:
         text = _string(turn.get(spec.key), f"{key}.{spec.key}")
-        if not (text.startswith(spec.prefix) and text.endswith(spec.suffix) and len(text) >= len(spec.prefix) + len(spec.suffix)):
-            raise RecordError(MALFORMED_FIELD, f"{key}.{spec.key} must be {spec.prefix!r} ... {spec.suffix!r}, got {text[:40]!r}...{text[-12:]!r}")
+        if not (
+            text.startswith(spec.prefix)
+            and text.endswith(spec.suffix)
+            and len(text) >= len(spec.prefix) + len(spec.suffix)
+        ):
+            raise RecordError(
+                MALFORMED_FIELD,
+                f"{key}.{spec.key} must be {spec.prefix!r} ... {spec.suffix!r}, got {text[:40]!r}...{text[-12:]!r}",
+            )
         bodies[spec.role] = text[len(spec.prefix) : len(text) - len(spec.suffix)]
     return fmt.Turn(**bodies)
 

@@ -77,7 +77,9 @@ def turns_within_chars(conversation: Conversation, max_chars: int) -> int:
 
 
 def first_turns(conversation: Conversation, n: int) -> Conversation:
-    return replace(conversation, dialogue=fmt.Dialogue(conversation.dialogue.meta_instruction, conversation.dialogue.turns[:n]))
+    return replace(
+        conversation, dialogue=fmt.Dialogue(conversation.dialogue.meta_instruction, conversation.dialogue.turns[:n])
+    )
 
 
 def kept_length(flags: np.ndarray, max_length: int) -> int:

@@ -51,7 +51,9 @@ class SFTConversations:
     Each shard's `source` is its category (moss-data sft writes one shard per category).
     """
 
-    def __init__(self, shards: Sequence, max_length: int, truncation: str = "turns", categories: Sequence[str] | None = None):
+    def __init__(
+        self, shards: Sequence, max_length: int, truncation: str = "turns", categories: Sequence[str] | None = None
+    ):
         if truncation not in ("turns", "skip"):
             raise ValueError(f"truncation must be 'turns' or 'skip', got {truncation!r}")
         self.shards = list(shards)

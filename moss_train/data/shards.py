@@ -190,7 +190,9 @@ class ShardWriter:
         if arr.ndim != 1:
             raise ValueError(f"a document must be a 1-D sequence of ids, got shape {arr.shape}")
         if (mask is None) != (self._mask is None):
-            raise ValueError(f"{self.prefix}: a mask is {'required' if self._mask else 'not expected'} (with_mask={self._mask is not None})")
+            raise ValueError(
+                f"{self.prefix}: a mask is {'required' if self._mask else 'not expected'} (with_mask={self._mask is not None})"
+            )
         mask_bytes = self._mask.encode(mask, arr.size) if self._mask is not None else None
         if arr.size:
             if arr.dtype.kind not in "iu":
@@ -352,7 +354,11 @@ class TokenShard:
                 raise ShardError(f"{self.paths['json']}: shard {self.prefix!r} has no mask stream")
             if not path.is_file() or path.stat().st_size != self.n_tokens * MASK_DTYPE.itemsize:
                 raise ShardError(f"{path}: mask file missing or not one byte per token ({self.n_tokens} tokens)")
-            self._mask = np.memmap(path, dtype=MASK_DTYPE, mode="r", shape=(self.n_tokens,)) if self.n_tokens else np.zeros(0, MASK_DTYPE)
+            self._mask = (
+                np.memmap(path, dtype=MASK_DTYPE, mode="r", shape=(self.n_tokens,))
+                if self.n_tokens
+                else np.zeros(0, MASK_DTYPE)
+            )
         return self._mask
 
     def document_mask(self, i: int) -> np.ndarray:

@@ -43,7 +43,9 @@ def _expand(match: Path, key: str) -> list[str]:
         if (match / MANIFEST).is_file():
             return dataset_parts(match / MANIFEST, key)
         if list(match.glob("manifest.shard-*.json")):
-            raise ConfigError(key, f"{match}: per-node manifests but no {MANIFEST}: run `moss-data merge-manifests {match}`")
+            raise ConfigError(
+                key, f"{match}: per-node manifests but no {MANIFEST}: run `moss-data merge-manifests {match}`"
+            )
         raise ConfigError(key, f"{match}: no {MANIFEST} (is `moss-data tokenize --out {match}` finished?)")
     return dataset_parts(match, key)
 

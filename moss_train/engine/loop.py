@@ -73,7 +73,9 @@ class Trainer:
 
     def __init__(self, cfg: MossTrainConfig, stage: TrainingStage, dist_info: DistInfo | None = None):
         if stage.kind != TRAIN:
-            raise TypeError(f"stage {stage.name!r} is a {stage.kind}, not a training stage: run it with engine.loop.train")
+            raise TypeError(
+                f"stage {stage.name!r} is a {stage.kind}, not a training stage: run it with engine.loop.train"
+            )
         self.stage = stage
         self.dist = dist_info or init_distributed()
         setup.tune_cpu(cfg, self.dist)
@@ -89,18 +91,28 @@ class Trainer:
         self.data: StageData = stage.build_data(ctx)
         ctx = replace(ctx, data=self.data)
         if frozen_specs:  # e.g. DPO's reference: built under the same ZeRO config, gone before the trained model exists
-            stage.use_frozen_models(replace(ctx, frozen=setup.frozen_models(frozen_specs, cfg, tokenizer, self.dist, self.ds_config)))
+            stage.use_frozen_models(
+                replace(ctx, frozen=setup.frozen_models(frozen_specs, cfg, tokenizer, self.dist, self.ds_config))
+            )
         seed_everything(cfg.trainer.seed)  # identical initial weights on every rank and run
-        model, loaded = setup.build_and_load(stage.build_model, cfg, tokenizer, self.dist, self.ds_config)  # ZeRO-3: per parameter
+        model, loaded = setup.build_and_load(
+            stage.build_model, cfg, tokenizer, self.dist, self.ds_config
+        )  # ZeRO-3: per parameter
         self.model_config = model.config
         self.lora_state = setup.add_lora(model, cfg, loaded, self.dist) if cfg.lora.r else None
         self.checkpoints = CheckpointManager(
-            self.output_dir / "checkpoints", cfg.checkpoint.keep_last, self.dist, trainable_only=self.lora_state is not None
+            self.output_dir / "checkpoints",
+            cfg.checkpoint.keep_last,
+            self.dist,
+            trainable_only=self.lora_state is not None,
         )
         self.resume_from = self._resume_path()
         self.universal_resume = self.resume_from is not None and self.checkpoints.needs_universal(self.resume_from)
         if self.universal_resume:  # written by another number of ranks: DeepSpeed re-cuts its shards
-            self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
+            self.ds_config = {
+                **self.ds_config,
+                "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True},
+            }
         self.engine, self.scheduler = setup.initialize_engine(model, cfg, self.ds_config)
         self.ctx = replace(ctx, engine=self.engine)
         stage.use_engine(self.ctx)  # e.g. DPO with LoRA: the reference is this model, adapters off
@@ -142,12 +154,18 @@ class Trainer:
                 "its data position does not apply (start a new run directory, or trainer.resume=never)"
             )
         if _adapter_identity(state.get("lora")) != _adapter_identity(self.lora_state):  # adapters fit only their base
-            raise RuntimeError(f"checkpoint {path} holds adapters for {state.get('lora')}, this run is {self.lora_state}")
+            raise RuntimeError(
+                f"checkpoint {path} holds adapters for {state.get('lora')}, this run is {self.lora_state}"
+            )
         self.step = state["step"]
         self.samples_consumed = state["samples_consumed"]
         self.tokens_seen = state.get("tokens_seen", 0)
         if self.dist.is_main:
-            ranks = f" (written by another number of ranks, re-cut for {self.dist.world_size})" if self.universal_resume else ""
+            ranks = (
+                f" (written by another number of ranks, re-cut for {self.dist.world_size})"
+                if self.universal_resume
+                else ""
+            )
             print(f"[moss-train] resumed from {path} at step {self.step}{ranks}", flush=True)
 
     def _client_state(self) -> dict:
@@ -166,8 +184,7 @@ class Trainer:
     def _micro_batches(self) -> list[dict]:
         indices = self.plan.micro_batches_at(self.samples_consumed)
         return [
-            _to_device(self.data.collate([self.data.train[int(i)] for i in idx]), self.dist.device)
-            for idx in indices
+            _to_device(self.data.collate([self.data.train[int(i)] for i in idx]), self.dist.device) for idx in indices
         ]
 
     def train_step(self) -> dict:
@@ -334,7 +351,9 @@ def run_job(cfg: MossTrainConfig, stage: JobStage, dist_info: DistInfo | None = 
     config), then its run(ctx), which every rank calls together."""
     dist_info = dist_info or init_distributed(cfg.cluster.collective_timeout_s)
     setup.tune_cpu(cfg, dist_info)
-    ds_config = setup.deepspeed_config(cfg, setup.resolve_precision(cfg.trainer.precision, dist_info.device), dist_info.world_size)
+    ds_config = setup.deepspeed_config(
+        cfg, setup.resolve_precision(cfg.trainer.precision, dist_info.device), dist_info.world_size
+    )
     ctx = StageContext(cfg, stage.load_tokenizer(cfg), dist_info)
     frozen = setup.frozen_models(stage.frozen_models(ctx), cfg, ctx.tokenizer, dist_info, ds_config)
     history = stage.run(replace(ctx, frozen=frozen))

@@ -174,7 +174,9 @@ class MetricsLogger:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self.bar.update(advance)
         else:
-            print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+            print(
+                " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True
+            )
 
     def close(self) -> None:
         if not self.enabled:

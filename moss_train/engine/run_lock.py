@@ -49,7 +49,9 @@ def run_directory_lock(output_dir: str | os.PathLike):
                 "another run.output_dir",
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode(), 0)
+        os.pwrite(
+            fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode(), 0
+        )
         yield path
     finally:
         os.close(fd)  # releases the lock

@@ -171,14 +171,18 @@ def add_lora(model: nn.Module, cfg: MossTrainConfig, loaded, dist: DistInfo) -> 
 
     if loaded.fresh_rows:
         raise ConfigError(
-            "lora.r", f"the tokenizer adds {len(loaded.fresh_rows)} tokens to {cfg.stage.init_from}'s vocabulary, and LoRA "
-            "leaves the embeddings frozen: their rows would never train (fine-tune fully once, then LoRA from there)"
+            "lora.r",
+            f"the tokenizer adds {len(loaded.fresh_rows)} tokens to {cfg.stage.init_from}'s vocabulary, and LoRA "
+            "leaves the embeddings frozen: their rows would never train (fine-tune fully once, then LoRA from there)",
         )
     lora.add_adapters(model, cfg.lora, seed=cfg.trainer.seed)
     trainable, total = lora.trainable_counts(model)
     if dist.is_main:
-        print(f"[moss-train] LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}: "
-              f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
+        print(
+            f"[moss-train] LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}: "
+            f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)",
+            flush=True,
+        )
     return {**asdict(cfg.lora), "target_modules": list(cfg.lora.target_modules), "base": loaded.base}
 
 

@@ -78,7 +78,9 @@ def cmd_compare(args) -> int:
     greedy = args.temperature <= 0
     samples = 1 if greedy else args.samples  # greedy answers repeat
     settings = Settings(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    result: dict = {"sampling": {"samples": samples, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}}
+    result: dict = {
+        "sampling": {"samples": samples, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    }
 
     def figures(model, asked=None) -> dict:
         return compare.answer_figures(model, tokenizer, records, reward_model, asked, samples, settings)
@@ -86,7 +88,9 @@ def cmd_compare(args) -> int:
     if args.preference:
         form = fmt.find_quality_form(args.preference)
         if form is None:
-            raise SystemExit(f"moss-eval: --preference {args.preference} has no {fmt.QUALITY_FILE}: not a stage=preference run")
+            raise SystemExit(
+                f"moss-eval: --preference {args.preference} has no {fmt.QUALITY_FILE}: not a stage=preference run"
+            )
         model, levels = load_model(args.preference), int(form["levels"])
         chosen = range(1, levels + 1) if args.all_levels else (levels, 1)
         per_level = compare.by_quality_level(model, tokenizer, records, form, reward_model, samples, settings, chosen)
@@ -98,13 +102,17 @@ def cmd_compare(args) -> int:
     if args.sft:
         result["sft"] = figures(load_model(args.sft))
     how = "greedy" if greedy else f"{samples} sampled at temperature {args.temperature}, top_p {args.top_p}"
-    print(f"held-out prompts: {len(records)}, answers {how}; right = right command and result stated; reward = the reward model")
+    print(
+        f"held-out prompts: {len(records)}, answers {how}; right = right command and result stated; reward = the reward model"
+    )
     rows = [(name, row) for name, row in result.items() if name not in ("sampling", "by_level")]
     rows += [(f"level {level}", row) for level, row in result.get("by_level", {}).items()] if args.all_levels else []
     for name, row in rows:
         reward = "" if row["reward_mean"] is None else f"   reward {row['reward_mean']:+.3f}"
-        print(f"  {name:<10} right {tool_use.format_rate(row['right'])}   judge {row['judge_mean']:.3f}/{tool_use.JUDGE_MAX}"
-              f"   tool called {row['tool_called']['rate']:6.1%}{reward}")
+        print(
+            f"  {name:<10} right {tool_use.format_rate(row['right'])}   judge {row['judge_mean']:.3f}/{tool_use.JUDGE_MAX}"
+            f"   tool called {row['tool_called']['rate']:6.1%}{reward}"
+        )
     _write(result, args.out)
     return 0
 
@@ -116,26 +124,41 @@ def _sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p: f
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="moss-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="moss-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tool-use", help="greedy two-pass tool use on checked dialogues (right command and result stated)")
+    p = sub.add_parser(
+        "tool-use", help="greedy two-pass tool use on checked dialogues (right command and result stated)"
+    )
     p.add_argument("model")
-    p.add_argument("--dialogues", required=True, help="moss-003 jsonl whose first turns carry a check (the demo's valid.jsonl)")
+    p.add_argument(
+        "--dialogues", required=True, help="moss-003 jsonl whose first turns carry a check (the demo's valid.jsonl)"
+    )
     p.add_argument("--tokenizer")
     p.add_argument("--limit", type=int, default=0, help="only the first N checked dialogues")
-    p.add_argument("--quality", help="N/K, best or worst: ask a tag-conditioned model for this level (default: best where it has tags)")
+    p.add_argument(
+        "--quality",
+        help="N/K, best or worst: ask a tag-conditioned model for this level (default: best where it has tags)",
+    )
     p.add_argument("--out", help="also write the figures as JSON here")
     _sampling_arguments(p, 0.0, 1.0)
     p.set_defaults(func=cmd_tool_use)
 
-    p = sub.add_parser("compare", help="best vs worst quality tag, DPO vs its SFT start: judged and reward-scored answers")
+    p = sub.add_parser(
+        "compare", help="best vs worst quality tag, DPO vs its SFT start: judged and reward-scored answers"
+    )
     p.add_argument("--dialogues", required=True)
     p.add_argument("--reward-model", required=True, help="a stage=reward run or its export")
     p.add_argument("--preference", help="a stage=preference run (tag-conditioned)")
     p.add_argument("--dpo", help="a stage=dpo run")
     p.add_argument("--sft", help="the SFT run DPO started from")
-    p.add_argument("--all-levels", action="store_true", help="ask the tag-conditioned model for every level, not only best and worst")
+    p.add_argument(
+        "--all-levels",
+        action="store_true",
+        help="ask the tag-conditioned model for every level, not only best and worst",
+    )
     p.add_argument("--tokenizer")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--samples", type=int, default=4, help="answers per prompt (sampling only)")

@@ -61,13 +61,15 @@ def plot_stage(ax, name: str, run_dir: str | Path) -> int:
     if steps:
         ax.plot(steps, values, color="0.8", linewidth=0.8, label="train (per step)")
         ax.plot(steps, _smoothed(values, window), color="C0", linewidth=1.6, label=f"train ({window}-step mean)")
-    eval_keys = sorted({k for r in held_out for k in r if k.startswith(f"eval_{key}_") and not k.startswith("eval_loss_cat_")})
+    eval_keys = sorted(
+        {k for r in held_out for k in r if k.startswith(f"eval_{key}_") and not k.startswith("eval_loss_cat_")}
+    )
     drawn = len(steps)
     for i, eval_key in enumerate(eval_keys or [f"eval_{key}"]):
         x, y = _curve(held_out, eval_key)
         drawn += len(x)
         if x:
-            label = "held-out" + (f" {eval_key[len(f'eval_{key}_'):]}" if eval_keys else "")
+            label = "held-out" + (f" {eval_key[len(f'eval_{key}_') :]}" if eval_keys else "")
             ax.plot(x, y, marker="o", markersize=3, linewidth=1.2, color=f"C{i + 1}", label=label)
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
@@ -80,7 +82,9 @@ def plot_stage(ax, name: str, run_dir: str | Path) -> int:
 def plot_quality_levels(ax, comparison: dict) -> int:
     """Share of right answers (± binomial standard error) per requested quality level, with the
     SFT and DPO models beside them."""
-    rows = [(f"tag {level}", comparison["by_level"][level]) for level in sorted(comparison.get("by_level", {}), key=int)]
+    rows = [
+        (f"tag {level}", comparison["by_level"][level]) for level in sorted(comparison.get("by_level", {}), key=int)
+    ]
     rows += [(name.upper(), comparison[name]) for name in ("sft", "dpo") if name in comparison]
     labels = [label for label, _ in rows]
     rates = [100 * row["right"]["rate"] for _, row in rows]
@@ -109,7 +113,9 @@ def plot_times(ax, stages: list[dict]) -> int:
     return len(stages)
 
 
-def draw_report(summary: dict, run_dirs: dict[str, str | Path], comparison: dict | None, out: str | Path) -> dict[str, int]:
+def draw_report(
+    summary: dict, run_dirs: dict[str, str | Path], comparison: dict | None, out: str | Path
+) -> dict[str, int]:
     """One PNG at `out`: a loss panel per training stage in `run_dirs` (name -> run directory),
     the quality-level panel (if `comparison` has per-level figures) and the time panel.
     Returns the number of data points (or bars) each panel drew."""
@@ -133,7 +139,9 @@ def draw_report(summary: dict, run_dirs: dict[str, str | Path], comparison: dict
     for ax in flat[used + 1 :]:
         ax.axis("off")
     cpu = summary.get("cpu", {})
-    fig.suptitle(f"moss-train quickstart: {summary.get('wall_s', 0) / 60:.1f} min on {cpu.get('cores', '?')} cores of {cpu.get('model', 'a CPU')}")
+    fig.suptitle(
+        f"moss-train quickstart: {summary.get('wall_s', 0) / 60:.1f} min on {cpu.get('cores', '?')} cores of {cpu.get('model', 'a CPU')}"
+    )
     fig.tight_layout()
     fig.savefig(Path(out), dpi=110)
     plt.close(fig)

@@ -43,8 +43,14 @@ def enabled_plugins(record: dict) -> set[str]:
     return set(fmt.enabled_plugins(record["meta_instruction"]))
 
 
-def answer_first_turns(model, tokenizer, records: Sequence[dict], settings: Settings = GREEDY,
-                       max_new_tokens: tuple[int, int] = MAX_NEW_TOKENS, batch_size: int = BATCH) -> list[TurnResult]:
+def answer_first_turns(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    settings: Settings = GREEDY,
+    max_new_tokens: tuple[int, int] = MAX_NEW_TOKENS,
+    batch_size: int = BATCH,
+) -> list[TurnResult]:
     """Each record's first turn answered by `model` (two-pass, built-in tools really run), in
     batches of `batch_size`; a sampled batch draws from the seed settings.seed + its start."""
     answers: list[TurnResult] = []
@@ -128,7 +134,9 @@ def evaluate_tool_use(model, tokenizer, records: Sequence[dict], settings: Setti
     return score_answers(cases, answer_first_turns(model, tokenizer, cases, settings), settings)
 
 
-def score_answers(records: Sequence[dict], answers: Sequence[TurnResult], settings: Settings = GREEDY, examples: int = 6) -> dict:
+def score_answers(
+    records: Sequence[dict], answers: Sequence[TurnResult], settings: Settings = GREEDY, examples: int = 6
+) -> dict:
     """Right command, result stated, both (the figure) and tool called, each with count and ±,
     and "both" per tool, of one answer per checked record; a few answers as examples."""
     totals: Counter = Counter()
@@ -136,13 +144,25 @@ def score_answers(records: Sequence[dict], answers: Sequence[TurnResult], settin
     for record, answer in zip(records, answers):
         plugin = record["check"]["plugin"]
         right_command, stated = check_reply(record["check"], commands_of(answer), answer.reply, enabled_plugins(record))
-        totals.update(prompts=1, right_command=right_command, result_stated=stated, both=right_command and stated,
-                      tool_called=called_a_tool(answer),
-                      **{f"prompts_{plugin}": 1, f"both_{plugin}": right_command and stated})
+        totals.update(
+            prompts=1,
+            right_command=right_command,
+            result_stated=stated,
+            both=right_command and stated,
+            tool_called=called_a_tool(answer),
+            **{f"prompts_{plugin}": 1, f"both_{plugin}": right_command and stated},
+        )
         if len(shown) < examples:
-            shown.append({"human": human_text(record), "commands": answer.commands.strip(), "reply": answer.reply, "check": record["check"]})
+            shown.append(
+                {
+                    "human": human_text(record),
+                    "commands": answer.commands.strip(),
+                    "reply": answer.reply,
+                    "check": record["check"],
+                }
+            )
     n = totals["prompts"]
-    tools = sorted(k[len("prompts_"):] for k in totals if k.startswith("prompts_"))
+    tools = sorted(k[len("prompts_") :] for k in totals if k.startswith("prompts_"))
     return {
         "prompts": n,
         **{key: rate(totals[key], n) for key in ("both", "right_command", "result_stated", "tool_called")},
@@ -184,8 +204,14 @@ def reference_answer(record: dict) -> TurnResult:
     """The record's own first-turn answer, as the protocol would return it (its tools run)."""
     turn = parse_record(record).dialogue.turns[0]
     calls = [TOOLS[api].call(argument) for api, argument in parse_commands(turn.commands)]
-    return TurnResult(human=turn.human[1:], inner_thoughts=turn.inner_thoughts, commands=turn.commands, tool_calls=calls,
-                      reply=turn.moss.strip(), finished=True)
+    return TurnResult(
+        human=turn.human[1:],
+        inner_thoughts=turn.inner_thoughts,
+        commands=turn.commands,
+        tool_calls=calls,
+        reply=turn.moss.strip(),
+        finished=True,
+    )
 
 
 def answer_record(record: dict, answer: TurnResult, score: int | None = None) -> dict:

@@ -138,7 +138,9 @@ def attend(q, k, v, layout, dropout_p: float, scale: float) -> torch.Tensor:
     if not isinstance(layout, list):
         # No layout and one query (a generation step over a KV cache): it sees every key.
         causal = layout is None and q.shape[2] > 1
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=layout, dropout_p=dropout_p, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=layout, dropout_p=dropout_p, is_causal=causal, scale=scale
+        )
     rows = []
     # split(), not indexing: its backward is one concatenation, not a zero-filled full-size
     # gradient per slice.

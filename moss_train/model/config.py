@@ -19,9 +19,18 @@ QKV_PARTITIONS = 4
 # Architecture fields: what a checkpoint's weights decide (stage.init_from adopts them, a resume
 # must match them); the rest of ModelConfig (dropouts, checkpointing) is the recipe's choice.
 SHAPE_FIELDS = (
-    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim", "n_inner",
-    "activation_function", "layer_norm_epsilon", "pad_vocab_to_multiple_of",
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "rotary_dim",
+    "n_inner",
+    "activation_function",
+    "layer_norm_epsilon",
+    "pad_vocab_to_multiple_of",
 )
+
 
 @dataclass
 class ModelConfig:
@@ -84,8 +93,7 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
         return getattr(cfg, field)
 
     # Types first, so the arithmetic below cannot fail with a TypeError.
-    int_fields = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim",
-                  "pad_vocab_to_multiple_of")
+    int_fields = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim", "pad_vocab_to_multiple_of")
     for f in int_fields:
         v = get(f)
         if not isinstance(v, int) or isinstance(v, bool):
@@ -108,16 +116,21 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
     if n_embd % n_head != 0:
         raise err("n_head", f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
     if n_head % QKV_PARTITIONS != 0:
-        raise err("n_head", f"n_head ({n_head}) must be a multiple of {QKV_PARTITIONS} "
-                            f"(CodeGen's fused qkv_proj is split in {QKV_PARTITIONS} partitions)")
+        raise err(
+            "n_head",
+            f"n_head ({n_head}) must be a multiple of {QKV_PARTITIONS} "
+            f"(CodeGen's fused qkv_proj is split in {QKV_PARTITIONS} partitions)",
+        )
     head_dim = n_embd // n_head
     if rotary_dim <= 0:
         raise err("rotary_dim", f"must be positive, got {rotary_dim}")
     if rotary_dim % 2 != 0:
         raise err("rotary_dim", f"must be even (rotary rotates pairs of dims), got {rotary_dim}")
     if rotary_dim > head_dim:
-        raise err("rotary_dim", f"rotary_dim ({rotary_dim}) must be <= head_dim = "
-                                f"n_embd // n_head = {n_embd} // {n_head} = {head_dim}")
+        raise err(
+            "rotary_dim",
+            f"rotary_dim ({rotary_dim}) must be <= head_dim = n_embd // n_head = {n_embd} // {n_head} = {head_dim}",
+        )
 
     if n_inner is not None and n_inner <= 0:
         raise err("n_inner", f"must be positive or null (null = 4 * n_embd), got {n_inner}")
@@ -141,6 +154,7 @@ def validate_model_config(cfg: Any, prefix: str = "model") -> None:
 
 
 # ----------------------------------------------------------------------------- sizes
+
 
 def padded_vocab_size(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple`` (``multiple`` <= 1: no padding)."""
@@ -166,14 +180,17 @@ def num_parameters(cfg: ModelConfig) -> int:
         2 * C  # ln_1 weight + bias
         + 3 * C * C  # attn.qkv_proj (no bias)
         + C * C  # attn.out_proj (no bias)
-        + C * inner + inner  # mlp.fc_in
-        + inner * C + C  # mlp.fc_out
+        + C * inner
+        + inner  # mlp.fc_in
+        + inner * C
+        + C  # mlp.fc_out
     )
     return (
         V * C  # transformer.wte
         + L * per_layer
         + 2 * C  # transformer.ln_f
-        + V * C + V  # lm_head (untied, with bias)
+        + V * C
+        + V  # lm_head (untied, with bias)
     )
 
 
@@ -194,6 +211,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 # ----------------------------------------------------------------------------- HF conversion
+
 
 def to_hf_config(cfg: ModelConfig):
     """The ``transformers.CodeGenConfig`` of the same model.
@@ -263,4 +281,3 @@ def from_hf_config(hf_cfg: Any, **overrides: Any) -> ModelConfig:
     cfg = ModelConfig(**fields)
     validate_model_config(cfg)
     return cfg
-

@@ -36,8 +36,13 @@ def peft_config(settings, base_model_name_or_path: str | None = None):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=list(settings.target_modules),
-        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
     )
 
 

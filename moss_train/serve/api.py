@@ -54,7 +54,14 @@ MAX_STOP_STRINGS = 4  # as OpenAI's API
 
 # ----------------------------------------------------------------------------- errors
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -76,7 +83,11 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
         for part in problem["loc"][1:] if problem["loc"][:1] == ("body",) else problem["loc"]:
             where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
         param = param or where or None
-        got = f" (got {json.dumps(problem['input'])[:80]})" if "input" in problem and not isinstance(problem["input"], dict) else ""
+        got = (
+            f" (got {json.dumps(problem['input'])[:80]})"
+            if "input" in problem and not isinstance(problem["input"], dict)
+            else ""
+        )
         lines.append(f"{where or 'body'}: {problem['msg']}{got}")
     return "; ".join(lines), param
 
@@ -152,8 +163,15 @@ class ServedModel:
     def card(self) -> dict:
         form = self.quality_form
         return {
-            "id": self.id, "object": "model", "created": self.created, "owned_by": "moss-train",
-            "moss": {"plugins": list(self.plugins), "quality_levels": int(form["levels"]) if form else None, "context": self.engine.context},
+            "id": self.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "moss-train",
+            "moss": {
+                "plugins": list(self.plugins),
+                "quality_levels": int(form["levels"]) if form else None,
+                "context": self.engine.context,
+            },
         }
 
 
@@ -176,19 +194,31 @@ def prepare(served: ServedModel, body: ChatRequest) -> Prepared:
     for i, message in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if message.role != expected:
-            raise APIError(400, f"messages[{i + offset}]: a {message.role} message where the {expected}'s belongs; "
-                           "the order is an optional system message, then user, assistant, user, ... ending with the user's", "messages")
+            raise APIError(
+                400,
+                f"messages[{i + offset}]: a {message.role} message where the {expected}'s belongs; "
+                "the order is an optional system message, then user, assistant, user, ... ending with the user's",
+                "messages",
+            )
     if len(messages) % 2 == 0:
         raise APIError(400, "messages: the last message must be the user's (the one to answer)", "messages")
     history = []
     for human, reply in zip(messages[0:-1:2], messages[1::2]):
         moss = reply.moss or MossFields()
-        history.append(fmt.Turn.from_text(human.text(), reply.text(), moss.inner_thoughts, moss.commands, [r.line for r in moss.results]))
+        history.append(
+            fmt.Turn.from_text(
+                human.text(), reply.text(), moss.inner_thoughts, moss.commands, [r.line for r in moss.results]
+            )
+        )
 
     plugins = list(served.plugins) if body.plugins is None else list(dict.fromkeys(body.plugins))
     unknown = [name for name in plugins if name not in served.plugins]
     if unknown:
-        raise APIError(400, f"plugins: {', '.join(unknown)} not loaded by this server (loaded: {', '.join(served.plugins) or 'none'})", "plugins")
+        raise APIError(
+            400,
+            f"plugins: {', '.join(unknown)} not loaded by this server (loaded: {', '.join(served.plugins) or 'none'})",
+            "plugins",
+        )
     preamble = served.preamble if system is None else (system if system.endswith("\n") else system + "\n")
     meta = fmt.meta_instruction(plugins, preamble=preamble)
     try:
@@ -207,12 +237,22 @@ def _options(served: ServedModel, body: ChatRequest, turn: protocol.TurnRequest)
     prompt_tokens = len(protocol.first_prompt(served.engine.tokenizer, turn))
     room = context - prompt_tokens
     if room < 1:
-        raise APIError(400, f"the prompt is {prompt_tokens} tokens, and the model's context is {context}: "
-                       "shorten the conversation (or start a new one)", "messages", "context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt is {prompt_tokens} tokens, and the model's context is {context}: "
+            "shorten the conversation (or start a new one)",
+            "messages",
+            "context_length_exceeded",
+        )
     asked = body.max_completion_tokens or body.max_tokens
     if asked is not None and asked > room:
-        raise APIError(400, f"max_tokens {asked} does not fit: the context is {context} tokens and the prompt takes "
-                       f"{prompt_tokens}, so at most {room} can be generated", "max_tokens", "context_length_exceeded")
+        raise APIError(
+            400,
+            f"max_tokens {asked} does not fit: the context is {context} tokens and the prompt takes "
+            f"{prompt_tokens}, so at most {room} can be generated",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise APIError(400, f"stop: up to {MAX_STOP_STRINGS} non-empty strings", "stop")
@@ -231,20 +271,28 @@ def _options(served: ServedModel, body: ChatRequest, turn: protocol.TurnRequest)
 
 # ----------------------------------------------------------------------------- the response
 def results_json(calls: list[ToolCall]) -> list[dict]:
-    return [{"command": f'{c.api}("{c.argument}")', "result": c.answer, "error": c.error, "line": c.line} for c in calls]
+    return [
+        {"command": f'{c.api}("{c.argument}")', "result": c.answer, "error": c.error, "line": c.line} for c in calls
+    ]
 
 
 def moss_json(outcome: Outcome, prepared: Prepared) -> dict:
     result = outcome.result
     return {
-        "inner_thoughts": fmt.body_text(result.inner_thoughts), "commands": fmt.body_text(result.commands), "results": results_json(result.tool_calls),
-        "plugins": prepared.plugins, "quality": prepared.quality,
+        "inner_thoughts": fmt.body_text(result.inner_thoughts),
+        "commands": fmt.body_text(result.commands),
+        "results": results_json(result.tool_calls),
+        "plugins": prepared.plugins,
+        "quality": prepared.quality,
     }
 
 
 def usage_json(outcome: Outcome) -> dict:
-    return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    }
 
 
 def _delta_json(delta: Delta) -> dict:
@@ -258,14 +306,25 @@ class _Completion:
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
 
     def chunk(self, delta: dict, finish_reason=None) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
         return sse(body)
 
     def whole(self, outcome: Outcome, prepared: Prepared) -> dict:
         message = {"role": "assistant", "content": outcome.result.reply, "moss": moss_json(outcome, prepared)}
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": outcome.finish_reason}], "usage": usage_json(outcome)}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": outcome.finish_reason}],
+            "usage": usage_json(outcome),
+        }
 
 
 def sse(body: dict) -> str:
@@ -275,14 +334,18 @@ def sse(body: dict) -> str:
 async def _turn(served: ServedModel, prepared: Prepared):
     """The turn's deltas and outcome, holding an engine slot from start to end."""
     async with served.engine.slot():
-        async with contextlib.aclosing(stream_turn(served.engine, prepared.turn, served.plugins, prepared.options)) as items:
+        async with contextlib.aclosing(
+            stream_turn(served.engine, prepared.turn, served.plugins, prepared.options)
+        ) as items:
             async for item in items:
                 yield item
 
 
 async def _stream(served: ServedModel, prepared: Prepared, include_usage: bool):
     completion = _Completion(served.id)
-    yield completion.chunk({"role": "assistant", "content": "", "moss": {"plugins": prepared.plugins, "quality": prepared.quality}})
+    yield completion.chunk(
+        {"role": "assistant", "content": "", "moss": {"plugins": prepared.plugins, "quality": prepared.quality}}
+    )
     try:
         async with contextlib.aclosing(_turn(served, prepared)) as items:
             async for item in items:
@@ -295,8 +358,16 @@ async def _stream(served: ServedModel, prepared: Prepared, include_usage: bool):
     else:
         yield completion.chunk({}, outcome.finish_reason)
         if include_usage:
-            yield sse({"id": completion.id, "object": "chat.completion.chunk", "created": completion.created,
-                       "model": served.id, "choices": [], "usage": usage_json(outcome)})
+            yield sse(
+                {
+                    "id": completion.id,
+                    "object": "chat.completion.chunk",
+                    "created": completion.created,
+                    "model": served.id,
+                    "choices": [],
+                    "usage": usage_json(outcome),
+                }
+            )
     yield "data: [DONE]\n\n"
 
 
@@ -324,8 +395,13 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
         if api_key is not None and request.url.path.startswith("/v1/"):
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-                return JSONResponse(error_body("this server needs an API key: send the header 'Authorization: Bearer KEY'",
-                                               code="invalid_api_key"), status_code=401)
+                return JSONResponse(
+                    error_body(
+                        "this server needs an API key: send the header 'Authorization: Bearer KEY'",
+                        code="invalid_api_key",
+                    ),
+                    status_code=401,
+                )
         return await call_next(request)
 
     @app.get("/", include_in_schema=False)
@@ -352,8 +428,11 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
         prepared = prepare(served, body)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(served, prepared, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(served, prepared, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         outcome = None
         try:
             async with contextlib.aclosing(_turn(served, prepared)) as items:
@@ -368,5 +447,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
 
 def _served(by_id: dict[str, ServedModel], model_id: str) -> ServedModel:
     if model_id not in by_id:
-        raise APIError(404, f"model {model_id!r} is not served here; served: {', '.join(by_id)}", "model", "model_not_found")
+        raise APIError(
+            404, f"model {model_id!r} is not served here; served: {', '.join(by_id)}", "model", "model_not_found"
+        )
     return by_id[model_id]

@@ -25,15 +25,29 @@ PROG = "moss-serve"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description="serve MOSS-format models: an OpenAI-compatible API and a web chat")
-    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="[NAME=]DIR: a run, checkpoint, export, HF CodeGen or MOSS directory")
+    p = argparse.ArgumentParser(
+        prog=PROG, description="serve MOSS-format models: an OpenAI-compatible API and a web chat"
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL_DIR",
+        help="[NAME=]DIR: a run, checkpoint, export, HF CodeGen or MOSS directory",
+    )
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                   help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV}; none: no key)")
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="turns decoded together per model (default 16); more wait in order; 1 = one at a time")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV}; none: no key)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="turns decoded together per model (default 16); more wait in order; 1 = one at a time",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
@@ -75,8 +89,11 @@ def build_models(args: argparse.Namespace) -> list:
         model, tokenizer = load_model(directory), find_tokenizer(directory, args.tokenizer, PROG)
         engine = Engine(model, tokenizer, args.max_batch)
         served.append(ServedModel(name, engine, plugins, preamble, fmt.find_quality_form(directory)))
-        print(f"{PROG}: {name}: {directory} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"context {model.config.n_positions})", flush=True)
+        print(
+            f"{PROG}: {name}: {directory} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+            f"context {model.config.n_positions})",
+            flush=True,
+        )
     if any(name in ("calculator", "equation_solver") for name in plugins):
         default_sandbox().call("moss_train.chat.plugins:calculate_or_raise", "1")  # start the tool worker now
     return served
@@ -89,8 +106,10 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"{PROG}: warning: --host {args.host} without --api-key: anyone who can reach this address can use the model",
-              file=sys.stderr)
+        print(
+            f"{PROG}: warning: --host {args.host} without --api-key: anyone who can reach this address can use the model",
+            file=sys.stderr,
+        )
     app = create_app(build_models(args), args.api_key)
     logging.getLogger("moss_train.serve").setLevel(args.log_level.upper())
     print(f"{PROG}: http://{args.host}:{args.port}/ (API: /v1/chat/completions, /v1/models)", flush=True)

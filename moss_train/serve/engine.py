@@ -91,7 +91,13 @@ class Engine:
                 self.counts["cancelled"] += 1
 
     def stats(self) -> dict:
-        return {"active": self.active, "waiting": self.waiting, "rows": len(self.batch.rows), "max_batch": self.max_batch, **self.counts}
+        return {
+            "active": self.active,
+            "waiting": self.waiting,
+            "rows": len(self.batch.rows),
+            "max_batch": self.max_batch,
+            **self.counts,
+        }
 
     def close(self) -> None:
         with self._wake:

@@ -128,13 +128,17 @@ async def stream_turn(
         yield row.tokens
 
     first: list[int] = []
-    async with contextlib.aclosing(run(prompt, options.max_tokens, first_stops, (THOUGHTS, COMMANDS, CONTENT))) as items:
+    async with contextlib.aclosing(
+        run(prompt, options.max_tokens, first_stops, (THOUGHTS, COMMANDS, CONTENT))
+    ) as items:
         async for item in items:
             if isinstance(item, Delta):
                 yield item
             else:
                 first = item
-    result, second_prompt = await asyncio.to_thread(protocol.after_first_pass, tokenizer, request, prompt, first, plugins)
+    result, second_prompt = await asyncio.to_thread(
+        protocol.after_first_pass, tokenizer, request, prompt, first, plugins
+    )
     if result.tool_calls:
         yield Delta(RESULTS, result.tool_calls)
     second: list[int] = []

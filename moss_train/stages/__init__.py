@@ -14,8 +14,12 @@ def get_stage(name: str):
     from moss_train.stages.tag import TagStage
 
     stages = {
-        "pretrain": PretrainStage, "sft": SFTStage,
-        "reward": RewardStage, "tag": TagStage, "preference": PreferenceStage, "dpo": DPOStage,
+        "pretrain": PretrainStage,
+        "sft": SFTStage,
+        "reward": RewardStage,
+        "tag": TagStage,
+        "preference": PreferenceStage,
+        "dpo": DPOStage,
     }
     if name not in stages:
         raise ConfigError("stage.name", f"unknown stage {name!r}; available: {', '.join(sorted(stages))}")

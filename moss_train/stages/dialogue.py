@@ -54,9 +54,14 @@ def _conversations(ctx: StageContext, stage_name: str):
     category names their category ids index."""
     cfg, data = ctx.cfg, ctx.cfg.data
     if not data.train_shards:
-        raise ConfigError("data.train_shards", f"stage={stage_name} reads dialogue shards from data.train_shards (data.sources blends are for pretraining)")
+        raise ConfigError(
+            "data.train_shards",
+            f"stage={stage_name} reads dialogue shards from data.train_shards (data.sources blends are for pretraining)",
+        )
     train_shards = dialogue_shards(cfg, data.train_shards, "data.train_shards", ctx.tokenizer)
-    valid_shards = dialogue_shards(cfg, data.valid_shards, "data.valid_shards", ctx.tokenizer) if data.valid_shards else []
+    valid_shards = (
+        dialogue_shards(cfg, data.valid_shards, "data.valid_shards", ctx.tokenizer) if data.valid_shards else []
+    )
     # Each shard is one category; one table for train and eval so an id means the same in both.
     categories = sorted({s.source for s in train_shards + valid_shards})
     fit = partial(SFTConversations, max_length=data.seq_len, truncation=cfg.sft.truncation, categories=categories)
@@ -64,7 +69,9 @@ def _conversations(ctx: StageContext, stage_name: str):
     valid = fit(valid_shards) if valid_shards else None
     _report(ctx, {"train": train.report.as_dict(), "valid": valid.report.as_dict() if valid else None})
     if len(train) == 0:
-        raise ConfigError("data.seq_len", f"no training conversation fits in {data.seq_len} tokens: {train.report.as_dict()}")
+        raise ConfigError(
+            "data.seq_len", f"no training conversation fits in {data.seq_len} tokens: {train.report.as_dict()}"
+        )
     return train, valid if valid is not None and len(valid) else None, categories
 
 
@@ -74,7 +81,10 @@ def dialogue_shards(cfg, patterns, key: str, tokenizer) -> list:
     shards = open_shards(prefixes, expect_tokenizer_hash=tokenizer.hash)
     plain = [s.prefix for s in shards if not s.has_mask]
     if plain:
-        raise ConfigError(key, f"shard {plain[0]!r} has no loss-mask stream: stage=sft reads dialogue shards written by moss-data sft (e.g. data=sft_demo)")
+        raise ConfigError(
+            key,
+            f"shard {plain[0]!r} has no loss-mask stream: stage=sft reads dialogue shards written by moss-data sft (e.g. data=sft_demo)",
+        )
     return shards
 
 

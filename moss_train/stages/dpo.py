@@ -58,7 +58,10 @@ class DPOStage(TrainingStage):
                 _score_reference(ctx.engine, ctx)
             ctx.engine.train()
             if ctx.is_main:
-                print("[moss-train] dpo reference: the policy with its LoRA adapters disabled (no second model)", flush=True)
+                print(
+                    "[moss-train] dpo reference: the policy with its LoRA adapters disabled (no second model)",
+                    flush=True,
+                )
 
     def loss(self, ctx: StageContext, model, batch: dict) -> LossTerms:
         beta = ctx.cfg.preference.beta

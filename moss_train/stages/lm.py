@@ -24,7 +24,9 @@ def resolve_model_config(cfg, tokenizer: MossTokenizer):
     """The model recipe with its vocabulary sized for the tokenizer (vocab_size 0 = from it)."""
     model_cfg = cfg.model
     if model_cfg.vocab_size == 0:
-        return replace(model_cfg, vocab_size=padded_vocab_size(tokenizer.vocab_size, model_cfg.pad_vocab_to_multiple_of))
+        return replace(
+            model_cfg, vocab_size=padded_vocab_size(tokenizer.vocab_size, model_cfg.pad_vocab_to_multiple_of)
+        )
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             "model.vocab_size",

@@ -45,7 +45,10 @@ def tag_form(ctx: StageContext) -> dict:
         for shard in dialogue.dialogue_shards(ctx.cfg, patterns, key, ctx.tokenizer) if patterns else []:
             quality = shard.manifest.get("provenance", {}).get("quality")
             if quality is None:
-                raise ConfigError(key, f"shard {shard.prefix!r} carries no quality tags: stage=preference trains on {{stage=tag run}}/conditioned/shards")
+                raise ConfigError(
+                    key,
+                    f"shard {shard.prefix!r} carries no quality tags: stage=preference trains on {{stage=tag run}}/conditioned/shards",
+                )
             found[shard.prefix] = quality
     forms = {json.dumps(q, sort_keys=True) for q in found.values()}
     if len(forms) > 1:

@@ -60,7 +60,11 @@ class PretrainStage(TrainingStage):
         sources = sorted({s.source for s in train_shards + valid_shards})
         index = {name: i for i, name in enumerate(sources)}
         train = self._packed(data, train_shards, [index[s.source] for s in train_shards], tokenizer)
-        valid = self._packed(data, valid_shards, [index[s.source] for s in valid_shards], tokenizer) if valid_shards else None
+        valid = (
+            self._packed(data, valid_shards, [index[s.source] for s in valid_shards], tokenizer)
+            if valid_shards
+            else None
+        )
         return train, valid, sources
 
     # --------------------------------------------------------------------- blend
@@ -87,7 +91,9 @@ class PretrainStage(TrainingStage):
         if valid_sets:
             if len(valid_sets) != len(train_sets):
                 missing = [n for n, s in data.sources.items() if not s.valid_shards]
-                raise ConfigError(f"data.sources.{missing[0]}.valid_shards", "every source of the blend needs valid_shards, or none")
+                raise ConfigError(
+                    f"data.sources.{missing[0]}.valid_shards", "every source of the blend needs valid_shards, or none"
+                )
             # Held-out data: the same weights, so the first eval_samples hold every source in
             # proportion; a small valid set simply repeats.
             valid = BlendedDataset(valid_sets, sources, weights, seed=0, on_exhausted="repeat")

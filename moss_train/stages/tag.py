@@ -50,12 +50,20 @@ def quantile_thresholds(scores, levels: int) -> list[float]:
 
 def quality_levels(scores, thresholds) -> list[int]:
     """Level 1..len(thresholds)+1 of each score (a score equal to a cut point goes up)."""
-    return [int(level) + 1 for level in np.searchsorted(np.asarray(thresholds), np.asarray(scores, dtype=np.float64), side="right")]
+    return [
+        int(level) + 1
+        for level in np.searchsorted(np.asarray(thresholds), np.asarray(scores, dtype=np.float64), side="right")
+    ]
 
 
-def conditioned_example(conversation: parsing.Conversation, turn: int, level: int, levels: int, template: str) -> parsing.Conversation:
+def conditioned_example(
+    conversation: parsing.Conversation, turn: int, level: int, levels: int, template: str
+) -> parsing.Conversation:
     """The dialogue up to `turn`, its meta instruction carrying the turn's quality tag."""
-    dialogue = fmt.Dialogue(fmt.with_quality(conversation.dialogue.meta_instruction, level, levels, template), conversation.dialogue.turns[: turn + 1])
+    dialogue = fmt.Dialogue(
+        fmt.with_quality(conversation.dialogue.meta_instruction, level, levels, template),
+        conversation.dialogue.turns[: turn + 1],
+    )
     return parsing.Conversation(dialogue, conversation.category, conversation.id)
 
 
@@ -83,8 +91,15 @@ def read_dialogues(path: Path, limit: int = 0) -> tuple[list[dict], list[parsing
                 conversations.append(parsing.parse_record(record))
                 records.append(record)
             except ValueError as error:  # RecordError is a ValueError, as is bad JSON
-                rejects.append({"file": str(path), "line": lineno, "reason": getattr(error, "reason", "invalid_json"),
-                                "detail": str(error), "record": line.rstrip("\n")[:2000]})
+                rejects.append(
+                    {
+                        "file": str(path),
+                        "line": lineno,
+                        "reason": getattr(error, "reason", "invalid_json"),
+                        "detail": str(error),
+                        "record": line.rstrip("\n")[:2000],
+                    }
+                )
     return records, conversations, rejects, records_in
 
 
@@ -106,7 +121,9 @@ class TagStage(JobStage):
 
     def run(self, ctx: StageContext) -> list[dict]:
         cfg = ctx.cfg
-        files = [self._score_file(cfg, Path(path), ctx.tokenizer, ctx.frozen["reward"]) for path in cfg.preference.tag_inputs]
+        files = [
+            self._score_file(cfg, Path(path), ctx.tokenizer, ctx.frozen["reward"]) for path in cfg.preference.tag_inputs
+        ]
         if ctx.is_main:
             self._write(cfg, Path(cfg.run.output_dir), files, ctx.tokenizer)
         return []
@@ -118,11 +135,21 @@ class TagStage(JobStage):
         kept = [rendering.kept_length(flags, cfg.data.seq_len) for _, flags in rendered]
         fits = [j for j, n in enumerate(kept) if n > 0]
         for j in (j for j, n in enumerate(kept) if n == 0):
-            rejects.append({"file": str(path), "reason": parsing.FIRST_TURN_TOO_LONG, "detail": f"{len(rendered[j][0])} tokens > data.seq_len {cfg.data.seq_len}", "record": json.dumps(records[j], ensure_ascii=False)[:2000]})
+            rejects.append(
+                {
+                    "file": str(path),
+                    "reason": parsing.FIRST_TURN_TOO_LONG,
+                    "detail": f"{len(rendered[j][0])} tokens > data.seq_len {cfg.data.seq_len}",
+                    "record": json.dumps(records[j], ensure_ascii=False)[:2000],
+                }
+            )
         device = getattr(model, "device", torch.device("cpu"))
 
         def score(indices: list[int]) -> list[list[float]]:
-            rows = [(rendered[fits[i]][0][: kept[fits[i]]], turn_ends(rendered[fits[i]][1][: kept[fits[i]]])) for i in indices]
+            rows = [
+                (rendered[fits[i]][0][: kept[fits[i]]], turn_ends(rendered[fits[i]][1][: kept[fits[i]]]))
+                for i in indices
+            ]
             longest, most = max(len(ids) for ids, _ in rows), max(len(ends) for _, ends in rows)
             input_ids = torch.full((len(rows), longest), tokenizer.pad_id, dtype=torch.long)
             read = torch.zeros((len(rows), most), dtype=torch.long)
@@ -135,8 +162,12 @@ class TagStage(JobStage):
 
         scores = score_sharded(len(fits), cfg.trainer.micro_batch_size, score)
         return {
-            "path": path, "records": [records[j] for j in fits], "conversations": [conversations[j] for j in fits],
-            "scores": scores, "rejects": rejects, "records_in": records_in,
+            "path": path,
+            "records": [records[j] for j in fits],
+            "conversations": [conversations[j] for j in fits],
+            "scores": scores,
+            "rejects": rejects,
+            "records_in": records_in,
             "turns": sum(len(c.dialogue.turns) for c in (conversations[j] for j in fits)),
         }
 
@@ -144,11 +175,20 @@ class TagStage(JobStage):
         pref = cfg.preference
         thresholds = quantile_thresholds([s for turns in files[0]["scores"] for s in turns], pref.levels)
         (out / "tagged").mkdir(parents=True, exist_ok=True)
-        summary = {"levels": pref.levels, "thresholds": thresholds, "template": pref.quality_template, "reward_model": pref.reward_model, "files": {}}
+        summary = {
+            "levels": pref.levels,
+            "thresholds": thresholds,
+            "template": pref.quality_template,
+            "reward_model": pref.reward_model,
+            "files": {},
+        }
         conditioned_tmp = out / "conditioned" / "shards.tmp"
         shutil.rmtree(conditioned_tmp, ignore_errors=True)
         writers: dict[str, ShardWriter] = {}
-        provenance = {"quality": {"levels": pref.levels, "template": pref.quality_template, "thresholds": thresholds}, "reward_model": pref.reward_model}
+        provenance = {
+            "quality": {"levels": pref.levels, "template": pref.quality_template, "thresholds": thresholds},
+            "reward_model": pref.reward_model,
+        }
         with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects_file:
             for file in files:
                 name = file["path"].name.split(".")[0]
@@ -159,32 +199,52 @@ class TagStage(JobStage):
                         levels = quality_levels(scores, thresholds)
                         counts.update(levels)
                         tagged.write(json.dumps(tag_record(record, scores, levels), ensure_ascii=False) + "\n")
-                        examples.extend(conditioned_example(conversation, t, level, pref.levels, pref.quality_template) for t, level in enumerate(levels))
+                        examples.extend(
+                            conditioned_example(conversation, t, level, pref.levels, pref.quality_template)
+                            for t, level in enumerate(levels)
+                        )
                 for conversation, (ids, flags) in zip(examples, rendering.render_many(tokenizer, examples)):
                     key = f"{name}.{conversation.category}"
                     if key not in writers:
-                        writers[key] = ShardWriter(conditioned_tmp / key, dtype_for_vocab(tokenizer.vocab_size), tokenizer.hash,
-                                                   source=conversation.category, provenance=provenance, with_mask=True)
+                        writers[key] = ShardWriter(
+                            conditioned_tmp / key,
+                            dtype_for_vocab(tokenizer.vocab_size),
+                            tokenizer.hash,
+                            source=conversation.category,
+                            provenance=provenance,
+                            with_mask=True,
+                        )
                     writers[key].add_document(ids, last_turn_only(flags))
                 for reject in file["rejects"]:
                     rejects_file.write(json.dumps(reject, ensure_ascii=False) + "\n")
                 tagged_turns = sum(counts.values())
                 assert file["records_in"] == len(file["records"]) + len(file["rejects"]), "record accounting is broken"
                 summary["files"][name] = {
-                    "input": str(file["path"]), "limit": pref.tag_limit or None, "records_in": file["records_in"], "records_tagged": len(file["records"]), "rejected": len(file["rejects"]),
-                    "turns_tagged": tagged_turns, "turns_untagged": file["turns"] - tagged_turns,
+                    "input": str(file["path"]),
+                    "limit": pref.tag_limit or None,
+                    "records_in": file["records_in"],
+                    "records_tagged": len(file["records"]),
+                    "rejected": len(file["rejects"]),
+                    "turns_tagged": tagged_turns,
+                    "turns_untagged": file["turns"] - tagged_turns,
                     "per_level": {str(k): counts[k] for k in range(1, pref.levels + 1)},
                     "reward_mean": float(np.mean([s for t in file["scores"] for s in t])) if tagged_turns else None,
                 }
-                print(f"[moss-train] tag {name}: {len(file['records'])} dialogues, {tagged_turns} turns tagged "
-                      f"(per level {summary['files'][name]['per_level']}), {len(file['rejects'])} rejected", flush=True)
+                print(
+                    f"[moss-train] tag {name}: {len(file['records'])} dialogues, {tagged_turns} turns tagged "
+                    f"(per level {summary['files'][name]['per_level']}), {len(file['rejects'])} rejected",
+                    flush=True,
+                )
         for writer in writers.values():
             writer.close()
         final = out / "conditioned" / "shards"
         shutil.rmtree(final, ignore_errors=True)  # no shard of an earlier tagging lingers
         conditioned_tmp.rename(final)
         (out / "thresholds.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"[moss-train] tag thresholds ({pref.levels} levels): {[round(t, 4) for t in thresholds]} -> {out / 'thresholds.json'}", flush=True)
+        print(
+            f"[moss-train] tag thresholds ({pref.levels} levels): {[round(t, 4) for t in thresholds]} -> {out / 'thresholds.json'}",
+            flush=True,
+        )
 
 
 def tag_record(record: dict, scores: list[float], levels: list[int]) -> dict:
