@@ -193,7 +193,8 @@ def cmd_pairs(args) -> int:
         )
         print(
             f"pairs: sampled {counts.get('answers', 0)} answers to {counts.get('prompts', 0)} prompts; judge scores "
-            f"{ {k: v for k, v in sorted(counts.items()) if k.startswith('judge_')} }; {counts.get('ranked_prompts', 0)} prompts ranked"
+            f"{ {k: v for k, v in sorted(counts.items()) if k.startswith('judge_')} }; "
+            f"{counts.get('ranked_prompts', 0)} prompts ranked"
         )
         inputs = [out / "pairs.jsonl", *inputs]
         if args.valid_dialogues:
@@ -226,8 +227,8 @@ def cmd_pairs(args) -> int:
         seed=args.seed,
     )
     print(
-        f"pairs: {summary['records_in']} records -> {summary['groups_written']} response groups, {summary['rejected']} rejected "
-        f"{summary['rejected_by_reason'] or ''} in {summary['seconds']}s"
+        f"pairs: {summary['records_in']} records -> {summary['groups_written']} response groups, "
+        f"{summary['rejected']} rejected {summary['rejected_by_reason'] or ''} in {summary['seconds']}s"
     )
     for split, s in summary["shards"].items():
         print(f"  {split:<8} {s['responses']:>7} responses {s['pairs']:>7} pairs {s['tokens']:>9} tokens")

@@ -104,7 +104,10 @@ def _render_chunk(pending: list[ParsedRecord], outputs: _Outputs, max_length: in
         fit = rendering.turns_within_chars(record.parsed, max_length * outputs.token_chars) if max_length else turns
         if fit == 0:
             limit = max_length * outputs.token_chars
-            detail = f"the first turn spans over {limit} characters, more than {max_length} tokens hold (a token spans at most {outputs.token_chars})"
+            detail = (
+                f"the first turn spans over {limit} characters, more than {max_length} tokens hold "
+                f"(a token spans at most {outputs.token_chars})"
+            )
             outputs.reject(record.where, parsing.FIRST_TURN_TOO_LONG, detail, record.raw)
             continue
         fitting.append(record._replace(parsed=rendering.first_turns(record.parsed, fit)) if fit < turns else record)
@@ -168,8 +171,8 @@ def cmd_sft(args) -> int:
 def _print_summary(summary: dict) -> None:
     lines = [
         f"sft: {summary['records_in']} records -> {summary['conversations_written']} conversations, "
-        f"{summary['rejected']} rejected{' ' + str(summary['rejected_by_reason']) if summary['rejected'] else ''}, {summary['truncated']} truncated "
-        f"({summary['turns_dropped']} turns dropped) in {summary['seconds']}s",
+        f"{summary['rejected']} rejected{' ' + str(summary['rejected_by_reason']) if summary['rejected'] else ''}, "
+        f"{summary['truncated']} truncated ({summary['turns_dropped']} turns dropped) in {summary['seconds']}s",
         f"  {'shard':<32}{'conversations':>14}{'tokens':>12}",
     ]
     lines += [f"  {name:<32}{s['conversations']:>14}{s['tokens']:>12}" for name, s in summary["shards"].items()]

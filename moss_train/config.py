@@ -514,7 +514,8 @@ def _validate_lora(lora: LoraConfig, stage: StageConfig, pref: PreferenceConfig)
         _check(
             pref.reference in (None, stage.init_from),
             "preference.reference",
-            "with LoRA the reference is the base (stage.init_from) with its adapters off; leave preference.reference unset",
+            "with LoRA the reference is the base (stage.init_from) with its adapters off; "
+            "leave preference.reference unset",
         )
 
 

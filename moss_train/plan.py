@@ -418,7 +418,8 @@ def render(plan: Plan) -> str:
         f"model: {plan.counts.total / 1e9:.2f}B parameters, largest layer {plan.counts.largest_layer / 1e6:.1f}M "
         f"({plan.counts.largest_layer_name}); ZeRO-{ds.zero_stage}, offload {offload}, precision {trainer.precision}",
         f"batch: micro {trainer.micro_batch_size} x accumulation {plan.accumulation} x {plan.gpus} GPUs = "
-        f"{trainer.global_batch_size} sequences x {cfg.data.seq_len} tokens = {plan.tokens_per_step / 1e6:.2f}M tokens/step",
+        f"{trainer.global_batch_size} sequences x {cfg.data.seq_len} tokens = "
+        f"{plan.tokens_per_step / 1e6:.2f}M tokens/step",
         *_lora_lines(plan),
         "",
         f"{'per GPU (GiB)':48s}{'plan':>8s}   DeepSpeed estimator",
@@ -446,8 +447,9 @@ def _lora_lines(plan: Plan) -> list[str]:
         return []
     lora = plan.cfg.lora
     return [
-        f"LoRA r={lora.r} alpha={lora.alpha} on {', '.join(lora.target_modules)}: {plan.trainable / 1e6:.1f}M trainable "
-        f"parameters ({100 * plan.trainable / plan.counts.total:.2f}%), the base frozen in 16-bit; model states "
+        f"LoRA r={lora.r} alpha={lora.alpha} on {', '.join(lora.target_modules)}: "
+        f"{plan.trainable / 1e6:.1f}M trainable parameters ({100 * plan.trainable / plan.counts.total:.2f}%), "
+        "the base frozen in 16-bit; model states "
         f"{plan.states.gpu / GIB:.2f} GiB per GPU vs {plan.full_states.gpu / GIB:.2f} GiB for full fine-tuning"
     ]
 
@@ -468,7 +470,8 @@ def _timing_lines(plan: Plan) -> list[str]:
     run_days = trainer.max_steps * plan.step_seconds / SECONDS_PER_DAY
     lines = [
         f"time at MFU {cluster.mfu:.2f}: {plan.step_seconds:.2f} s/step, {tokens_per_day / 1e9:.2f}B tokens/day; "
-        f"max_steps {trainer.max_steps} = {trainer.max_steps * plan.tokens_per_step / 1e9:.1f}B tokens in {run_days:.2f} days"
+        f"max_steps {trainer.max_steps} = {trainer.max_steps * plan.tokens_per_step / 1e9:.1f}B tokens "
+        f"in {run_days:.2f} days"
     ]
     if plan.comm_seconds is not None:
         link = "inter-node" if cluster.nodes > 1 else "intra-node"
@@ -484,7 +487,8 @@ def _verdict_lines(plan: Plan) -> list[str]:
         lines.append(f"fits: {plan.gpu_total / GIB:.1f} of {cluster.gpu_memory_gib} GiB per GPU")
     else:
         lines.append(
-            f"WARNING: DOES NOT FIT: needs {plan.gpu_total / GIB:.1f} GiB per GPU, the cluster has {cluster.gpu_memory_gib} GiB"
+            f"WARNING: DOES NOT FIT: needs {plan.gpu_total / GIB:.1f} GiB per GPU, "
+            f"the cluster has {cluster.gpu_memory_gib} GiB"
         )
         change = fitting_change(plan)
         lines.append(
@@ -492,7 +496,8 @@ def _verdict_lines(plan: Plan) -> list[str]:
         )
     if plan.cpu_fits is False:
         lines.append(
-            f"WARNING: CPU memory: needs {plan.states.cpu_per_node / GIB:.0f} GiB per node, the nodes have {cluster.cpu_memory_gib} GiB"
+            f"WARNING: CPU memory: needs {plan.states.cpu_per_node / GIB:.0f} GiB per node, "
+            f"the nodes have {cluster.cpu_memory_gib} GiB"
         )
     if plan.comm_seconds is not None and plan.step_seconds is not None and plan.comm_seconds > plan.step_seconds:
         lines.append(

@@ -366,7 +366,8 @@ def moss_release_tokenizer(directory: str | os.PathLike):
     moved = {c: (i, tokenizer.token_to_id(c)) for c, i in ids.items() if tokenizer.token_to_id(c) != i}
     if moved:
         raise TokenizerError(
-            f"{directory}: added tokens do not follow vocab.json's ids (token: (file id, id)): {dict(list(moved.items())[:5])}"
+            f"{directory}: added tokens do not follow vocab.json's ids (token: (file id, id)): "
+            f"{dict(list(moved.items())[:5])}"
         )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

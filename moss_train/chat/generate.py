@@ -146,7 +146,8 @@ class Sampling:
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(
-                f"invalid sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0"
+                f"invalid sampling settings {self}: "
+                "temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0"
             )
 
     @property

@@ -142,7 +142,11 @@ def _results_body(expression: str) -> str:
     """A list of result lines as moss-003's block ("\\n" + lines + "\\n"), a text as " " + text."""
     newline = _literal("\n")
     lines = f"({newline} ~ {expression} | join({newline}) ~ {newline})"
-    return f"(({_literal(fmt.NONE_BODY)} if not {expression} else ((' ' ~ {expression}) if {expression} is string else {lines})) if {_is_set(expression)} else {_literal(fmt.NONE_BODY)})"
+    return (
+        f"(({_literal(fmt.NONE_BODY)} if not {expression} "
+        f"else ((' ' ~ {expression}) if {expression} is string else {lines})) "
+        f"if {_is_set(expression)} else {_literal(fmt.NONE_BODY)})"
+    )
 
 
 NO_CAPABILITIES = "this model was trained without capability lines: it takes no tools"
@@ -157,12 +161,16 @@ def _default_meta(chat: ChatFormat) -> str:
     """Jinja for the meta instruction the model was trained with, `ns.plugins` enabled."""
     quality = _literal(chat.tag_suffix)
     if not chat.capabilities:
-        return f"{{%- if ns.plugins -%}}{_raise(_literal(NO_CAPABILITIES))}{{%- endif -%}}{{{{ {_literal(chat.preamble)} ~ {quality} }}}}"
+        return (
+            f"{{%- if ns.plugins -%}}{_raise(_literal(NO_CAPABILITIES))}{{%- endif -%}}"
+            f"{{{{ {_literal(chat.preamble)} ~ {quality} }}}}"
+        )
     thoughts_on, thoughts_off = (
         _literal(fmt.capability_line(fmt.INNER_THOUGHTS_CAPABILITY, state)) for state in (True, False)
     )
     lines = [
-        f"{{{{ {_literal(chat.preamble + fmt.CAPABILITIES_HEADER)} ~ ({thoughts_on} if ns.plugins else {thoughts_off}) }}}}"
+        f"{{{{ {_literal(chat.preamble + fmt.CAPABILITIES_HEADER)} ~ "
+        f"({thoughts_on} if ns.plugins else {thoughts_off}) }}}}"
     ]
     for name, label, api in fmt.PLUGIN_CAPABILITIES:
         on, off = (_literal(fmt.capability_line(label, state, api)) for state in (True, False))

@@ -319,7 +319,8 @@ def lora_base(settings: dict):
     base = open_source(path)
     if weights_fingerprint(base) != settings["base"]["fingerprint"]:
         raise CheckpointError(
-            f"{path} has changed since the LoRA adapters were trained on it: they fit only the weights they were trained with"
+            f"{path} has changed since the LoRA adapters were trained on it: "
+            "they fit only the weights they were trained with"
         )
     return base
 
@@ -372,14 +373,16 @@ def hf_base(settings: dict, base_dir) -> Path:
         return base
     if base_dir is None:
         raise CheckpointError(
-            f"the adapters' base {base} is a moss-train checkpoint: export it (moss-export {base} BASE_DIR) and pass --base BASE_DIR"
+            f"the adapters' base {base} is a moss-train checkpoint: "
+            f"export it (moss-export {base} BASE_DIR) and pass --base BASE_DIR"
         )
     base_dir = Path(base_dir)
     manifest = json.loads((base_dir / EXPORT_MANIFEST).read_text()) if (base_dir / EXPORT_MANIFEST).is_file() else {}
     same = manifest.get("source") == str(base) or ((base / "config.json").is_file() and base_dir.resolve() == base)
     if not same:
         raise CheckpointError(
-            f"{base_dir} is not an export of the adapters' base {base} (its moss_export.json names {manifest.get('source')})"
+            f"{base_dir} is not an export of the adapters' base {base} "
+            f"(its moss_export.json names {manifest.get('source')})"
         )
     return base_dir
 

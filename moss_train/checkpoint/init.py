@@ -166,7 +166,8 @@ def plan_load(model, source, tokenizer, trust_remote_code: bool, allow_different
     unused = sorted(available - set(expected))
     if unused:
         log(
-            f"{len(unused)} tensors of {source.path} are not part of this model and stay unused: {', '.join(unused[:4])}"
+            f"{len(unused)} tensors of {source.path} are not part of this model and stay unused: "
+            f"{', '.join(unused[:4])}"
         )
     fresh = [n for n in expected if n not in available]
     if fresh:
@@ -207,7 +208,8 @@ def fresh_vocab_rows(
             if not allow_different_vocab:
                 raise ConfigError(
                     "data.tokenizer",
-                    f"{problem}: use the checkpoint's tokenizer (or one that only adds tokens at the end), or set stage.allow_different_vocab=true",
+                    f"{problem}: use the checkpoint's tokenizer (or one that only adds tokens at the end), "
+                    "or set stage.allow_different_vocab=true",
                 )
             log(f"WARNING: {problem} (stage.allow_different_vocab)")
         if len(ours) > len(theirs):

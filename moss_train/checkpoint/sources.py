@@ -182,7 +182,8 @@ def hf_model_config(config: dict, where: str) -> ModelConfig:
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?")
         raise CheckpointError(
-            f"{where}: a quantized ({method}) export is for inference in transformers; moss-train reads full-precision weights"
+            f"{where}: a quantized ({method}) export is for inference in transformers; "
+            "moss-train reads full-precision weights"
         )
     fields = CodeGenConfig().to_dict()
     fields.update(config)

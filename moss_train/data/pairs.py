@@ -346,7 +346,8 @@ def open_pair_shards(cfg, patterns, key: str, tokenizer) -> list:
         if not shard.has_mask or not pairs_path(shard.prefix).is_file():
             raise ConfigError(
                 key,
-                f"{shard.prefix!r} is not a pair shard (mask stream + {pairs_path(shard.prefix).name}) written by moss-data pairs",
+                f"{shard.prefix!r} is not a pair shard (mask stream + {pairs_path(shard.prefix).name}) "
+                "written by moss-data pairs",
             )
     return shards
 

@@ -191,7 +191,8 @@ class ShardWriter:
             raise ValueError(f"a document must be a 1-D sequence of ids, got shape {arr.shape}")
         if (mask is None) != (self._mask is None):
             raise ValueError(
-                f"{self.prefix}: a mask is {'required' if self._mask else 'not expected'} (with_mask={self._mask is not None})"
+                f"{self.prefix}: a mask is {'required' if self._mask else 'not expected'} "
+                f"(with_mask={self._mask is not None})"
             )
         mask_bytes = self._mask.encode(mask, arr.size) if self._mask is not None else None
         if arr.size:

@@ -108,7 +108,10 @@ def peak_tflops(
         name = torch.cuda.get_device_name(device)
         known = [value for key, value in GPU_PEAK_TFLOPS.items() if key in name]
         peak = known[0] if known else 312.0
-        source = f"{name}: dense bf16 peak {peak:.0f} TFLOP/s ({'data sheet' if known else 'unknown GPU, A100 figure assumed'})"
+        source = (
+            f"{name}: dense bf16 peak {peak:.0f} TFLOP/s "
+            f"({'data sheet' if known else 'unknown GPU, A100 figure assumed'})"
+        )
     else:
         peak, source = cpu_peak_tflops(precision, remeasure=remeasure)
     if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):

@@ -103,14 +103,16 @@ def cmd_compare(args) -> int:
         result["sft"] = figures(load_model(args.sft))
     how = "greedy" if greedy else f"{samples} sampled at temperature {args.temperature}, top_p {args.top_p}"
     print(
-        f"held-out prompts: {len(records)}, answers {how}; right = right command and result stated; reward = the reward model"
+        f"held-out prompts: {len(records)}, answers {how}; "
+        "right = right command and result stated; reward = the reward model"
     )
     rows = [(name, row) for name, row in result.items() if name not in ("sampling", "by_level")]
     rows += [(f"level {level}", row) for level, row in result.get("by_level", {}).items()] if args.all_levels else []
     for name, row in rows:
         reward = "" if row["reward_mean"] is None else f"   reward {row['reward_mean']:+.3f}"
         print(
-            f"  {name:<10} right {tool_use.format_rate(row['right'])}   judge {row['judge_mean']:.3f}/{tool_use.JUDGE_MAX}"
+            f"  {name:<10} right {tool_use.format_rate(row['right'])}   "
+            f"judge {row['judge_mean']:.3f}/{tool_use.JUDGE_MAX}"
             f"   tool called {row['tool_called']['rate']:6.1%}{reward}"
         )
     _write(result, args.out)

@@ -140,7 +140,8 @@ def draw_report(
         ax.axis("off")
     cpu = summary.get("cpu", {})
     fig.suptitle(
-        f"moss-train quickstart: {summary.get('wall_s', 0) / 60:.1f} min on {cpu.get('cores', '?')} cores of {cpu.get('model', 'a CPU')}"
+        f"moss-train quickstart: {summary.get('wall_s', 0) / 60:.1f} min "
+        f"on {cpu.get('cores', '?')} cores of {cpu.get('model', 'a CPU')}"
     )
     fig.tight_layout()
     fig.savefig(Path(out), dpi=110)

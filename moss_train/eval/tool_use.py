@@ -179,7 +179,8 @@ def format_rate(figure: dict) -> str:
 def summary_line(result: dict) -> str:
     by_tool = ", ".join(f"{tool} {format_rate(f)}" for tool, f in result["both_by_tool"].items())
     return (
-        f"held-out tool use ({result['prompts']} prompts): right command and result stated {format_rate(result['both'])}; "
+        f"held-out tool use ({result['prompts']} prompts): "
+        f"right command and result stated {format_rate(result['both'])}; "
         f"right command {result['right_command']['rate']:.1%}, result stated {result['result_stated']['rate']:.1%}, "
         f"tool called {result['tool_called']['rate']:.1%} ({by_tool})"
     )

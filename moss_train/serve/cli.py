@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(
-            f"{PROG}: warning: --host {args.host} without --api-key: anyone who can reach this address can use the model",
+            f"{PROG}: warning: --host {args.host} without --api-key: "
+            "anyone who can reach this address can use the model",
             file=sys.stderr,
         )
     app = create_app(build_models(args), args.api_key)

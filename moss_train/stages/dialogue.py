@@ -56,7 +56,8 @@ def _conversations(ctx: StageContext, stage_name: str):
     if not data.train_shards:
         raise ConfigError(
             "data.train_shards",
-            f"stage={stage_name} reads dialogue shards from data.train_shards (data.sources blends are for pretraining)",
+            f"stage={stage_name} reads dialogue shards from data.train_shards "
+            "(data.sources blends are for pretraining)",
         )
     train_shards = dialogue_shards(cfg, data.train_shards, "data.train_shards", ctx.tokenizer)
     valid_shards = (
@@ -83,7 +84,8 @@ def dialogue_shards(cfg, patterns, key: str, tokenizer) -> list:
     if plain:
         raise ConfigError(
             key,
-            f"shard {plain[0]!r} has no loss-mask stream: stage=sft reads dialogue shards written by moss-data sft (e.g. data=sft_demo)",
+            f"shard {plain[0]!r} has no loss-mask stream: "
+            "stage=sft reads dialogue shards written by moss-data sft (e.g. data=sft_demo)",
         )
     return shards
 

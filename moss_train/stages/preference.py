@@ -47,7 +47,8 @@ def tag_form(ctx: StageContext) -> dict:
             if quality is None:
                 raise ConfigError(
                     key,
-                    f"shard {shard.prefix!r} carries no quality tags: stage=preference trains on {{stage=tag run}}/conditioned/shards",
+                    f"shard {shard.prefix!r} carries no quality tags: "
+                    "stage=preference trains on {stage=tag run}/conditioned/shards",
                 )
             found[shard.prefix] = quality
     forms = {json.dumps(q, sort_keys=True) for q in found.values()}

@@ -242,7 +242,8 @@ class TagStage(JobStage):
         conditioned_tmp.rename(final)
         (out / "thresholds.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(
-            f"[moss-train] tag thresholds ({pref.levels} levels): {[round(t, 4) for t in thresholds]} -> {out / 'thresholds.json'}",
+            f"[moss-train] tag thresholds ({pref.levels} levels): "
+            f"{[round(t, 4) for t in thresholds]} -> {out / 'thresholds.json'}",
             flush=True,
         )
 
