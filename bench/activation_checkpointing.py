@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     base_memory = max(base["peak_memory_gb"])
     lines = [
         f"### activation_checkpointing — {config} ({tt.num_parameters(tt.CONFIGS[config]) / 1e6:.0f}M), {precision}, "
-        f"batch {batch_size} x seq {seq_len}, ZeRO-{args.zero_stage}, {base['device']}, each variant in its own subprocess, alternating",
+        f"batch {batch_size} x seq {seq_len}, ZeRO-{args.zero_stage}, {base['device']}, "
+        "each variant in its own subprocess, alternating",
         "",
         tt.run_line(argv, load_before),
         "",

@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         steps = " ".join(f"{t:.2f}" for t in entry["times"])
         lines.append(
             f"| {name} | {entry['median_s']:.2f} | {steps} | {entry['median_s'] / bare - 1:+.1%} | "
-            f"{entry['losses'][0][0]:.6f} | {max(entry['peak_memory_gb']) if entry['peak_memory_gb'] else 'one process'} |"
+            f"{entry['losses'][0][0]:.6f} | "
+            f"{max(entry['peak_memory_gb']) if entry['peak_memory_gb'] else 'one process'} |"
         )
     publish(lines, args.write)
     return 0

@@ -233,8 +233,8 @@ def main(argv=None) -> int:
                     )
                     rows.append(row)
                     print(
-                        f"{name} batch {batch} {version}: {row['ours']:.0f} vs {row['hf']:.0f} tok/s, {row['ratio']:.2f}x "
-                        f"({row['cpu_ratio']:.2f}x by CPU time), "
+                        f"{name} batch {batch} {version}: {row['ours']:.0f} vs {row['hf']:.0f} tok/s, "
+                        f"{row['ratio']:.2f}x ({row['cpu_ratio']:.2f}x by CPU time), "
                         f"tokens identical: {row['identical']}",
                         flush=True,
                     )
@@ -269,19 +269,21 @@ def summarise(name, params, batch, version, runs: list[dict], hf_tokens) -> dict
 
 def render(rows, args, load_before: str) -> list[str]:
     lines = [
-        f"### generate_speed — moss-train generate_batch vs transformers generate, greedy, prompt {args.prompt_len} tokens, "
-        f"{args.new_tokens} new tokens per row, fp32, {args.threads} thread(s)",
+        "### generate_speed — moss-train generate_batch vs transformers generate, greedy, "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, fp32, {args.threads} thread(s)",
         "",
         run_line(None, load_before)
         + f"; {cpu_line()}; random weights, vocabulary {VOCAB}; {args.rounds} worker runs per "
         f"moss-train version x {args.repeats} interleaved pairs; tok/s: medians, ratio: median of the pairs' ratios",
         "",
-        f"| model | parameters | batch | moss-train version | {OURS} tok/s | {HF} tok/s | {OURS} / {HF} | same, by CPU time | tokens identical |",
+        "| model | parameters | batch | moss-train version | "
+        f"{OURS} tok/s | {HF} tok/s | {OURS} / {HF} | same, by CPU time | tokens identical |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['version']} | {r['ours']:.0f} | {r['hf']:.0f} | "
+            f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['version']} | "
+            f"{r['ours']:.0f} | {r['hf']:.0f} | "
             f"{r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x | {'yes' if r['identical'] else 'NO'} |"
         )
     return lines

@@ -102,20 +102,24 @@ def main(argv=None) -> int:
                 runs[name].append(run_side(Path(tmp) / f"{k}-{sides[name]}", sides[name], args))
     full = statistics.median(r["tokens_per_s"] for r in runs["full fine-tuning"])
     lines = [
-        f"### lora_vs_full — SFT from {args.base} ({args.model}), {args.steps} steps x {args.global_batch} x {args.seq_len}, "
+        f"### lora_vs_full — SFT from {args.base} ({args.model}), "
+        f"{args.steps} steps x {args.global_batch} x {args.seq_len}, "
         f"ZeRO-{args.zero_stage}, fp32 ({cpu_line()}, {args.threads} threads), each run its own process, alternating",
         "",
         run_line(argv, load_before) + f"; {args.rounds} runs per side; lr {args.lr} (full) / {args.lr_lora} (LoRA)",
         "",
-        "| side | trainable params | peak RSS GB | tokens/s (median) | vs full | checkpoint MB | loss step 1 | held-out loss at the end |",
+        "| side | trainable params | peak RSS GB | tokens/s (median) | vs full | checkpoint MB | loss step 1 | "
+        "held-out loss at the end |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in runs.items():
         tps = statistics.median(r["tokens_per_s"] for r in rs)
         trainable = rs[0]["trainable"]
         lines.append(
-            f"| {name} | {trainable if trainable is not None else 'all':} | {max(r['peak_rss_gb'] for r in rs):.2f} | {tps:.0f} | "
-            f"{tps / full:.2f}x | {rs[0]['checkpoint_mb']:.1f} | {rs[0]['first_loss']:.3f} | {statistics.median(r['eval_loss'] for r in rs):.3f} |"
+            f"| {name} | {trainable if trainable is not None else 'all':} | "
+            f"{max(r['peak_rss_gb'] for r in rs):.2f} | {tps:.0f} | {tps / full:.2f}x | "
+            f"{rs[0]['checkpoint_mb']:.1f} | {rs[0]['first_loss']:.3f} | "
+            f"{statistics.median(r['eval_loss'] for r in rs):.3f} |"
         )
     publish(lines, args.write)
     return 0

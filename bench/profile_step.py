@@ -87,7 +87,8 @@ def main(argv=None) -> int:
         per_category[category(event.key)] += event.self_cpu_time_total / 1e6 / args.steps
     total = sum(per_category.values())
     lines = [
-        f"### profile_step — moss-train step, {args.config} ({tt.num_parameters(model_cfg) / 1e6:.0f}M), {args.precision}, "
+        "### profile_step — moss-train step, "
+        f"{args.config} ({tt.num_parameters(model_cfg) / 1e6:.0f}M), {args.precision}, "
         f"batch {batch_size} x seq {seq_len}, ZeRO-{args.zero_stage}, {torch.get_num_threads()} threads",
         "",
         f"`{tt.command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "

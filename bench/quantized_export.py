@@ -17,7 +17,8 @@ subprocess, as a user would load it (`AutoModelForCausalLM.from_pretrained(dir)`
 - perplexity: exp(mean next-token loss) over the first --seq-len tokens of --docs held-out
   documents of the run's own validation shards (its recipe's data.valid_shards).
 
-    python bench/quantized_export.py --model quickstart=runs/quickstart-pretrain --model small=runs/small-pretrain --write
+    python bench/quantized_export.py --model quickstart=runs/quickstart-pretrain \\
+        --model small=runs/small-pretrain --write
 """
 
 from __future__ import annotations
@@ -184,12 +185,15 @@ def table(results: dict, argv, load_before: str, args) -> list[str]:
     import transformers
 
     lines = [
-        f"### quantized_export — load memory, greedy tokens/s, held-out perplexity against the bf16 export ({cpu_line()}, {args.threads} threads)",
+        "### quantized_export — load memory, greedy tokens/s, held-out perplexity against the bf16 export "
+        f"({cpu_line()}, {args.threads} threads)",
         "",
         run_line(argv, load_before)
         + f"; transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, "
-        f"torchao {torchao.__version__}; generation: {args.new_tokens} new tokens, batch 1, best of {args.repeats} x {args.rounds} rounds; "
-        f"perplexity over the first {args.seq_len} tokens of {args.docs} held-out documents of the run's validation shards",
+        f"torchao {torchao.__version__}; generation: {args.new_tokens} new tokens, batch 1, "
+        f"best of {args.repeats} x {args.rounds} rounds; "
+        f"perplexity over the first {args.seq_len} tokens of {args.docs} held-out documents "
+        "of the run's validation shards",
         "",
         "| model | export | weights on disk MB | load RSS MB | tokens/s | vs bf16 | perplexity | vs bf16 |",
         "|---|---|---|---|---|---|---|---|",
@@ -199,7 +203,8 @@ def table(results: dict, argv, load_before: str, args) -> list[str]:
         for name, r in rows.items():
             lines.append(
                 f"| {model} ({label}) | {name} | {r['disk_mb']:.1f} | {r['load_mb']:.0f} | {r['tokens_per_s']:.1f} | "
-                f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['ppl']:.2f} | {r['ppl'] / base['ppl'] - 1:+.2%} |"
+                f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+                f"{r['ppl']:.2f} | {r['ppl'] / base['ppl'] - 1:+.2%} |"
             )
     return lines
 

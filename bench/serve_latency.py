@@ -271,7 +271,10 @@ def main(argv=None) -> int:
     else:
         model, tokenizer = make_model(args.work, args.sft_steps)
         tokenizer = args.tokenizer or tokenizer
-        origin = f"a quickstart-size model the bench made ({args.sft_steps} SFT steps from scratch on the demo dialogues; {args.model} absent)"
+        origin = (
+            f"a quickstart-size model the bench made ({args.sft_steps} SFT steps from scratch "
+            f"on the demo dialogues; {args.model} absent)"
+        )
     clients = [int(c) for c in args.clients.split(",")]
     asked = prompts(args.work, max(clients) * args.requests_per_client)
     load_before = tt.load_line()
@@ -306,13 +309,16 @@ def main(argv=None) -> int:
 
 def render(rows, args, origin: str, load_before: str) -> list[str]:
     lines = [
-        "### serve_latency — moss-serve, N concurrent streaming clients on loopback, continuous batching vs one turn at a time",
+        "### serve_latency — moss-serve, N concurrent streaming clients on loopback, "
+        "continuous batching vs one turn at a time",
         "",
         f"{tt.run_line(None, load_before)}; {cpu_line()}; {origin}; greedy, max_tokens {args.max_tokens}, "
         f"{args.requests_per_client} requests per client back to back, {args.threads} torch thread per server; "
-        "TTFT: request -> first chunk with generated text; tokens/s: completion tokens / request time (p95: 95% of requests at least this)",
+        "TTFT: request -> first chunk with generated text; tokens/s: completion tokens / request time "
+        "(p95: 95% of requests at least this)",
         "",
-        "| clients | service | requests (with a tool call) | tokens per request | TTFT p50 s | TTFT p95 s | tokens/s per request p50 | tokens/s per request p95 | aggregate tokens/s | vs sequential |",
+        "| clients | service | requests (with a tool call) | tokens per request | TTFT p50 s | TTFT p95 s | "
+        "tokens/s per request p50 | tokens/s per request p95 | aggregate tokens/s | vs sequential |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     baseline = {n: s["aggregate"] for n, name, s in rows if name == "sequential"}
@@ -320,7 +326,8 @@ def render(rows, args, origin: str, load_before: str) -> list[str]:
         speedup = s["aggregate"] / baseline[n] if baseline.get(n) else float("nan")
         service = "batched (--max-batch 16)" if name == "batched" else "sequential (--max-batch 1, baseline)"
         lines.append(
-            f"| {n} | {service} | {s['requests']} ({s['with_tools']}) | {s['tokens_mean']:.0f} | {s['ttft_p50']:.3f} | {s['ttft_p95']:.3f} | {s['rate_p50']:.1f} | "
+            f"| {n} | {service} | {s['requests']} ({s['with_tools']}) | {s['tokens_mean']:.0f} | "
+            f"{s['ttft_p50']:.3f} | {s['ttft_p95']:.3f} | {s['rate_p50']:.1f} | "
             f"{s['rate_p95']:.1f} | {s['aggregate']:.1f} | {speedup:.2f}x |"
         )
     return lines

@@ -159,7 +159,8 @@ def main(argv=None) -> int:
         f"`{command.strip()}` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}); data: "
         f"{summary['conversations_written']} moss-003 sample conversations, each mode one pass over the same set",
         "",
-        "| batching | steps | rows | loss-bearing tokens | computed tokens | seconds | loss-bearing tokens/s | vs original |",
+        "| batching | steps | rows | loss-bearing tokens | computed tokens | seconds | "
+        "loss-bearing tokens/s | vs original |",
         "|---|---|---|---|---|---|---|---|",
     ]
     table += [

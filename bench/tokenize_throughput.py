@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     text_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_docs = len(texts)
     print(
-        f"input: {len(files)} files, {input_bytes / MB:.1f} MiB jsonl, {text_bytes / MB:.1f} MiB of text, {len(texts)} documents",
+        f"input: {len(files)} files, {input_bytes / MB:.1f} MiB jsonl, "
+        f"{text_bytes / MB:.1f} MiB of text, {len(texts)} documents",
         flush=True,
     )
 
@@ -264,7 +265,8 @@ def main(argv=None) -> int:
         f"moss-data kept {moss['docs']} documents ({moss['tokens']} tokens, `</s>` included); datasets.map "
         f"{ds_map['docs']} ({ds_map['tokens']} tokens): moss-data also cleaned and de-duplicated.",
         "",
-        f"Blended sampler (en 360 / zh 100 / code 220 over the parts above, seq_len 2048, {latency['length']} samples), "
+        "Blended sampler (en 360 / zh 100 / code 220 over the parts above, "
+        f"seq_len 2048, {latency['length']} samples), "
         "random positions: ",
         "",
         "| operation | median µs | p99 µs |",

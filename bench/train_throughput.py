@@ -366,8 +366,9 @@ def throughput_table(rows, peaks: dict, device: str, argv, load_before: str, zer
             tps = tokens / entry["median_s"]
             mfu = " | ".join(f"{tps * flops / (peaks[k] * 1e12):.1%}" for k in peak_cols)
             lines.append(
-                f"| {config} ({num_parameters(model_cfg) / 1e6:.0f}M) | {precision} | {batch_size} x {seq_len} | {name} | "
-                f"{entry['median_s']:.2f} | {tps:.0f} | {tps / baseline:.2f}x | {mfu} | {max(entry['peak_memory_gb']):.2f} |"
+                f"| {config} ({num_parameters(model_cfg) / 1e6:.0f}M) | {precision} | {batch_size} x {seq_len} | "
+                f"{name} | {entry['median_s']:.2f} | {tps:.0f} | {tps / baseline:.2f}x | {mfu} | "
+                f"{max(entry['peak_memory_gb']):.2f} |"
             )
     return lines
 
