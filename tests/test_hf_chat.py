@@ -68,7 +68,8 @@ def test_every_moss003_sample_dialogue_renders_token_for_token(tokenizers):
     records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
     hf_form, moss_fields = check_dialogues([parsing.parse_record(r).dialogue for r in records], tokenizers)
     print(
-        f"moss-003 sample: {len(records)} dialogues; tool turns as HF tool_calls: {hf_form}, as MOSS fields: {moss_fields}"
+        f"moss-003 sample: {len(records)} dialogues; "
+        f"tool turns as HF tool_calls: {hf_form}, as MOSS fields: {moss_fields}"
     )
     # MOSS fields only where moss-003's own data breaks its layout ("<|Results|>:\nNone\n" with no
     # command, text-to-image results without the command line).
@@ -317,14 +318,12 @@ def test_the_docs_two_pass_example_calls_the_calculator_with_transformers_alone(
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith(("pass one:", "tool:", "reply:"))]
     print("\n".join(lines))
-    assert (
-        lines
-        == [
-            "pass one: ' I should use the calculator.<eot>\\n<|Commands|>: Calculate(\"23*17\")<eoc>'",  # stopped for the tool
-            "tool: Calculate('23*17') -> '391'",
-            "reply: 23*17 = 391.",
-        ]
-    )
+    assert lines == [
+        # stopped for the tool
+        "pass one: ' I should use the calculator.<eot>\\n<|Commands|>: Calculate(\"23*17\")<eoc>'",
+        "tool: Calculate('23*17') -> '391'",
+        "reply: 23*17 = 391.",
+    ]
     # moss-train's own two-pass protocol on the same export writes the same turn.
     session = ChatSession(
         load_model(calculator_export),

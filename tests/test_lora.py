@@ -255,14 +255,16 @@ def test_merged_and_adapter_exports_give_the_peft_models_logits_and_a_lower_held
     with torch.no_grad():
         a, b, c = merged(x).logits, with_adapters(x).logits, plain(x).logits
     print(
-        f"merged export vs peft model: max abs logit difference {(a - b).abs().max():.2e}; vs the base {(a - c).abs().max():.2e}"
+        f"merged export vs peft model: max abs logit difference {(a - b).abs().max():.2e}; "
+        f"vs the base {(a - c).abs().max():.2e}"
     )
     assert (a - b).abs().max() <= 1e-4 and (a - c).abs().max() > 1e-2  # the adapters loaded, and changed the model
     # LoRA SFT lowers the held-out loss on the demo dialogues (the run's own figure agrees).
     before, after = (held_out_loss(m, lora_runs["tokenizer"], lora_runs["root"] / "sft") for m in (plain, merged))
     final_eval = [r for r in read_metrics(run) if "eval_loss" in r][-1]["eval_loss"]
     print(
-        f"held-out loss on the demo dialogues: base {before:.4f} -> LoRA {after:.4f} (the run's eval_loss {final_eval:.4f})"
+        f"held-out loss on the demo dialogues: base {before:.4f} -> LoRA {after:.4f} "
+        f"(the run's eval_loss {final_eval:.4f})"
     )
     assert after < before - 0.1 and after == pytest.approx(final_eval, rel=1e-4)
     # The adapter directory carries what chat needs, and a reward model exports merged only.

@@ -29,7 +29,8 @@ TEXTS = [
     "Hello, world! Don't we'll they're  two  spaces\tand a tab.\n\n\nThree newlines.",
     "def add(a, b):\n    return a + b  # 返回和\n",
     "人民日报 1998 年的新闻。 The end… 😀 naïve café",
-    '<|Human|>: What is 23*17?<eoh>\n<|Inner Thoughts|>: use the calculator<eot>\n<|Commands|>: Calculate("23*17")<eoc>\n',
+    "<|Human|>: What is 23*17?<eoh>\n"
+    '<|Inner Thoughts|>: use the calculator<eot>\n<|Commands|>: Calculate("23*17")<eoc>\n',
     "<|Results|>:\nCalculate(\"23*17\") => '391'\n<eor>\n<|MOSS|>: It is 391.<eom>\n",
     "a  <eoc>  b<eot><eom>\n \n<eoh>",
     f"{ENDOFTEXT}text {ENDOFTEXT} more",

@@ -105,7 +105,9 @@ ENGINE_VS_TORCH = textwrap.dedent(
 
     cfg = MossTrainConfig()
     cfg.model = model_cfg
-    cfg.trainer = replace(cfg.trainer, micro_batch_size=2, global_batch_size=4, precision="fp32", warmup_steps=2, max_steps=4)
+    cfg.trainer = replace(
+        cfg.trainer, micro_batch_size=2, global_batch_size=4, precision="fp32", warmup_steps=2, max_steps=4
+    )
     cfg.deepspeed = replace(cfg.deepspeed, zero_stage=3)
     trainer = Trainer(cfg, Fixed())
     engine = [trainer.train_step() for _ in range(4)]

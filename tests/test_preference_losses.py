@@ -92,7 +92,9 @@ with torch.no_grad():
         picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).double()
         logps = torch.where(labels != -100, picked, 0.0).sum(dim=1)
     after = peak_kib()
-print(json.dumps({"peak_mib": (after - before) / 1024, "logits_mib": logits.numel() * 4 / 2**20, "logps": logps.tolist()}))
+print(
+    json.dumps({"peak_mib": (after - before) / 1024, "logits_mib": logits.numel() * 4 / 2**20, "logps": logps.tolist()})
+)
 """
 
 

@@ -304,8 +304,8 @@ def test_killing_torchrun_stops_its_ranks_and_frees_the_run_directory(pretrain_d
         second = run_cli(recipe, check=False, timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
         assert (
-            f"recipe error: run.output_dir: {out} is in use by another job (pid {holder['pid']} on host {holder['host']}"
-            in second.stderr
+            f"recipe error: run.output_dir: {out} is in use by another job "
+            f"(pid {holder['pid']} on host {holder['host']}" in second.stderr
         )
 
         os.killpg(job.pid, signal.SIGKILL)

@@ -101,7 +101,8 @@ def test_loss_masks_on_every_real_conversation(sample_records, tokenizer):
         assert all(t["Human"] in text_off and t["Tool Responses"] in text_off for t in turns)
         checked[conversation.category] += 1
     print(
-        f"\nmask check on the moss-003 sample: {sum(checked.values())} conversations {dict(checked)}, mismatches {len(mismatches)}"
+        f"\nmask check on the moss-003 sample: {sum(checked.values())} conversations {dict(checked)}, "
+        f"mismatches {len(mismatches)}"
     )
     assert not mismatches, mismatches[:5]
     assert set(checked) == CATEGORIES and sum(checked.values()) == len(sample_records) == 550
