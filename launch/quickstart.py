@@ -63,13 +63,33 @@ class Plan:
     tokenizer: str = "--vocab-size 8000 --chat-sample 2000"
 
 
-SMOKE = Plan(pretrain_steps=3, sft_steps=3, reward_steps=3, preference_steps=3, dpo_steps=3, eval_every=2,
-             pair_prompts=12, pair_valid_prompts=8, samples=2, tool_use_prompts=8, compare_prompts=4, compare_samples=1, tag_dialogues=0,
-             corpus_mb=(0.3, 0.3, 0.4), demo_dialogues=(200, 40), tokenizer="--vocab-size 1000 --sample-mb 1")
+SMOKE = Plan(
+    pretrain_steps=3,
+    sft_steps=3,
+    reward_steps=3,
+    preference_steps=3,
+    dpo_steps=3,
+    eval_every=2,
+    pair_prompts=12,
+    pair_valid_prompts=8,
+    samples=2,
+    tool_use_prompts=8,
+    compare_prompts=4,
+    compare_samples=1,
+    tag_dialogues=0,
+    corpus_mb=(0.3, 0.3, 0.4),
+    demo_dialogues=(200, 40),
+    tokenizer="--vocab-size 1000 --sample-mb 1",
+)
 
 # Shared by every training stage. recipes/model/quickstart.yaml says why three layers.
 MODEL = "model=quickstart"
-COMMON = ["deepspeed=zero3", "trainer.global_batch_size=16", "trainer.micro_batch_size=16", "logging.progress_bar=false"]
+COMMON = [
+    "deepspeed=zero3",
+    "trainer.global_batch_size=16",
+    "trainer.micro_batch_size=16",
+    "logging.progress_bar=false",
+]
 
 
 @dataclass
@@ -88,39 +108,159 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
     runs = {name: out / name for name in ("pretrain", "sft", "reward", "tag", "preference", "dpo")}
 
     def train(stage: str, data_recipe: str, data_root: Path, *overrides: str) -> Step:
-        argv = [tool("moss-train"), f"stage={stage}", MODEL, f"data={data_recipe}", f"data.root={data_root}", f"data.tokenizer={tokenizer}",
-                *COMMON, f"run.name=quickstart-{stage}", f"run.output_dir={runs[stage]}", "trainer.resume=never", *overrides]
+        argv = [
+            tool("moss-train"),
+            f"stage={stage}",
+            MODEL,
+            f"data={data_recipe}",
+            f"data.root={data_root}",
+            f"data.tokenizer={tokenizer}",
+            *COMMON,
+            f"run.name=quickstart-{stage}",
+            f"run.output_dir={runs[stage]}",
+            "trainer.resume=never",
+            *overrides,
+        ]
         return Step(stage, argv, runs[stage])
 
     every = f"trainer.eval_every={plan.eval_every}"
     en, zh, code = plan.corpus_mb
     n_train, n_valid = plan.demo_dialogues
     return [
-        Step("data", ["bash", "-c", f"{tool('moss-data')} prepare-pretrain-demo --out {data / 'pretrain-demo'} "
-                      f"--en-mb {en} --zh-mb {zh} --code-mb {code} {plan.tokenizer} && {tool('moss-data')} sft --demo --tokenizer {tokenizer} "
-                      f"--demo-train {n_train} --demo-valid {n_valid} --out {data / 'sft-demo'}"]),
-        train("pretrain", "moss_mix", data / "pretrain-demo", f"trainer.max_steps={plan.pretrain_steps}", "trainer.lr=2e-3",
-              "trainer.warmup_steps=20", every, "trainer.eval_at_start=true", "trainer.eval_samples=96"),
-        train("sft", "sft_demo", data / "sft-demo", f"stage.init_from={runs['pretrain']}", f"trainer.max_steps={plan.sft_steps}",
-              "trainer.lr=2e-3", "trainer.warmup_steps=20", every, "trainer.eval_at_start=true"),
-        Step("tool-use", [tool("moss-eval"), "tool-use", str(runs["sft"]), "--dialogues", f"{dialogues}/valid.jsonl",
-                          "--limit", str(plan.tool_use_prompts), "--out", str(runs["sft"] / "tool_use.json")]),
-        Step("pairs", [tool("moss-data"), "pairs", "--sample-from", str(runs["sft"]), "--tokenizer", str(tokenizer),
-                       "--dialogues", f"{dialogues}/train.jsonl", "--valid-dialogues", f"{dialogues}/valid.jsonl",
-                       "--samples", str(plan.samples), "--with-reference", "--limit", str(plan.pair_prompts), "--valid-limit", str(plan.pair_valid_prompts),
-                       "--out", str(data / "pairs-demo")]),
-        train("reward", "pairs_demo", data / "pairs-demo", f"stage.init_from={runs['sft']}", f"trainer.max_steps={plan.reward_steps}",
-              "trainer.lr=5e-4", "trainer.warmup_steps=10", "trainer.eval_samples=100000", every),
-        train("tag", "pairs_demo", data / "pairs-demo", f"preference.reward_model={runs['reward']}",
-              f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl]", f"preference.tag_limit={plan.tag_dialogues}"),
-        train("preference", "preference_demo", runs["tag"] / "conditioned", f"stage.init_from={runs['sft']}",
-              f"trainer.max_steps={plan.preference_steps}", "trainer.lr=2e-3", "trainer.warmup_steps=10", every),
-        train("dpo", "pairs_demo", data / "pairs-demo", f"stage.init_from={runs['sft']}", f"trainer.max_steps={plan.dpo_steps}",
-              "trainer.lr=1e-4", "trainer.warmup_steps=10", every),
-        Step("compare", [tool("moss-eval"), "compare", "--dialogues", f"{dialogues}/valid.jsonl", "--reward-model", str(runs["reward"]),
-                         "--preference", str(runs["preference"]), "--dpo", str(runs["dpo"]), "--sft", str(runs["sft"]), "--all-levels",
-                         "--samples", str(plan.compare_samples), "--limit", str(plan.compare_prompts),
-                         "--out", str(out / "comparison.json")]),
+        Step(
+            "data",
+            [
+                "bash",
+                "-c",
+                f"{tool('moss-data')} prepare-pretrain-demo --out {data / 'pretrain-demo'} "
+                f"--en-mb {en} --zh-mb {zh} --code-mb {code} {plan.tokenizer} && "
+                f"{tool('moss-data')} sft --demo --tokenizer {tokenizer} "
+                f"--demo-train {n_train} --demo-valid {n_valid} --out {data / 'sft-demo'}",
+            ],
+        ),
+        train(
+            "pretrain",
+            "moss_mix",
+            data / "pretrain-demo",
+            f"trainer.max_steps={plan.pretrain_steps}",
+            "trainer.lr=2e-3",
+            "trainer.warmup_steps=20",
+            every,
+            "trainer.eval_at_start=true",
+            "trainer.eval_samples=96",
+        ),
+        train(
+            "sft",
+            "sft_demo",
+            data / "sft-demo",
+            f"stage.init_from={runs['pretrain']}",
+            f"trainer.max_steps={plan.sft_steps}",
+            "trainer.lr=2e-3",
+            "trainer.warmup_steps=20",
+            every,
+            "trainer.eval_at_start=true",
+        ),
+        Step(
+            "tool-use",
+            [
+                tool("moss-eval"),
+                "tool-use",
+                str(runs["sft"]),
+                "--dialogues",
+                f"{dialogues}/valid.jsonl",
+                "--limit",
+                str(plan.tool_use_prompts),
+                "--out",
+                str(runs["sft"] / "tool_use.json"),
+            ],
+        ),
+        Step(
+            "pairs",
+            [
+                tool("moss-data"),
+                "pairs",
+                "--sample-from",
+                str(runs["sft"]),
+                "--tokenizer",
+                str(tokenizer),
+                "--dialogues",
+                f"{dialogues}/train.jsonl",
+                "--valid-dialogues",
+                f"{dialogues}/valid.jsonl",
+                "--samples",
+                str(plan.samples),
+                "--with-reference",
+                "--limit",
+                str(plan.pair_prompts),
+                "--valid-limit",
+                str(plan.pair_valid_prompts),
+                "--out",
+                str(data / "pairs-demo"),
+            ],
+        ),
+        train(
+            "reward",
+            "pairs_demo",
+            data / "pairs-demo",
+            f"stage.init_from={runs['sft']}",
+            f"trainer.max_steps={plan.reward_steps}",
+            "trainer.lr=5e-4",
+            "trainer.warmup_steps=10",
+            "trainer.eval_samples=100000",
+            every,
+        ),
+        train(
+            "tag",
+            "pairs_demo",
+            data / "pairs-demo",
+            f"preference.reward_model={runs['reward']}",
+            f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl]",
+            f"preference.tag_limit={plan.tag_dialogues}",
+        ),
+        train(
+            "preference",
+            "preference_demo",
+            runs["tag"] / "conditioned",
+            f"stage.init_from={runs['sft']}",
+            f"trainer.max_steps={plan.preference_steps}",
+            "trainer.lr=2e-3",
+            "trainer.warmup_steps=10",
+            every,
+        ),
+        train(
+            "dpo",
+            "pairs_demo",
+            data / "pairs-demo",
+            f"stage.init_from={runs['sft']}",
+            f"trainer.max_steps={plan.dpo_steps}",
+            "trainer.lr=1e-4",
+            "trainer.warmup_steps=10",
+            every,
+        ),
+        Step(
+            "compare",
+            [
+                tool("moss-eval"),
+                "compare",
+                "--dialogues",
+                f"{dialogues}/valid.jsonl",
+                "--reward-model",
+                str(runs["reward"]),
+                "--preference",
+                str(runs["preference"]),
+                "--dpo",
+                str(runs["dpo"]),
+                "--sft",
+                str(runs["sft"]),
+                "--all-levels",
+                "--samples",
+                str(plan.compare_samples),
+                "--limit",
+                str(plan.compare_prompts),
+                "--out",
+                str(out / "comparison.json"),
+            ],
+        ),
         Step("export", [tool("moss-export"), str(runs["preference"]), str(out / "export")]),
     ]
 
@@ -132,14 +272,19 @@ def run_step(step: Step, log_dir: Path) -> float:
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_dir / f"{step.name}.log", "w", encoding="utf-8") as log:
-        process = subprocess.Popen(step.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        process = subprocess.Popen(
+            step.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         for line in process.stdout:
             sys.stdout.write(line)
             log.write(line)
         code = process.wait()
     seconds = time.perf_counter() - started
     if code != 0:
-        raise SystemExit(f"[quickstart] step {step.name} failed (exit {code}) after {seconds:.0f}s; its log: {log_dir / (step.name + '.log')}")
+        raise SystemExit(
+            f"[quickstart] step {step.name} failed (exit {code}) after {seconds:.0f}s; "
+            f"its log: {log_dir / (step.name + '.log')}"
+        )
     return seconds
 
 
@@ -154,7 +299,12 @@ def cpu_description() -> dict:
                 flags = line
     except OSError:
         pass
-    return {"model": model, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in flags.split(), "avx512_bf16": "avx512_bf16" in flags.split()}
+    return {
+        "model": model,
+        "cores": os.cpu_count(),
+        "amx_bf16": "amx_bf16" in flags.split(),
+        "avx512_bf16": "avx512_bf16" in flags.split(),
+    }
 
 
 # ----------------------------------------------------------------------------- figures
@@ -168,10 +318,16 @@ def stage_record(step: Step, seconds: float) -> dict:
     train, held_out = read_metrics(step.run_dir)
     if train:
         speeds = sorted(r["tokens_per_s"] for r in train if "tokens_per_s" in r)
-        row.update(steps=train[-1]["step"], tokens_per_s=round(speeds[len(speeds) // 2]) if speeds else None,
-                   loss_first=train[0]["loss"], loss_last=train[-1]["loss"])
+        row.update(
+            steps=train[-1]["step"],
+            tokens_per_s=round(speeds[len(speeds) // 2]) if speeds else None,
+            loss_first=train[0]["loss"],
+            loss_last=train[-1]["loss"],
+        )
     if held_out:
-        row.update({k: v for k, v in held_out[-1].items() if k.startswith("eval_") and not k.startswith("eval_loss_cat_")})
+        row.update(
+            {k: v for k, v in held_out[-1].items() if k.startswith("eval_") and not k.startswith("eval_loss_cat_")}
+        )
     return row
 
 
@@ -187,21 +343,34 @@ def figures(runs: dict[str, Path], comparison: dict) -> dict:
     result["pretrain_loss_first"], result["pretrain_loss_last"] = train[0]["loss"], train[-1]["loss"]
     first, last = held_out[0], held_out[-1]
     for key in sorted(k for k in last if k.startswith("eval_loss")):
-        name = key[len("eval_loss"):].lstrip("_") or "all"
-        result[f"pretrain_eval_loss_{name}_first"], result[f"pretrain_eval_loss_{name}_last"] = first.get(key), last[key]
+        name = key[len("eval_loss") :].lstrip("_") or "all"
+        result[f"pretrain_eval_loss_{name}_first"], result[f"pretrain_eval_loss_{name}_last"] = (
+            first.get(key),
+            last[key],
+        )
     result["pretrain_eval_sequences"] = last["eval_samples"]  # of data.seq_len tokens each
 
     tool_use = json.loads((runs["sft"] / "tool_use.json").read_text())
     add("tool_use_right", tool_use["both"])
-    result["tool_use_right_command"], result["tool_use_result_stated"] = tool_use["right_command"]["rate"], tool_use["result_stated"]["rate"]
+    result["tool_use_right_command"], result["tool_use_result_stated"] = (
+        tool_use["right_command"]["rate"],
+        tool_use["result_stated"]["rate"],
+    )
 
     _, reward_eval = read_metrics(runs["reward"])
     accuracy, pairs = reward_eval[-1]["eval_accuracy"], reward_eval[-1]["eval_samples"]
     add("reward_eval_accuracy", {"rate": accuracy, "n": pairs, "stderr": (accuracy * (1 - accuracy) / pairs) ** 0.5})
 
-    for name, key in (("best_tag_right", "best_tag"), ("worst_tag_right", "worst_tag"), ("dpo_right", "dpo"), ("sft_right", "sft")):
+    for name, key in (
+        ("best_tag_right", "best_tag"),
+        ("worst_tag_right", "worst_tag"),
+        ("dpo_right", "dpo"),
+        ("sft_right", "sft"),
+    ):
         add(name, comparison[key]["right"])
-    result["right_by_quality_level"] = {level: row["right"]["rate"] for level, row in comparison.get("by_level", {}).items()}
+    result["right_by_quality_level"] = {
+        level: row["right"]["rate"] for level, row in comparison.get("by_level", {}).items()
+    }
     return result
 
 
@@ -218,9 +387,14 @@ def print_figures(f: dict) -> None:
     def pm(name: str) -> str:
         return f"{f[name]:.1%} ± {f[name + '_stderr']:.1%} (n={f[name + '_n']})"
 
-    print(f"\npretraining loss {f['pretrain_loss_first']:.2f} -> {f['pretrain_loss_last']:.2f}; held-out "
-          + ", ".join(f"{k[len('pretrain_eval_loss_'):-len('_last')]} {f[k[:-len('_last')] + '_first']:.2f} -> {f[k]:.2f}"
-                      for k in sorted(f) if k.startswith("pretrain_eval_loss_") and k.endswith("_last")))
+    print(
+        f"\npretraining loss {f['pretrain_loss_first']:.2f} -> {f['pretrain_loss_last']:.2f}; held-out "
+        + ", ".join(
+            f"{k[len('pretrain_eval_loss_') : -len('_last')]} {f[k[: -len('_last')] + '_first']:.2f} -> {f[k]:.2f}"
+            for k in sorted(f)
+            if k.startswith("pretrain_eval_loss_") and k.endswith("_last")
+        )
+    )
     print(f"SFT held-out tool use (greedy, right command and result): {pm('tool_use_right')}")
     print(f"reward model held-out pair accuracy: {pm('reward_eval_accuracy')}")
     print(f"asked for the best tag: {pm('best_tag_right')}; the worst tag: {pm('worst_tag_right')}")
@@ -232,7 +406,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/quickstart")
     parser.add_argument("--data", default="data", help="where the demo data is written (default data/)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage (the test)")
-    parser.add_argument("--install-seconds", type=float, default=0.0, help="time the install took (launch/quickstart.sh)")
+    parser.add_argument(
+        "--install-seconds", type=float, default=0.0, help="time the install took (launch/quickstart.sh)"
+    )
     args = parser.parse_args(argv)
     out, data = (ROOT / path if not Path(path).is_absolute() else Path(path) for path in (args.out, args.data))
     started = time.perf_counter()
@@ -258,7 +434,10 @@ def main(argv=None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print_table(stages, summary["wall_s"])
     print_figures(summary["figures"])
-    print(f"\n[quickstart] {summary['wall_s'] / 60:.1f} min; {out / 'summary.json'}, {out / 'report.png'}, export {out / 'export'}")
+    print(
+        f"\n[quickstart] {summary['wall_s'] / 60:.1f} min; {out / 'summary.json'}, {out / 'report.png'}, "
+        f"export {out / 'export'}"
+    )
     return 0
 
 
