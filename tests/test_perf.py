@@ -194,7 +194,7 @@ def test_cpu_peak_is_measured_once_and_keeps_the_best_figure(tmp_path, monkeypat
 
 
 def test_peak_used_for_mfu_is_printed_and_cached(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("MOSS_TRAIN_PEAK_CACHE", str(tmp_path / "moss-train" / "cpu_matmul_peak.json"))
     peak = metrics.peak_tflops(None, "fp32", torch.device("cpu"))
     assert peak > 0 and f"fp32 matmul peak {peak:.3f} TFLOP/s" in capsys.readouterr().out
     cached = json.loads((tmp_path / "moss-train" / "cpu_matmul_peak.json").read_text())

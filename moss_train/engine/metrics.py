@@ -39,6 +39,11 @@ def measure_cpu_peak_tflops(precision: str, sizes: tuple[int, ...] = (2048, 4096
 
 
 def _peak_cache_file() -> Path:
+    """MOSS_TRAIN_PEAK_CACHE, else ~/.cache/moss-train/cpu_matmul_peak.json (XDG_CACHE_HOME honoured).
+    The test suite points it at its own file: its runs share the cores with each other and must
+    not leave a loaded machine's figure in the user's cache."""
+    if os.environ.get("MOSS_TRAIN_PEAK_CACHE"):
+        return Path(os.environ["MOSS_TRAIN_PEAK_CACHE"])
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "moss-train" / "cpu_matmul_peak.json"
 
@@ -48,7 +53,7 @@ MATMUL_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
 
 
 def _cpu_identity() -> str:
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = "", set()
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -58,6 +63,7 @@ def _cpu_identity() -> str:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    model = model or platform.processor() or platform.machine()  # processor() runs `uname -p`: only without cpuinfo
     return f"{model} [{' '.join(f for f in MATMUL_FLAGS if f in flags) or 'no listed flags'}]"
 
 
