@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -15,17 +18,91 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def pytest_configure(config):
+    # The suite's MFU peak lives in its own cache file (the tests' runs, and every moss-* command
+    # they start, inherit it): their matmuls share the cores, and a figure measured under that
+    # load must not become the user's peak (moss_train/engine/metrics.py).
+    cache = Path(tempfile.mkdtemp(prefix="moss-train-test-cache-")) / "cpu_matmul_peak.json"
+    os.environ["MOSS_TRAIN_PEAK_CACHE"] = str(cache)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if starts_processes(item):
+            item.add_marker(pytest.mark.integration)
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# Unit tests run in the pytest process; integration tests start real processes (moss-* commands,
+# torchrun / deepspeed launches, a server, a browser). A test is marked integration when its code,
+# a test-suite function it calls or a fixture it uses (at any depth) starts one; a test left unit
+# that starts a process anyway fails (unit_tests_start_no_process), naming the mark to add.
+PROCESS_CALLS = ("run_cli(", "subprocess.", "Popen(")
+
+
+def starts_processes(item) -> bool:
+    if item.get_closest_marker("integration"):
+        return True
+    fixtures = [
+        d.func
+        for name, defs in item._fixtureinfo.name2fixturedefs.items()
+        if name != "unit_tests_start_no_process"  # the guard itself
+        for d in defs
+        if _in_test_suite(d.func)
+    ]
+    return any(_calls_a_process(f) for f in [getattr(item, "function", None), *fixtures] if f is not None)
+
+
+def _in_test_suite(func) -> bool:
+    code = getattr(func, "__code__", None)
+    return code is not None and code.co_filename.startswith(str(Path(__file__).parent))
+
+
+@cache
+def _calls_a_process(func) -> bool:
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    if any(call in source for call in PROCESS_CALLS):
+        return True
+    return any(_calls_a_process(callee) for callee in _suite_functions_called(func))
+
+
+def _suite_functions_called(func) -> list:
+    """The functions of tests/ that `func`'s code (nested functions included) names."""
+    code = getattr(func, "__code__", None)
+    names, stack = set(), [code] if code else []
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        stack.extend(c for c in current.co_consts if inspect.iscode(c))
+    scope = getattr(func, "__globals__", {})
+    return [
+        scope[n]
+        for n in names
+        if inspect.isfunction(scope.get(n)) and scope[n] is not func and _in_test_suite(scope[n])
+    ]
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_process(request, monkeypatch):
+    if request.node.get_closest_marker("integration"):
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(f"a test not marked integration started a process ({args!r}): mark it integration")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")
