@@ -292,25 +292,23 @@ def preference_run(pretrain_data, tag_run, tmp_path_factory):
     """Tag-conditioned SFT on two processes, from scratch, long enough (200 steps) to learn what
     the tag asks for."""
     out = tmp_path_factory.mktemp("preference")
-    result = run_cli(
-        stage_overrides(
-            pretrain_data,
-            out,
-            **{
-                "stage": "preference",
-                "data": "preference_demo",
-                "data.root": str(tag_run / "conditioned"),
-                "data.train_shards": "[shards/train.*]",
-                "data.valid_shards": "[shards/valid.*]",
-                "trainer.max_steps": 200,
-                "trainer.lr": 3e-3,
-                "data.seq_len": 256,
-            },
-        ),
-        launcher=torchrun(),
-        timeout=300,
-    )
+    overrides = preference_overrides(pretrain_data, tag_run, out, **{"trainer.max_steps": 200})
+    result = run_cli(overrides, launcher=torchrun(), timeout=300)
     return out, result.stdout
+
+
+def preference_overrides(pretrain_data, tag_run, out, **extra) -> list[str]:
+    """stage=preference on the tag run's conditioned shards (lr 3e-3, 256 tokens), plus `extra`."""
+    settings = {
+        "stage": "preference",
+        "data": "preference_demo",
+        "data.root": str(tag_run / "conditioned"),
+        "data.train_shards": "[shards/train.*]",
+        "data.valid_shards": "[shards/valid.*]",
+        "trainer.lr": 3e-3,
+        "data.seq_len": 256,
+    }
+    return stage_overrides(pretrain_data, out, **{**settings, **extra})
 
 
 def test_preference_trains_on_the_tagged_dialogues_on_two_processes(pretrain_data, tag_run, preference_run):
@@ -349,24 +347,8 @@ def test_preference_with_lora_trains_adapters_only(pretrain_data, tag_run, tmp_p
         1024, seed=2, n_positions=256, n_ctx=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8
     ).save_pretrained(base)
     MossTokenizer.load(pretrain_data / "tokenizer").save_pretrained(base)
-    result = run_cli(
-        stage_overrides(
-            pretrain_data,
-            out,
-            **{
-                "stage": "preference",
-                "data": "preference_demo",
-                "data.root": str(tag_run / "conditioned"),
-                "data.train_shards": "[shards/train.*]",
-                "data.valid_shards": "[shards/valid.*]",
-                "data.seq_len": 256,
-                "stage.init_from": str(base),
-                "lora.r": 4,
-                "trainer.max_steps": 3,
-                "trainer.lr": 3e-3,
-            },
-        )
-    )
+    lora_run = {"stage.init_from": str(base), "lora.r": 4, "trainer.max_steps": 3}
+    result = run_cli(preference_overrides(pretrain_data, tag_run, out, **lora_run))
     assert "LoRA r=4 alpha=16.0 on qkv_proj, out_proj, fc_in, fc_out: 8,192 trainable parameters" in result.stdout
     records = train_losses(out)
     assert records[3]["loss"] < records[1]["loss"]
