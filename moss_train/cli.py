@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(composed))
             return 0
         check_paths(cfg)  # before the process group: a missing data root fails in seconds
-        from moss_train.distributed import init_distributed
+        from moss_train.distributed import init_distributed, shutdown_distributed
         from moss_train.engine.loop import train
         from moss_train.engine.run_lock import run_directory_lock
         from moss_train.stages import get_stage
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             init_distributed(timeout_s=cfg.cluster.collective_timeout_s)
             stop_on_sigterm()
             train(cfg, with_test_failure(stage))
+            shutdown_distributed()
     except ConfigError as error:
         return recipe_failed(error)
     except CheckpointError as error:  # corrupt checkpoint, no disk space: the message says which

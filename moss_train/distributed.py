@@ -195,6 +195,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """End a finished job's process group on every rank together: a process that exits with it
+    still up leaves gloo's worker threads to the interpreter's teardown, which can abort the
+    process ("terminate called without an active exception", exit -6) after its work is done."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's `obj` (small picklable values), in rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
