@@ -289,21 +289,14 @@ def run_step(step: Step, log_dir: Path) -> float:
 
 
 def cpu_description() -> dict:
-    flags = ""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = line
-    except OSError:
-        pass
+    from moss_train.engine.setup import cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
     return {
-        "model": model,
+        "model": model or platform.machine(),
         "cores": os.cpu_count(),
-        "amx_bf16": "amx_bf16" in flags.split(),
-        "avx512_bf16": "avx512_bf16" in flags.split(),
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
     }
 
 

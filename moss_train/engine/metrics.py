@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from moss_train.engine.setup import cpu_model_and_flags
+
 TENSORBOARD_DIR = "tensorboard"  # under the run's output directory: tensorboard --logdir runs/
 # Dense bf16 peak per GPU (TFLOP/s), from the vendors' data sheets, matched on the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0}
@@ -53,16 +55,7 @@ MATMUL_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
 
 
 def _cpu_identity() -> str:
-    model, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, flags = cpu_model_and_flags()
     model = model or platform.processor() or platform.machine()  # processor() runs `uname -p`: only without cpuinfo
     return f"{model} [{' '.join(f for f in MATMUL_FLAGS if f in flags) or 'no listed flags'}]"
 

@@ -14,14 +14,25 @@ from moss_train.distributed import DistInfo
 
 
 @lru_cache(maxsize=1)
+def cpu_model_and_flags() -> tuple[str, frozenset]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (empty where there is none)."""
+    model, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
 def cpu_has_amx() -> bool:
     """AMX tiles make bf16 matmuls several times faster than fp32 on a CPU. AVX512-BF16 alone
     does not pay: measured on a Xeon VM without AMX, bf16 autocast trained at ~0.6x fp32."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return "amx_bf16" in handle.read()
-    except OSError:
-        return False
+    return "amx_bf16" in cpu_model_and_flags()[1]
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
