@@ -220,6 +220,7 @@ def test_deepspeed_launcher_runs_the_cli(pretrain_data, zero3_reference, tmp_pat
     assert_same_losses(train_losses(out), train_losses(zero3_reference["one"]))
 
 
+@pytest.mark.slow  # six real moss-train starts, ~28 s: keeps the default suite under 8 min (it measured 467-513 s)
 def test_recipe_errors_name_the_key_before_any_process_starts(tmp_path):
     cases = {
         "trainer.global_batch_size=7": "trainer.global_batch_size",
