@@ -216,13 +216,16 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
             "pairs_demo",
             data / "pairs-demo",
             f"preference.reward_model={runs['reward']}",
-            f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl]",
+            # the SFT model's own sampled answers to training prompts (pairs), right and wrong, so
+            # that the low levels hold wrong answers too: the reference dialogues alone are all right
+            f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl,{data / 'pairs-demo'}/samples.jsonl]",
             f"preference.tag_limit={plan.tag_dialogues}",
         ),
         train(
             "preference",
             "preference_demo",
             runs["tag"] / "conditioned",
+            "data.train_shards=[shards/train.*,shards/samples.*]",
             f"stage.init_from={runs['sft']}",
             f"trainer.max_steps={plan.preference_steps}",
             "trainer.lr=2e-3",
