@@ -105,6 +105,7 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
 
     tokenizer = data / "pretrain-demo" / "tokenizer"
     dialogues = data / "sft-demo" / "dialogues"
+    samples = data / "pairs-demo" / "samples.jsonl"  # moss-data pairs: every sampled answer, judged
     runs = {name: out / name for name in ("pretrain", "sft", "reward", "tag", "preference", "dpo")}
 
     def train(stage: str, data_recipe: str, data_root: Path, *overrides: str) -> Step:
@@ -218,7 +219,7 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
             f"preference.reward_model={runs['reward']}",
             # the SFT model's own sampled answers to training prompts (pairs), right and wrong, so
             # that the low levels hold wrong answers too: the reference dialogues alone are all right
-            f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl,{data / 'pairs-demo'}/samples.jsonl]",
+            f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl,{samples}]",
             f"preference.tag_limit={plan.tag_dialogues}",
         ),
         train(
