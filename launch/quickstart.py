@@ -11,7 +11,7 @@ to the console and to OUT/logs/STEP.log, and it is timed:
     tool-use    moss-eval tool-use: held-out prompts, greedy, two-pass, the tools really run
     pairs       moss-data pairs --sample-from: the SFT model's sampled answers, judged, ranked
     reward      moss-train stage=reward (Bradley-Terry on the judged pairs)
-    tag         moss-train stage=tag: the reward model tags every assistant turn (5 levels)
+    tag         moss-train stage=tag: the reward model tags every assistant turn, and the sampled answers (5 levels)
     preference  moss-train stage=preference: SFT with the quality tag in the meta instruction
     dpo         moss-train stage=dpo on the same pairs, against the frozen SFT model
     compare     moss-eval compare: every quality level, DPO and SFT on held-out prompts
