@@ -149,6 +149,12 @@ def library_turn(models, question: str = QUESTION, history=(), **settings):
     return session.ask(question)
 
 
+def same_up_to_budget(served: str, library: str) -> bool:
+    """The same text up to where the turn that met its budget first stopped (the server's
+    max_tokens bounds both passes together, the library's each pass)."""
+    return library.startswith(served) or served.startswith(library)
+
+
 def moss_of(message) -> dict:
     return message.model_extra["moss"]
 
@@ -233,14 +239,9 @@ def test_a_sampled_turn_follows_its_seed_as_the_library_does(server, models):
     assert ask(2) == answers[2]
     assert len(set(answers.values())) > 1  # the seed matters at this temperature
     expected = library_turn(models, temperature=2.0, top_p=1.0, seed=2)
-    # The same sampled tokens, up to where the turn that met its budget first stopped (the
-    # server's max_tokens bounds both passes together, the library's each pass).
-    served_reply, served_thoughts = answers[2]
+    served_reply, served_thoughts = answers[2]  # the same sampled tokens
     assert served_thoughts == fmt.body_text(expected.inner_thoughts)
-    assert served_reply and (expected.reply.startswith(served_reply) or served_reply.startswith(expected.reply)), (
-        served_reply,
-        expected.reply,
-    )
+    assert served_reply and same_up_to_budget(served_reply, expected.reply), (served_reply, expected.reply)
 
 
 def test_a_history_with_its_moss_field_is_rendered_as_the_library_renders_it(server, models):
@@ -261,13 +262,12 @@ def test_a_history_with_its_moss_field_is_rendered_as_the_library_renders_it(ser
     prompt = protocol.first_prompt(models["tokenizer"], protocol.TurnRequest(session.meta, session.history, "Hello!"))
     assert second.usage.prompt_tokens == len(prompt)  # the history renders to the library's prompt
     expected = session.ask("Hello!")
-    # Greedy from the same prompt: the same text, up to where the turn that met its budget first
-    # stopped (the server's max_tokens bounds both passes together, the library's each pass).
-    # (The reply may be empty: a second-turn "Hello!" is not in the tiny model's training, and on
-    # some CPUs its weights answer it with nothing; then the turn's other fields still compare.)
+    # Greedy from the same prompt: the same text. (The reply may be empty: a second-turn "Hello!"
+    # is not in the tiny model's training, and on some CPUs its weights answer it with nothing;
+    # then the turn's other fields still compare.)
     served, library = second.choices[0].message.content, expected.reply
     assert second.usage.completion_tokens > 0
-    assert library.startswith(served) or served.startswith(library), (served, library)
+    assert same_up_to_budget(served, library), (served, library)
     assert moss_of(second.choices[0].message)["inner_thoughts"] == fmt.body_text(expected.inner_thoughts)
     assert moss_of(second.choices[0].message)["commands"] == fmt.body_text(expected.commands)
 
