@@ -24,8 +24,11 @@ CATEGORIES = [
     ("matmul (linear layers, lm_head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")),
     ("attention (SDPA)", ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
     (
-        "loss (softmax, log-softmax, argmax)",
+        "loss (log-sum-exp, softmax, gather, scatter)",
         (
+            "aten::amax",
+            "aten::exp",
+            "aten::log",
             "aten::_log_softmax",
             "aten::_softmax",
             "aten::log_softmax",

@@ -1,6 +1,6 @@
 """The losses of every stage.
 
-Token losses: :func:`token_cross_entropy`, the per-token cross-entropy (and argmax) of the
+Token losses: :func:`token_cross_entropy`, the per-token cross-entropy (and top-1 hit) of the
 language-modelling stages, computed chunk by chunk so no second vocabulary-sized fp32 buffer
 exists; :func:`sequence_logps`, a response's summed log-probability (DPO) through it.
 
@@ -34,36 +34,41 @@ CHUNK_BYTES = 2**25
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy and argmax of (N, V) logits, in fp32 whatever the logits' dtype.
+    """Per-token cross-entropy of (N, V) logits, in fp32 whatever the logits' dtype, and whether
+    each label is the top prediction.
 
     F.cross_entropy keeps its fp32 log-softmax output (N x V) for backward, and nll_loss's
     backward fills another dense N x V gradient before log-softmax's backward makes a third;
-    the accuracy metric's argmax reads the logits once more. Here the forward keeps only one
+    an accuracy metric's argmax reads the logits once more. Here the forward keeps only one
     fp32 log-sum-exp per row (the logits themselves are kept, in their own dtype, not copied),
-    finds the argmax chunk by chunk while the chunk is in cache, and the backward computes
-    softmax - one-hot chunk by chunk into the one gradient buffer: one N x V buffer fewer at
-    the loss's peak.
+    and the backward computes softmax - one-hot chunk by chunk into the one gradient buffer:
+    one N x V buffer fewer at the loss's peak.
+
+    The log-sum-exp is max + log(sum(exp(x - max))) from the row max (amax), and "the label is
+    the top prediction" is "the label's logit equals that max": on CPU, ATen's argmax and
+    log-softmax cost ~2.5x that for the same chunk (bench/RESULTS.md, "the loss head").
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
         rows = max(1, CHUNK_BYTES // (4 * logits.shape[1]))
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        predicted = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        peak = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], rows):
-            chunk = logits[start : start + rows].float()
-            # ATen's vectorised log-softmax kernel, on a chunk in cache: lse = x - log_softmax(x).
-            lse[start : start + rows] = chunk[:, 0] - torch.log_softmax(chunk, dim=-1)[:, 0]
-            predicted[start : start + rows] = chunk.argmax(dim=-1)
+            stop = start + rows
+            chunk = logits[start:stop].float()
+            peak[start:stop] = chunk_peak = chunk.amax(dim=-1)
+            lse[start:stop] = chunk_peak + (chunk - chunk_peak[:, None]).exp_().sum(dim=-1).log_()
         valid = labels != IGNORE_INDEX
         target_logits = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1).float()
         token_loss = torch.where(valid, lse - target_logits, 0.0)
+        is_top = valid & (target_logits == peak)
         ctx.save_for_backward(logits, labels, lse)
-        ctx.mark_non_differentiable(predicted)
-        return token_loss, predicted
+        ctx.mark_non_differentiable(is_top)
+        return token_loss, is_top
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_predicted):
+    def backward(ctx, grad_loss: torch.Tensor, _grad_is_top):
         logits, labels, lse = ctx.saved_tensors
         scale = torch.where(labels != IGNORE_INDEX, grad_loss.float(), 0.0)[:, None]
         targets = labels.clamp(min=0)[:, None]
@@ -71,16 +76,20 @@ class _TokenCrossEntropy(torch.autograd.Function):
         rows = max(1, CHUNK_BYTES // (4 * logits.shape[1]))
         for start in range(0, logits.shape[0], rows):
             stop = start + rows
-            probs = torch.softmax(logits[start:stop].float(), dim=-1)
+            # softmax as exp(x - lse) from the forward's lse: one pass fewer than softmax, and the
+            # subtraction promotes bf16 logits to fp32 without a separate cast.
+            probs = torch.sub(logits[start:stop], lse[start:stop, None]).exp_()
             probs.mul_(scale[start:stop]).scatter_add_(1, targets[start:stop], -scale[start:stop])
             grad[start:stop] = probs
         return grad, None
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) logits, (N,) labels -> per-token fp32 loss (0 where the label is -100) and the
-    argmax prediction per token; equal to F.cross_entropy(logits.float(), labels,
-    reduction="none") and logits.argmax(-1)."""
+    """(N, V) logits, (N,) labels -> per-token fp32 loss (0 where the label is -100), equal to
+    F.cross_entropy(logits.float(), labels, reduction="none"), and per token whether the label
+    is the top prediction (its logit the row's maximum; False where the label is -100). That is
+    logits.argmax(-1) == labels except where several logits tie for the maximum, where every
+    tied label counts."""
     return _TokenCrossEntropy.apply(logits.contiguous(), labels.contiguous())
 
 

@@ -24,11 +24,14 @@ def test_token_cross_entropy_equals_torch(dtype, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(50, 300, generator=generator)).to(dtype)
     labels = torch.randint(0, 300, (50,), generator=generator)
+    labels[1::3] = logits.float().argmax(-1)[1::3]  # some labels the top prediction
+    logits[5, 7] = logits[5].max()  # a tie for the top: the tied label counts as a hit
+    labels[5] = 7
     labels[::4] = IGNORE_INDEX
     weights = torch.rand(50, generator=generator)  # a non-uniform upstream gradient per token
 
     ours = logits.clone().requires_grad_()
-    token_loss, predicted = token_cross_entropy(ours, labels)
+    token_loss, is_top = token_cross_entropy(ours, labels)
     (token_loss * weights).sum().backward()
 
     ref = logits.clone().requires_grad_()
@@ -40,7 +43,9 @@ def test_token_cross_entropy_equals_torch(dtype, monkeypatch):
     torch.testing.assert_close(token_loss, ref_loss, rtol=1e-6, atol=1e-5)
     assert ours.grad.dtype == dtype
     torch.testing.assert_close(ours.grad.float(), ref.grad.float(), rtol=tol, atol=1e-6)
-    assert torch.equal(predicted, logits.float().argmax(-1))
+    hits = (logits.float().argmax(-1) == labels) & (labels != IGNORE_INDEX)
+    hits[5] = True
+    assert torch.equal(is_top, hits) and 10 < int(is_top.sum()) < 30
     assert (token_loss[labels == IGNORE_INDEX] == 0).all() and (ours.grad[labels == IGNORE_INDEX] == 0).all()
 
 

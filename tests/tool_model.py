@@ -71,11 +71,11 @@ def train_tool_model(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     targets = labels != IGNORE_INDEX
     for step in range(1, max_steps + 1):  # noqa: B007 (returned: the steps it took)
-        token_loss, predicted = token_cross_entropy(model(ids, logits_at=targets), labels[targets])
+        token_loss, is_top = token_cross_entropy(model(ids, logits_at=targets), labels[targets])
         loss = token_loss.mean()
         # Every target token the argmax (teacher-forced): greedy decoding reproduces the
         # dialogues; a margin in the loss keeps that under batching's rounding.
-        if bool((predicted == labels[targets]).all()) and loss.item() < 0.02:
+        if bool(is_top.all()) and loss.item() < 0.02:
             break
         optimizer.zero_grad()
         loss.backward()

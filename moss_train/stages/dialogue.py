@@ -112,8 +112,7 @@ def dialogue_loss(ctx: StageContext, model, batch: dict) -> LossTerms:
     """Cross-entropy and token accuracy on the labelled tokens; per category too
     (sft.per_category_metrics) where the batch carries category ids."""
     logits, labels, targets = lm.target_logits(model, batch)
-    token_loss, predicted = lm.token_cross_entropy(logits, labels)
-    correct = predicted == labels
+    token_loss, correct = lm.token_cross_entropy(logits, labels)
     sums = {"accuracy": correct.sum().to(torch.float64)}
     counts: dict[str, torch.Tensor] = {}
     if ctx.cfg.sft.per_category_metrics and "category_ids" in batch:

@@ -79,7 +79,7 @@ def causal_lm_loss(model, batch: dict, group_names: Sequence[str] = ()) -> LossT
     the per-source mean over all micro-batches and ranks).
     """
     logits, labels, targets = target_logits(model, batch)
-    token_loss, predicted = token_cross_entropy(logits, labels)
+    token_loss, is_top = token_cross_entropy(logits, labels)
     sums, counts = {}, {}
     if group_names:
         groups = batch["source_ids"][targets]
@@ -88,7 +88,7 @@ def causal_lm_loss(model, batch: dict, group_names: Sequence[str] = ()) -> LossT
             if in_group.any():
                 sums[f"loss_{name}"] = token_loss.detach()[in_group].sum().double()
                 counts[f"loss_{name}"] = in_group.sum()
-    sums["accuracy"] = (predicted == labels).sum().to(torch.float64)
+    sums["accuracy"] = is_top.sum().to(torch.float64)
     return LossTerms(loss_sum=token_loss.sum(), num_targets=targets.sum(), sums=sums, counts=counts)
 
 
