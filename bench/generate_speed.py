@@ -41,10 +41,9 @@ from pathlib import Path
 import torch
 from quantized_export import cpu_line
 
-from bench_report import publish
+from bench_report import checkout, publish, source_env
 from train_throughput import load_line, run_line
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 8000
 RESULT_PREFIX = "BENCH_RESULT "
 HF, OURS = "transformers", "moss-train"
@@ -142,9 +141,7 @@ def run_worker(args) -> int:
 
 def spawn(source: Path | None, export: Path, args) -> dict:
     """One worker run; `source`: a directory holding an older commit's moss_train, else this tree's."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
+    env = source_env(dict(os.environ, OMP_NUM_THREADS=str(args.threads)), source)
     command = [
         sys.executable,
         __file__,
@@ -170,17 +167,6 @@ def spawn(source: Path | None, export: Path, args) -> dict:
     if source is not None and not out["moss_train"].startswith(str(source)):
         raise RuntimeError(f"the worker for {source} imported {out['moss_train']}")
     return {int(batch): value for batch, value in out["result"].items()}
-
-
-def checkout(rev: str, root: Path) -> Path:
-    """moss_train/ as of `rev`, extracted under `root`."""
-    target = root / rev.replace("/", "_")
-    target.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", rev, "moss_train"], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    return target
 
 
 # ----------------------------------------------------------------------------- the parent

@@ -24,6 +24,7 @@ bf16; on a GPU against the data-sheet dense bf16 peak.
     python bench/train_throughput.py                                  # ~60M config, fp32 + bf16 autocast
     python bench/train_throughput.py --configs small,medium --write   # also append the table to RESULTS.md
     python bench/train_throughput.py --configs 1.3b                   # on a GPU: seq 2048, bf16
+    python bench/train_throughput.py --configs tiny --ours-at HEAD~1  # also moss-train as of a commit
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,14 +47,17 @@ import torch
 from moss_train.engine.stage import TrainingStage
 from moss_train.model.config import ModelConfig, flops_per_token, num_parameters, to_hf_config
 
-from bench_report import publish
+from bench_report import checkout, publish, source_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
 
 CONFIGS = {
-    # The quickstart's model (recipes/model/tiny.yaml with its 8000-piece demo tokenizer).
+    # recipes/model/tiny.yaml and quickstart.yaml (one layer more), with the quickstart's 8000-piece tokenizer.
     "tiny": ModelConfig(name="tiny", vocab_size=8000, n_positions=512, n_embd=128, n_layer=2, n_head=4, rotary_dim=16),
+    "quickstart": ModelConfig(
+        name="quickstart", vocab_size=8000, n_positions=512, n_embd=128, n_layer=3, n_head=4, rotary_dim=16
+    ),
     "small": ModelConfig(
         name="small", vocab_size=32000, n_positions=2048, n_embd=512, n_layer=8, n_head=8, rotary_dim=32
     ),
@@ -64,7 +69,7 @@ CONFIGS = {
     ),
 }
 # (batch, seq) per config unless given on the command line.
-DEFAULT_SHAPES = {"tiny": (16, 512), "small": (4, 512), "medium": (4, 512), "1.3b": (4, 2048)}
+DEFAULT_SHAPES = {"tiny": (16, 512), "quickstart": (16, 512), "small": (4, 512), "medium": (4, 512), "1.3b": (4, 2048)}
 
 
 # ----------------------------------------------------------------------------- the sides (worker)
@@ -205,8 +210,11 @@ def run_worker(args, sides: dict) -> int:
 # ----------------------------------------------------------------------------- the parent
 
 
-def run_side(script: Path, side: str, config: str, precision: str, args, extra: list[str] = ()) -> dict:
-    """Run one side in a fresh subprocess of `script` (whose --worker mode knows `side`)."""
+def run_side(
+    script: Path, side: str, config: str, precision: str, args, extra: list[str] = (), source: Path | None = None
+) -> dict:
+    """Run one side in a fresh subprocess of `script` (whose --worker mode knows `side`), with
+    moss_train from `source` (an earlier commit's, bench_report.checkout) or this tree's."""
     batch_size, seq_len = shape(args, config)
     command = [
         sys.executable,
@@ -231,6 +239,7 @@ def run_side(script: Path, side: str, config: str, precision: str, args, extra: 
         *extra,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = source_env(env, source)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
@@ -240,15 +249,23 @@ def run_side(script: Path, side: str, config: str, precision: str, args, extra: 
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-def alternate(script: Path, variants: dict[str, tuple[str, list[str]]], config: str, precision: str, args) -> dict:
+def alternate(
+    script: Path,
+    variants: dict[str, tuple[str, list[str]]],
+    config: str,
+    precision: str,
+    args,
+    sources: dict[str, Path] | None = None,
+) -> dict:
     """Run every variant (name -> (side, extra worker args)) once per round, the order reversed
-    every other round; pool the timed steps. Returns name -> {times, peak_memory_gb, ...}."""
+    every other round; pool the timed steps. `sources`: name -> the moss_train a variant imports
+    (an earlier commit's), where not this tree's. Returns name -> {times, peak_memory_gb, ...}."""
     pooled: dict[str, dict] = {}
     names = list(variants)
     for round_index in range(args.rounds):
         for name in names if round_index % 2 == 0 else names[::-1]:
             side, extra = variants[name]
-            result = run_side(script, side, config, precision, args, extra)
+            result = run_side(script, side, config, precision, args, extra, (sources or {}).get(name))
             entry = pooled.setdefault(
                 name, {"times": [], "peak_memory_gb": [], "losses": [], "device": result["device"]}
             )
@@ -302,6 +319,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
     p.add_argument("--zero-stage", type=int, default=3)
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    p.add_argument(
+        "--ours-at", default="", help="comma-separated git revisions: moss-train as of each, as extra rows (main only)"
+    )
     # worker mode (the parent runs the script again as its own subprocess)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", help=argparse.SUPPRESS)
@@ -330,11 +350,15 @@ def main(argv=None) -> int:
     script = Path(__file__).resolve()
     load_before = load_line()
     rows = []
-    for config in args.configs.split(","):
-        for precision in precisions(args):
-            variants = {"moss-train": ("moss-train", []), "transformers": ("transformers", [])}
-            pooled = alternate(script, variants, config, precision, args)
-            rows.append((config, precision, *shape(args, config), pooled))
+    with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:
+        revisions = [rev for rev in args.ours_at.split(",") if rev]
+        sources = {f"moss-train @ {rev}": checkout(rev, Path(tmp)) for rev in revisions}
+        for config in args.configs.split(","):
+            for precision in precisions(args):
+                variants = {"moss-train": ("moss-train", [])} | {name: ("moss-train", []) for name in sources}
+                variants["transformers"] = ("transformers", [])
+                pooled = alternate(script, variants, config, precision, args, sources)
+                rows.append((config, precision, *shape(args, config), pooled))
     device = rows[0][4]["moss-train"]["device"]
     peaks = machine_peaks(device)
     publish(throughput_table(rows, peaks, device, argv, load_before, args.zero_stage), args.write)
