@@ -43,7 +43,7 @@ class Plan:
     """How much of each stage runs; the full quickstart and the test's shrunken one."""
 
     pretrain_steps: int = 50
-    sft_steps: int = 600
+    sft_steps: int = 700
     reward_steps: int = 150
     preference_steps: int = 200
     dpo_steps: int = 100
