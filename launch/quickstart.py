@@ -43,7 +43,7 @@ class Plan:
     """How much of each stage runs; the full quickstart and the test's shrunken one."""
 
     pretrain_steps: int = 50
-    sft_steps: int = 700
+    sft_steps: int = 600
     reward_steps: int = 150
     preference_steps: int = 200
     dpo_steps: int = 100
@@ -54,9 +54,6 @@ class Plan:
     tool_use_prompts: int = 0  # held-out prompts scored after SFT (0: all)
     compare_prompts: int = 0  # held-out prompts of the comparison (0: all)
     compare_samples: int = 2
-    # Training dialogues the reward model tags (0: all). With 2000 (2364 reference turns, all right) the SFT
-    # model's 1280 samples, its wrong answers among them, are 38% of level 1; with 8000, 13% (docs/quickstart.md).
-    tag_dialogues: int = 2000
     corpus_mb: tuple[float, float, float] = (4.0, 4.0, 6.0)  # EN, ZH, code text for pretraining
     demo_dialogues: tuple[int, int] = (24000, 200)  # tool-use dialogues: training, held-out
     # moss-data prepare-pretrain-demo's tokenizer settings: 8000 pieces, learnt on the corpus and on
@@ -78,7 +75,6 @@ SMOKE = Plan(
     tool_use_prompts=8,
     compare_prompts=4,
     compare_samples=1,
-    tag_dialogues=0,
     corpus_mb=(0.3, 0.3, 0.4),
     demo_dialogues=(200, 40),
     tokenizer="--vocab-size 1000 --sample-mb 1",
@@ -219,16 +215,17 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
             "pairs_demo",
             data / "pairs-demo",
             f"preference.reward_model={runs['reward']}",
-            # the SFT model's own sampled answers to training prompts (pairs), right and wrong, so
-            # that the low levels hold wrong answers too: the reference dialogues alone are all right
-            f"preference.tag_inputs=[{dialogues}/train.jsonl,{dialogues}/valid.jsonl,{samples}]",
-            f"preference.tag_limit={plan.tag_dialogues}",
+            # The SFT model's own sampled answers to training prompts, right and wrong, first: the
+            # levels are their reward quantiles, so level 1 holds its wrong answers. The reference
+            # dialogues (all right) are not tagged for training; beside the samples they put right
+            # answers at every level (best - worst tag 15-59 points against 33-46, docs/quickstart.md).
+            f"preference.tag_inputs=[{samples},{dialogues}/valid.jsonl]",
         ),
         train(
             "preference",
             "preference_demo",
             runs["tag"] / "conditioned",
-            "data.train_shards=[shards/train.*,shards/samples.*]",
+            "data.train_shards=[shards/samples.*]",
             f"stage.init_from={runs['sft']}",
             f"trainer.max_steps={plan.preference_steps}",
             "trainer.lr=2e-3",
