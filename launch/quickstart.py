@@ -225,7 +225,6 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
             "preference",
             "preference_demo",
             runs["tag"] / "conditioned",
-            "data.train_shards=[shards/samples.*]",
             f"stage.init_from={runs['sft']}",
             f"trainer.max_steps={plan.preference_steps}",
             "trainer.lr=2e-3",
