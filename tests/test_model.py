@@ -211,6 +211,24 @@ def test_forward_is_lm_head_of_hidden_states_and_default_positions():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
+def test_reward_head_reads_in_fp32_under_bf16_autocast():
+    """bf16's step at |r| ~ 5 is 0.03, coarser than the margin of two answers a digit apart."""
+    from moss_train.model.reward import RewardModel
+
+    cfg = make_cfg(vocab_size=64, n_embd=64, n_head=4, rotary_dim=8, n_layer=1, n_positions=16)
+    model = RewardModel(cfg).eval()
+    randomize_(model, seed=6)
+    x = torch.randint(0, 64, (4, 12))
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        rewards = model(x)
+        last = model.hidden_states(x)[:, -1]
+        in_bf16 = torch.nn.functional.linear(last, model.score.weight, model.score.bias)
+    exact = last.float() @ model.score.weight.float().T + model.score.bias.float()
+    assert rewards.dtype == torch.float32
+    assert (rewards - exact[:, 0]).abs().max() <= 1e-5
+    assert in_bf16.dtype == torch.bfloat16 and (in_bf16.float()[:, 0] - exact[:, 0]).abs().max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- config
 
 

@@ -24,6 +24,18 @@ from moss_train.model.config import ModelConfig
 SCORE_PREFIX = "score."
 
 
+class _ScoreHead(_Linear):
+    """The scalar head, computed in fp32 whatever the training precision. bf16 keeps 8 bits of
+    mantissa: at |r| ~ 5 its step is 0.03, coarser than the margin between two near-identical
+    answers (a digit apart), which then tie or swap. The head is one n_embd dot per read
+    position, so fp32 costs nothing. A module, so that ZeRO-3 gathers its parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
 class RewardModel(CodeGenForCausalLM):
     # Parameters a causal-LM checkpoint does not have; stage.init_from leaves them as built.
     fresh_init_prefixes = (SCORE_PREFIX,)
@@ -35,7 +47,7 @@ class RewardModel(CodeGenForCausalLM):
         # Built by the parent and dropped: the vocabulary head is not part of a reward model.
         # (Under zero.Init it existed only as this rank's shard, briefly.)
         del self.lm_head
-        self.score = _Linear(cfg.n_embd, 1, bias=True, std=cfg.initializer_range)
+        self.score = _ScoreHead(cfg.n_embd, 1, bias=True, std=cfg.initializer_range)
 
     def forward(
         self,
@@ -45,7 +57,7 @@ class RewardModel(CodeGenForCausalLM):
         read_positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Rewards, one per read position: shape (B,) for read_positions (B,) or None (the last
-        token), (B, K) for read_positions (B, K). Computed in the hidden states' dtype."""
+        token), (B, K) for read_positions (B, K). In fp32 (see _ScoreHead)."""
         hidden = self.hidden_states(input_ids, position_ids, segment_ids)
         B, T, C = hidden.shape
         if read_positions is None:
