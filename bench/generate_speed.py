@@ -16,6 +16,12 @@ process's CPU time, which other processes on a shared CPU do not inflate), tok/s
 all timed runs of ``--rounds`` workers. This replaces the earlier cache-vs-no-cache comparison: the KV
 cache has been the default since issue 8, and transformers is the baseline that matters now.
 
+``--sample T,P`` decodes with temperature T and top_p P on both sides (MOSS 003's 0.7,0.8; top_k
+off) instead of greedy. The two sides then draw different tokens, so "tokens identical" compares
+each moss-train version with this tree's tokens (same seed). ``--trained DIR`` decodes a trained
+moss-export (e.g. runs/quickstart/export) instead of random weights: random weights give flat
+next-token distributions, unlike a trained model's.
+
 ``--ours-at REV,...`` adds rows for moss-train as of earlier commits (``git archive`` of
 ``moss_train/`` into a temporary directory, first on the workers' PYTHONPATH; the workers of all
 versions alternate): the generator's speed-ups, one commit at a time, in the same run, each
@@ -23,6 +29,7 @@ against the same transformers baseline.
 
     python bench/generate_speed.py                         # tiny and small, batch 1 and 32, 1 thread
     python bench/generate_speed.py --models tiny --ours-at main --write
+    python bench/generate_speed.py --trained runs/quickstart/export --sample 0.7,0.8 --ours-at main --batches 32
 """
 
 from __future__ import annotations
@@ -50,6 +57,15 @@ HF, OURS = "transformers", "moss-train"
 
 
 # ----------------------------------------------------------------------------- the export
+def trained_parameters(directory: Path) -> int:
+    from moss_train.checkpoint.export import load_model
+
+    model = load_model(str(directory))
+    if model.config.vocab_size < VOCAB:
+        raise SystemExit(f"--trained {directory}: vocabulary {model.config.vocab_size} < the prompts' {VOCAB}")
+    return sum(p.numel() for p in model.parameters())
+
+
 def write_export(model_name: str, directory: Path) -> int:
     """`model=<name>` with random weights (seed 0), as an HF directory written by moss-export's
     own functions (config.json, model.safetensors). Returns the parameter count."""
@@ -80,18 +96,25 @@ def prompts(batch: int, length: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the worker
-def hf_generator(directory: str):
+def sampling(args) -> tuple[float, float]:
+    temperature, top_p = (float(x) for x in args.sample.split(","))
+    return temperature, top_p
+
+
+def hf_generator(directory: str, temperature: float, top_p: float):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False).eval()
     model.generation_config.eos_token_id = None  # nothing stops early; no min-length processor
 
     def generate(ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        torch.manual_seed(0)
         with torch.no_grad():
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                do_sample=False,
+                do_sample=temperature > 0,
+                **({"temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}),
                 num_beams=1,
                 use_cache=True,
                 max_new_tokens=new_tokens,
@@ -102,7 +125,7 @@ def hf_generator(directory: str):
     return generate
 
 
-def ours_generator(directory: str):
+def ours_generator(directory: str, temperature: float, top_p: float):
     from moss_train.chat.generate import generate_batch
 
     try:
@@ -111,14 +134,16 @@ def ours_generator(directory: str):
         from moss_train.chat.generate import load_model
 
     model = load_model(directory)
-    return lambda ids, new_tokens: generate_batch(model, ids.tolist(), new_tokens)
+    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    return lambda ids, new_tokens: generate_batch(model, ids.tolist(), new_tokens, **sampling)
 
 
 def run_worker(args) -> int:
     """Both sides in this process, their runs interleaved (the order flipped each repeat), so a
     change in the machine's load hits both alike; the ratio of each pair is what is pooled."""
     torch.set_num_threads(args.threads)
-    sides = {HF: hf_generator(args.export), OURS: ours_generator(args.export)}
+    temperature, top_p = sampling(args)
+    sides = {HF: hf_generator(args.export, temperature, top_p), OURS: ours_generator(args.export, temperature, top_p)}
     result = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = prompts(batch, args.prompt_len)
@@ -158,6 +183,8 @@ def spawn(source: Path | None, export: Path, args) -> dict:
         str(args.repeats),
         "--threads",
         str(args.threads),
+        "--sample",
+        args.sample,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -181,6 +208,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="worker runs per moss-train version, alternating")
     p.add_argument("--repeats", type=int, default=4, help="interleaved timed pairs per batch size in each worker run")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (1: steadier on a shared CPU)")
+    p.add_argument("--sample", default="0,1", help="T,P: temperature and top_p on both sides (0,1: greedy)")
+    p.add_argument("--trained", help="a trained moss-export to decode instead of --models' random weights")
     p.add_argument("--ours-at", default="", help="comma-separated git revisions: moss-train as of each, as extra rows")
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -199,14 +228,15 @@ def main(argv=None) -> int:
         versions = {"this tree": None} | {
             rev: checkout(rev, Path(tmp) / "src") for rev in args.ours_at.split(",") if rev
         }
-        for name in args.models.split(","):
-            export = Path(tmp) / name
-            params = write_export(name, export)
+        for name in [Path(args.trained).name] if args.trained else args.models.split(","):
+            export = Path(args.trained) if args.trained else Path(tmp) / name
+            params = trained_parameters(export) if args.trained else write_export(name, export)
             runs = {version: [] for version in versions}
             for round_index in range(args.rounds):
                 for version in list(versions) if round_index % 2 == 0 else list(versions)[::-1]:
                     runs[version].append(spawn(versions[version], export, args))
             reference = runs["this tree"][0]
+            greedy = sampling(args)[0] <= 0
             for batch in [int(b) for b in args.batches.split(",")]:
                 for version, worker_runs in runs.items():
                     row = summarise(
@@ -215,7 +245,8 @@ def main(argv=None) -> int:
                         batch,
                         version,
                         [run[batch] for run in worker_runs],
-                        reference[batch]["tokens"][HF],
+                        reference[batch]["tokens"][HF if greedy else OURS],
+                        sides=(HF, OURS) if greedy else (OURS,),
                     )
                     rows.append(row)
                     print(
@@ -228,10 +259,10 @@ def main(argv=None) -> int:
     return 0 if all(row["identical"] for row in rows) else 1
 
 
-def summarise(name, params, batch, version, runs: list[dict], hf_tokens) -> dict:
+def summarise(name, params, batch, version, runs: list[dict], reference_tokens, sides=(HF, OURS)) -> dict:
     """Medians over every timed run; the ratios: the medians of each interleaved pair's ratio,
     by wall time and by the process's CPU time (one thread: the time it ran, not the time other
-    processes on a shared CPU took from it)."""
+    processes on a shared CPU took from it). `sides`' tokens must equal `reference_tokens`."""
 
     def pooled(key, side):
         return [r for run in runs for r in run[key][side]]
@@ -239,7 +270,7 @@ def summarise(name, params, batch, version, runs: list[dict], hf_tokens) -> dict
     def paired(key):
         return statistics.median(o / h for o, h in zip(pooled(key, OURS), pooled(key, HF)))
 
-    identical = all(run["tokens"][side] == hf_tokens for run in runs for side in (HF, OURS))
+    identical = all(run["tokens"][side] == reference_tokens for run in runs for side in sides)
     return dict(
         name=name,
         params=params,
@@ -254,13 +285,17 @@ def summarise(name, params, batch, version, runs: list[dict], hf_tokens) -> dict
 
 
 def render(rows, args, load_before: str) -> list[str]:
+    temperature, top_p = sampling(args)
+    decoding = "greedy" if temperature <= 0 else f"sampled (temperature {temperature}, top_p {top_p}, top_k off)"
+    weights = f"trained weights of {args.trained}" if args.trained else "random weights"
+    identical = "" if temperature <= 0 else "; tokens identical: moss-train's, to this tree's (same seed)"
     lines = [
-        "### generate_speed — moss-train generate_batch vs transformers generate, greedy, "
+        f"### generate_speed — moss-train generate_batch vs transformers generate, {decoding}, "
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, fp32, {args.threads} thread(s)",
         "",
-        run_line(None, load_before)
-        + f"; {cpu_line()}; random weights, vocabulary {VOCAB}; {args.rounds} worker runs per "
-        f"moss-train version x {args.repeats} interleaved pairs; tok/s: medians, ratio: median of the pairs' ratios",
+        run_line(None, load_before) + f"; {cpu_line()}; {weights}, vocabulary {VOCAB}; {args.rounds} worker runs per "
+        f"moss-train version x {args.repeats} interleaved pairs; tok/s: medians, ratio: median of the pairs' ratios"
+        + identical,
         "",
         "| model | parameters | batch | moss-train version | "
         f"{OURS} tok/s | {HF} tok/s | {OURS} / {HF} | same, by CPU time | tokens identical |",

@@ -202,6 +202,24 @@ def test_logits_processing_equals_hf_processors():
         assert (kept < 50).all() or sampling.greedy or (sampling.top_k == 0 and sampling.top_p == 1)
 
 
+def test_top_p_keeps_hf_nucleus_inside_and_past_the_candidates():
+    """The nucleus is looked for among the most likely tokens first; rows whose nucleus is
+    wider (flat logits) take the full sort. Both give HF's TopPLogitsWarper's tokens."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from moss_train.chat.generate import NUCLEUS_CANDIDATES
+
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.tensor([12.0, 8.0, 4.0, 1.0, 0.3, 6.0])[:, None]  # peaked ... flat rows
+    logits = scale * torch.randn(6, 8000, generator=generator)
+    for top_p in (0.5, 0.8, 0.95):
+        kept = torch.isfinite(process_logits(logits.clone(), None, Sampling(1.0, 0, top_p, 1.0)))
+        expected = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+        assert torch.equal(kept, expected)
+        widths = kept.sum(dim=-1)
+        assert widths.min() < NUCLEUS_CANDIDATES < widths.max()  # both ways were taken
+
+
 def test_sampling_follows_the_distribution_and_the_seed():
     model = random_model(1)
     prompts = [[3, 4, 5]] * 64

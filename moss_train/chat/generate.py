@@ -170,13 +170,33 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sa
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
-        # HF: drop the least likely tokens whose cumulative probability is <= 1 - top_p, never
-        # the most likely one.
-        ascending, order = torch.sort(logits, descending=False)
-        remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - sampling.top_p)
-        remove[:, -1] = False
-        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        logits = logits.masked_fill(~nucleus(logits, sampling.top_p), float("-inf"))
     return logits
+
+
+# top_p: the nucleus is looked for among this many most likely tokens before sorting a whole row.
+NUCLEUS_CANDIDATES = 64
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) bool, the tokens top_p keeps. HF drops the least likely tokens whose cumulative
+    probability is <= 1 - top_p, never the most likely one: it keeps a token iff the tokens more
+    likely than it hold less than top_p.
+
+    A full sort of 32 x 8000 logits takes 11.7 ms on one CPU thread, half of a sampled decoding
+    step; the nucleus mostly lies among the first few dozen tokens, which topk finds in 0.8 ms.
+    Rows whose nucleus reaches past the candidates are sorted whole."""
+    probs = logits.softmax(dim=-1)
+    top, index = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # most likely first
+    kept = top.cumsum(dim=-1) - top < top_p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, index, kept)
+    spill = kept[:, -1] & (top.shape[-1] < probs.shape[-1])
+    if spill.any():
+        ascending, order = torch.sort(logits[spill], descending=False)
+        remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[:, -1] = False
+        keep[spill] = ~remove.scatter(1, order, remove)
+    return keep
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
