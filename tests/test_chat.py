@@ -220,6 +220,20 @@ def test_top_p_keeps_hf_nucleus_inside_and_past_the_candidates():
         assert widths.min() < NUCLEUS_CANDIDATES < widths.max()  # both ways were taken
 
 
+def test_a_sampled_token_follows_the_softmax_and_never_a_removed_one():
+    from moss_train.chat.generate import choose
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), 0.5, float("-inf")]]).expand(200_000, 6)
+    tokens = choose(logits.contiguous(), Sampling(1.0), torch.Generator().manual_seed(0))
+    shares = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    expected = torch.softmax(logits[0].double(), dim=-1)
+    assert shares[3] == 0 and shares[5] == 0
+    assert ((shares - expected).abs() <= 4 * (expected * (1 - expected) / len(tokens)).sqrt()).all()
+    # The last token allowed is drawable, and a row whose total rounds high still lands inside it.
+    edge = torch.tensor([[float("-inf")] * 7 + [3.0]])
+    assert choose(edge, Sampling(1.0), torch.Generator().manual_seed(1)).tolist() == [7]
+
+
 def test_sampling_follows_the_distribution_and_the_seed():
     model = random_model(1)
     prompts = [[3, 4, 5]] * 64

@@ -204,7 +204,16 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
         # max's indices are argmax's (the first maximum, NaN counting as the maximum), and on CPU it
         # is 3x faster: 0.10 against 0.32 ms for 32 x 8000 fp32 logits, 1 thread, 16% of a decoding step.
         return logits.max(dim=-1).indices
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    # One uniform draw per row through the inverse of its cumulative distribution. torch.multinomial
+    # draws an exponential per vocabulary entry: 4.4 ms for 32 x 8000 on one CPU thread, half of a
+    # sampled decoding step; this takes 0.5 ms. The draw is scaled below the row's total so that it
+    # always lands on a token of probability > 0 (never one that top_k / top_p removed).
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    draw = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device)
+    return torch.searchsorted(cdf, draw * (cdf[:, -1:] * _BELOW_ONE), right=True)[:, 0]
+
+
+_BELOW_ONE = 1 - 2**-23  # x * _BELOW_ONE < x for every positive fp32 x
 
 
 # ----------------------------------------------------------------------------- decoding
