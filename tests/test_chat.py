@@ -232,6 +232,8 @@ def test_a_sampled_token_follows_the_softmax_and_never_a_removed_one():
     # The last token allowed is drawable, and a row whose total rounds high still lands inside it.
     edge = torch.tensor([[float("-inf")] * 7 + [3.0]])
     assert choose(edge, Sampling(1.0), torch.Generator().manual_seed(1)).tolist() == [7]
+    with pytest.raises(ValueError, match="NaN"):
+        choose(torch.full((1, 4), float("nan")), Sampling(1.0), torch.Generator())
 
 
 def test_sampling_follows_the_distribution_and_the_seed():

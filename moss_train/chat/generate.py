@@ -209,6 +209,8 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
     # sampled decoding step; this takes 0.5 ms. The draw is scaled below the row's total so that it
     # always lands on a token of probability > 0 (never one that top_k / top_p removed).
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):  # as torch.multinomial refuses to draw from them
+        raise ValueError("cannot sample: the logits of a row are NaN or all -inf")
     draw = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device)
     return torch.searchsorted(cdf, draw * (cdf[:, -1:] * _BELOW_ONE), right=True)[:, 0]
 
