@@ -96,8 +96,9 @@ def prompts(batch: int, length: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the worker
-def sampling(args) -> tuple[float, float]:
-    temperature, top_p = (float(x) for x in args.sample.split(","))
+def sample_setting(text: str) -> tuple[float, float]:
+    """--sample's "T,P" -> (temperature, top_p)."""
+    temperature, top_p = (float(x) for x in text.split(","))
     return temperature, top_p
 
 
@@ -142,7 +143,7 @@ def run_worker(args) -> int:
     """Both sides in this process, their runs interleaved (the order flipped each repeat), so a
     change in the machine's load hits both alike; the ratio of each pair is what is pooled."""
     torch.set_num_threads(args.threads)
-    temperature, top_p = sampling(args)
+    temperature, top_p = args.sample
     sides = {HF: hf_generator(args.export, temperature, top_p), OURS: ours_generator(args.export, temperature, top_p)}
     result = {}
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -184,7 +185,7 @@ def spawn(source: Path | None, export: Path, args) -> dict:
         "--threads",
         str(args.threads),
         "--sample",
-        args.sample,
+        ",".join(map(str, args.sample)),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -208,7 +209,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="worker runs per moss-train version, alternating")
     p.add_argument("--repeats", type=int, default=4, help="interleaved timed pairs per batch size in each worker run")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (1: steadier on a shared CPU)")
-    p.add_argument("--sample", default="0,1", help="T,P: temperature and top_p on both sides (0,1: greedy)")
+    p.add_argument(
+        "--sample",
+        type=sample_setting,
+        default=(0.0, 1.0),
+        help="T,P: temperature and top_p on both sides (0,1: greedy)",
+    )
     p.add_argument("--trained", help="a trained moss-export to decode instead of --models' random weights")
     p.add_argument("--ours-at", default="", help="comma-separated git revisions: moss-train as of each, as extra rows")
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
@@ -228,6 +234,7 @@ def main(argv=None) -> int:
         versions = {"this tree": None} | {
             rev: checkout(rev, Path(tmp) / "src") for rev in args.ours_at.split(",") if rev
         }
+        greedy = args.sample[0] <= 0
         for name in [Path(args.trained).name] if args.trained else args.models.split(","):
             export = Path(args.trained) if args.trained else Path(tmp) / name
             params = trained_parameters(export) if args.trained else write_export(name, export)
@@ -236,7 +243,6 @@ def main(argv=None) -> int:
                 for version in list(versions) if round_index % 2 == 0 else list(versions)[::-1]:
                     runs[version].append(spawn(versions[version], export, args))
             reference = runs["this tree"][0]
-            greedy = sampling(args)[0] <= 0
             for batch in [int(b) for b in args.batches.split(",")]:
                 for version, worker_runs in runs.items():
                     row = summarise(
@@ -285,7 +291,7 @@ def summarise(name, params, batch, version, runs: list[dict], reference_tokens, 
 
 
 def render(rows, args, load_before: str) -> list[str]:
-    temperature, top_p = sampling(args)
+    temperature, top_p = args.sample
     decoding = "greedy" if temperature <= 0 else f"sampled (temperature {temperature}, top_p {top_p}, top_k off)"
     weights = f"trained weights of {args.trained}" if args.trained else "random weights"
     identical = "" if temperature <= 0 else "; tokens identical: moss-train's, to this tree's (same seed)"
