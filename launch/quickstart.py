@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from moss_train.config import PRECISIONS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,7 +99,7 @@ class Step:
     run_dir: Path | None = None  # a training run's output directory (its metrics.jsonl)
 
 
-def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
+def steps(plan: Plan, out: Path, data: Path, venv_bin: Path, precision: str = "auto") -> list[Step]:
     def tool(name: str) -> str:
         return str(venv_bin / name)
 
@@ -115,6 +117,7 @@ def steps(plan: Plan, out: Path, data: Path, venv_bin: Path) -> list[Step]:
             f"data.root={data_root}",
             f"data.tokenizer={tokenizer}",
             *COMMON,
+            f"trainer.precision={precision}",
             f"run.name=quickstart-{stage}",
             f"run.output_dir={runs[stage]}",
             "trainer.resume=never",
@@ -298,8 +301,11 @@ def run_step(step: Step, log_dir: Path) -> float:
     return seconds
 
 
-def cpu_description() -> dict:
-    from moss_train.engine.setup import cpu_model_and_flags
+def cpu_description(precision: str) -> dict:
+    """Where the run ran, and the precision its training steps resolved `precision` to."""
+    import torch
+
+    from moss_train.engine.setup import cpu_model_and_flags, resolve_precision
 
     model, flags = cpu_model_and_flags()
     return {
@@ -307,6 +313,7 @@ def cpu_description() -> dict:
         "cores": os.cpu_count(),
         "amx_bf16": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
+        "precision": resolve_precision(precision, torch.device("cpu")),
     }
 
 
@@ -412,11 +419,17 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--install-seconds", type=float, default=0.0, help="time the install took (launch/quickstart.sh)"
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="trainer.precision of every training step (default auto: bf16 autocast where the CPU has AMX, else fp32)",
+    )
     args = parser.parse_args(argv)
     out, data = (ROOT / path if not Path(path).is_absolute() else Path(path) for path in (args.out, args.data))
     started = time.perf_counter()
     plan = SMOKE if args.smoke else Plan()
-    pipeline = steps(plan, out, data, Path(sys.executable).parent)
+    pipeline = steps(plan, out, data, Path(sys.executable).parent, args.precision)
     for step in pipeline:  # the quickstart always trains from scratch
         if step.run_dir is not None:
             shutil.rmtree(step.run_dir, ignore_errors=True)
@@ -424,7 +437,7 @@ def main(argv=None) -> int:
     stages = [{"name": "install", "wall_s": round(args.install_seconds, 1)}] if args.install_seconds else []
     for step in pipeline:
         stages.append(stage_record(step, run_step(step, out / "logs")))
-    summary = {"wall_s": 0.0, "cpu": cpu_description(), "smoke": args.smoke, "stages": stages}
+    summary = {"wall_s": 0.0, "cpu": cpu_description(args.precision), "smoke": args.smoke, "stages": stages}
     runs = {s.name: s.run_dir for s in pipeline if s.run_dir is not None}
     comparison = json.loads((out / "comparison.json").read_text())
     summary["figures"] = figures(runs, comparison)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -55,6 +56,7 @@ def test_the_shrunken_quickstart_writes_summary_export_and_pictures(tmp_path):
     assert figures["pretrain_loss_first"] > figures["pretrain_loss_last"]
     assert sorted(figures["right_by_quality_level"]) == ["1", "2", "3", "4", "5"]
     assert summary["cpu"]["cores"] >= 1 and isinstance(summary["cpu"]["amx_bf16"], bool)
+    assert summary["cpu"]["precision"] == ("bf16-autocast" if summary["cpu"]["amx_bf16"] else "fp32")
     # The table is printed, one row per step.
     printed = result.stdout
     assert all(f"\n{name:<12}" in printed for name in STEPS)
@@ -77,3 +79,23 @@ def test_the_shrunken_quickstart_writes_summary_export_and_pictures(tmp_path):
     panels = summary["report_panels"]
     assert set(panels) == {*TRAINING, "quality", "time"} and all(count > 0 for count in panels.values()), panels
     assert np.isfinite(pixels).all()
+
+
+def load_quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "launch" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_the_quickstart_precision_reaches_every_training_step(tmp_path, precision):
+    """--precision fp32 is how a CPU with AMX runs the quickstart as a CPU without AMX would."""
+    quickstart = load_quickstart()
+    pipeline = quickstart.steps(quickstart.SMOKE, tmp_path / "out", tmp_path / "data", tmp_path / "bin", precision)
+    training = [step for step in pipeline if any(arg.startswith("stage=") for arg in step.argv)]
+    assert [step.name for step in training] == ["pretrain", "sft", "reward", "tag", "preference", "dpo"]
+    for step in pipeline:
+        overrides = [arg for arg in step.argv if arg.startswith("trainer.precision=")]
+        assert overrides == ([f"trainer.precision={precision}"] if step in training else [])
