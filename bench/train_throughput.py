@@ -25,6 +25,8 @@ bf16; on a GPU against the data-sheet dense bf16 peak.
     python bench/train_throughput.py --configs small,medium --write   # also append the table to RESULTS.md
     python bench/train_throughput.py --configs 1.3b                   # on a GPU: seq 2048, bf16
     python bench/train_throughput.py --configs tiny --ours-at HEAD~1  # also moss-train as of a commit
+    python bench/train_throughput.py --configs quickstart \
+        --ours-with deepspeed.stage3_param_persistence_threshold=1000000000  # a lever on, as an extra row
 """
 
 from __future__ import annotations
@@ -122,23 +124,37 @@ class FixedBatchStage(TrainingStage):
         )
 
 
-def moss_trainer(model_cfg: ModelConfig, precision: str, zero_stage: int, batch: dict):
-    """A real moss-train Trainer (DeepSpeed engine, the recipe's optimizer) whose every step
-    trains on `batch`."""
-    from moss_train.config import MossTrainConfig
-    from moss_train.engine.loop import Trainer
+def bench_config(model_cfg: ModelConfig, precision: str, zero_stage: int, batch_size: int, overrides=()):
+    """The recipe's defaults for one benchmark batch per step; `overrides`: recipe keys as on the
+    command line (`deepspeed.overlap_comm=false`), typed and checked as the recipe's own are."""
+    from omegaconf import OmegaConf
 
-    batch_size = batch["input_ids"].shape[0]
+    from moss_train.config import MossTrainConfig
+
     cfg = MossTrainConfig()
     cfg.model = model_cfg
     cfg.trainer = replace(cfg.trainer, micro_batch_size=batch_size, global_batch_size=batch_size, precision=precision)
     cfg.deepspeed = replace(cfg.deepspeed, zero_stage=zero_stage)
+    for override in overrides:  # section by section: the whole config has mandatory keys (data paths) unset here
+        section, assignment = override.split(".", 1)
+        merged = OmegaConf.merge(OmegaConf.structured(getattr(cfg, section)), OmegaConf.from_dotlist([assignment]))
+        setattr(cfg, section, OmegaConf.to_object(merged))
+    return cfg
+
+
+def moss_trainer(model_cfg: ModelConfig, precision: str, zero_stage: int, batch: dict, overrides=()):
+    """A real moss-train Trainer (DeepSpeed engine, the recipe's optimizer) whose every step
+    trains on `batch`."""
+    from moss_train.engine.loop import Trainer
+
+    batch_size = batch["input_ids"].shape[0]
+    cfg = bench_config(model_cfg, precision, zero_stage, batch_size, overrides)
     samples = [{k: v[i].cpu() for k, v in batch.items()} for i in range(batch_size)]
     return Trainer(cfg, FixedBatchStage(samples))
 
 
 def moss_step_fn(model_cfg, precision, batch, args):
-    trainer = moss_trainer(model_cfg, precision, args.zero_stage, batch)
+    trainer = moss_trainer(model_cfg, precision, args.zero_stage, batch, args.overrides)
     return lambda: trainer.train_step()["loss"]
 
 
@@ -322,12 +338,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--ours-at", default="", help="comma-separated git revisions: moss-train as of each, as extra rows (main only)"
     )
+    p.add_argument(
+        "--ours-with",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="recipe overrides of moss-train as an extra row (a lever on, beside the defaults); repeatable",
+    )
     # worker mode (the parent runs the script again as its own subprocess)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
     p.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     return p
 
 
@@ -356,6 +380,8 @@ def main(argv=None) -> int:
         for config in args.configs.split(","):
             for precision in precisions(args):
                 variants = {"moss-train": ("moss-train", [])} | {name: ("moss-train", []) for name in sources}
+                for lever in args.ours_with:
+                    variants[f"moss-train + {lever}"] = ("moss-train", ["--overrides", *lever.split(",")])
                 variants["transformers"] = ("transformers", [])
                 pooled = alternate(script, variants, config, precision, args, sources)
                 rows.append((config, precision, *shape(args, config), pooled))

@@ -206,3 +206,24 @@ def test_peak_used_for_mfu_is_printed_and_cached(tmp_path, monkeypatch, capsys):
     assert list(cached.values()) == [peak]
     assert metrics.peak_tflops(2.5, "fp32", torch.device("cpu")) == 2.5
     assert "from logging.peak_tflops" in capsys.readouterr().out
+
+
+def test_the_throughput_bench_applies_a_lever_as_the_recipe_would():
+    """`bench/train_throughput.py --ours-with KEY=VALUE` rows: the override reaches the config, typed,
+    and a misspelt key fails instead of timing the defaults under the lever's name."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import train_throughput as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from omegaconf.errors import ConfigKeyError
+
+    model = bench.CONFIGS["quickstart"]
+    default = bench.bench_config(model, "fp32", 3, 16)
+    levers = ["deepspeed.stage3_param_persistence_threshold=1000000000", "deepspeed.overlap_comm=false"]
+    lever = bench.bench_config(model, "fp32", 3, 16, levers)
+    assert default.deepspeed.stage3_param_persistence_threshold == 100_000 and default.deepspeed.overlap_comm
+    assert lever.deepspeed.stage3_param_persistence_threshold == 1_000_000_000 and not lever.deepspeed.overlap_comm
+    assert (lever.model, lever.trainer.micro_batch_size, lever.trainer.precision) == (model, 16, "fp32")
+    with pytest.raises(ConfigKeyError, match="overlap_com"):
+        bench.bench_config(model, "fp32", 3, 16, ["deepspeed.overlap_com=false"])
