@@ -301,11 +301,21 @@ def run_step(step: Step, log_dir: Path) -> float:
     return seconds
 
 
-def cpu_description(precision: str) -> dict:
-    """Where the run ran, and the precision its training steps resolved `precision` to."""
+def resolved_precision(requested: str) -> str:
+    """What `requested` means here, decided once for every training step: 'auto' measures the
+    CPU's bf16 and fp32 matmul peaks (moss_train/engine/cpu.py) at the thread count the steps
+    train with (one process on every core), so each step, and the summary, use the same answer."""
     import torch
 
-    from moss_train.engine.setup import cpu_model_and_flags, resolve_precision
+    from moss_train.engine.setup import resolve_precision
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return resolve_precision(requested, torch.device("cpu"))
+
+
+def cpu_description(precision: str) -> dict:
+    """Where the run ran, and the precision its training steps used."""
+    from moss_train.engine.cpu import cpu_model_and_flags
 
     model, flags = cpu_model_and_flags()
     return {
@@ -313,7 +323,7 @@ def cpu_description(precision: str) -> dict:
         "cores": os.cpu_count(),
         "amx_bf16": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
-        "precision": resolve_precision(precision, torch.device("cpu")),
+        "precision": precision,
     }
 
 
@@ -423,13 +433,16 @@ def main(argv=None) -> int:
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="trainer.precision of every training step (default auto: bf16 autocast where the CPU has AMX, else fp32)",
+        help="trainer.precision of every training step (default auto: bf16 autocast where this CPU's bf16 matmuls "
+        "measure at least 1.5x its fp32 ones, else fp32)",
     )
     args = parser.parse_args(argv)
     out, data = (ROOT / path if not Path(path).is_absolute() else Path(path) for path in (args.out, args.data))
     started = time.perf_counter()
     plan = SMOKE if args.smoke else Plan()
-    pipeline = steps(plan, out, data, Path(sys.executable).parent, args.precision)
+    precision = resolved_precision(args.precision)
+    print(f"[quickstart] trainer.precision={precision} (asked: {args.precision})", flush=True)
+    pipeline = steps(plan, out, data, Path(sys.executable).parent, precision)
     for step in pipeline:  # the quickstart always trains from scratch
         if step.run_dir is not None:
             shutil.rmtree(step.run_dir, ignore_errors=True)
@@ -437,7 +450,7 @@ def main(argv=None) -> int:
     stages = [{"name": "install", "wall_s": round(args.install_seconds, 1)}] if args.install_seconds else []
     for step in pipeline:
         stages.append(stage_record(step, run_step(step, out / "logs")))
-    summary = {"wall_s": 0.0, "cpu": cpu_description(args.precision), "smoke": args.smoke, "stages": stages}
+    summary = {"wall_s": 0.0, "cpu": cpu_description(precision), "smoke": args.smoke, "stages": stages}
     runs = {s.name: s.run_dir for s in pipeline if s.run_dir is not None}
     comparison = json.loads((out / "comparison.json").read_text())
     summary["figures"] = figures(runs, comparison)

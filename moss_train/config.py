@@ -82,7 +82,7 @@ class TrainerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: str = "auto"  # one of PRECISIONS; auto: bf16 on GPU, bf16-autocast on AMX CPUs, else fp32
+    precision: str = "auto"  # PRECISIONS; auto: GPU bf16, CPU bf16-autocast where it pays (engine/cpu.py), else fp32
     eval_every: int = 0  # 0: evaluate only at the end
     eval_at_start: bool = False  # also evaluate the initial weights (step 0) of a fresh run
     # Held-out samples per evaluation: the first N of the eval set, rounded down to a multiple of

@@ -4,6 +4,7 @@ engine step against a plain torch reference; and the CPU matmul peak behind MFU.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moss_train.engine import metrics
+from moss_train.engine import cpu, metrics, setup
 from moss_train.losses import IGNORE_INDEX, token_cross_entropy
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, free_port
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -171,31 +172,87 @@ def test_cpu_peak_is_measured_once_and_keeps_the_best_figure(tmp_path, monkeypat
             measured.append(precision)
             return value
 
-        monkeypatch.setattr(metrics, "measure_cpu_peak_tflops", measure)
+        monkeypatch.setattr(cpu, "measure_cpu_peak_tflops", measure)
 
     measure_as(0.2)
-    peak, line = metrics.cpu_peak_tflops("fp32", cache_file=cache)
+    peak, line = cpu.cpu_peak_tflops("fp32", cache_file=cache)
     assert peak == 0.2 and "measured 0.200 now" in line and measured == ["fp32"]
     (key,) = json.loads(cache.read_text())
-    assert "fp32" in key and f"{torch.get_num_threads()} threads" in key and metrics._cpu_identity() in key
+    assert "fp32" in key and f"{torch.get_num_threads()} threads" in key and cpu._cpu_identity() in key
 
     # A training run reads the cache and does not measure again.
-    peak, line = metrics.cpu_peak_tflops("fp32", cache_file=cache)
+    peak, line = cpu.cpu_peak_tflops("fp32", cache_file=cache)
     assert peak == 0.2 and "cached" in line and measured == ["fp32"]
 
     # A benchmark measures again: a loaded machine cannot lower the peak, a quieter one raises it.
     measure_as(0.05)
-    peak, line = metrics.cpu_peak_tflops("fp32", cache_file=cache, remeasure=True)
+    peak, line = cpu.cpu_peak_tflops("fp32", cache_file=cache, remeasure=True)
     assert peak == 0.2 and "best cached 0.200" in line and json.loads(cache.read_text()) == {key: 0.2}
     measure_as(0.3)
-    assert metrics.cpu_peak_tflops("fp32", cache_file=cache, remeasure=True)[0] == 0.3
+    assert cpu.cpu_peak_tflops("fp32", cache_file=cache, remeasure=True)[0] == 0.3
     assert json.loads(cache.read_text()) == {key: 0.3}
 
     # bf16 has its own entry; a corrupt cache file is measured over, not fatal.
-    metrics.cpu_peak_tflops("bf16-autocast", cache_file=cache)
+    cpu.cpu_peak_tflops("bf16-autocast", cache_file=cache)
     assert measured[-1] == "bf16-autocast" and len(json.loads(cache.read_text())) == 2
     cache.write_text("{not json")
-    assert metrics.cpu_peak_tflops("fp32", cache_file=cache)[0] == 0.3 and len(measured) == 5
+    assert cpu.cpu_peak_tflops("fp32", cache_file=cache)[0] == 0.3 and len(measured) == 5
+
+
+def test_auto_precision_on_a_cpu_follows_its_measured_bf16_gain(tmp_path, monkeypatch):
+    """bf16 autocast where bf16 matmuls run >= 1.5x fp32's, else fp32. Flags do not tell: a Xeon
+    VM and an EPYC, both AVX512-BF16 without AMX, measured 0.5x and 2.2x (engine/cpu.py)."""
+    cache = tmp_path / "peak.json"
+    monkeypatch.setenv("MOSS_TRAIN_PEAK_CACHE", str(cache))
+    here = torch.device("cpu")
+    measured_peaks = {  # (fp32, bf16) TFLOP/s: the Xeon VM, the EPYC, an AMX Xeon, a CPU just below the line
+        (0.326, 0.171): "fp32",
+        (0.174, 0.386): "bf16-autocast",
+        (0.34, 2.29): "bf16-autocast",
+        (0.2, 0.29): "fp32",
+    }
+    for (fp32, bf16), expected in measured_peaks.items():
+        cache.write_text(json.dumps({cpu.peak_cache_key("fp32"): fp32, cpu.peak_cache_key("bf16"): bf16}))
+        assert setup.resolve_precision("auto", here) == expected, (fp32, bf16)
+    assert setup.resolve_precision("fp32", here) == "fp32" and setup.resolve_precision("bf16", here) == "bf16"
+
+    # A first run on a machine measures both peaks, once, and keeps them.
+    cache.unlink()
+    choice = setup.resolve_precision("auto", here)
+    peaks = json.loads(cache.read_text())
+    fp32, bf16 = peaks[cpu.peak_cache_key("fp32")], peaks[cpu.peak_cache_key("bf16")]
+    assert len(peaks) == 2 and fp32 > 0 and bf16 > 0
+    assert choice == ("bf16-autocast" if bf16 >= cpu.BF16_MIN_GAIN * fp32 else "fp32")
+    assert setup.resolve_precision("auto", here) == choice and json.loads(cache.read_text()) == peaks
+
+
+@pytest.mark.integration
+def test_rank_0_decides_auto_precision_for_every_rank(tmp_path):
+    """Two gloo ranks whose own measurements disagree still train in one precision: rank 0's."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, os, sys
+            import torch
+            from moss_train.engine import cpu, setup
+            rank = int(os.environ["RANK"])
+            cache = {str(tmp_path)!r} + f"/peak-{{rank}}.json"
+            os.environ["MOSS_TRAIN_PEAK_CACHE"] = cache
+            gain = 2.2 if rank == 0 else 0.5  # rank 0: bf16 pays; rank 1: it does not
+            peaks = {{cpu.peak_cache_key("fp32"): 0.2, cpu.peak_cache_key("bf16"): 0.2 * gain}}
+            open(cache, "w").write(json.dumps(peaks))
+            torch.distributed.init_process_group("gloo")
+            print(f"rank {{rank}}: " + setup.resolve_precision("auto", torch.device("cpu")), flush=True)
+            torch.distributed.destroy_process_group()
+            """
+        )
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_port", str(free_port())]
+    result = subprocess.run(torchrun + [str(script)], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: bf16-autocast" in result.stdout and "rank 1: bf16-autocast" in result.stdout
 
 
 def test_peak_used_for_mfu_is_printed_and_cached(tmp_path, monkeypatch, capsys):

@@ -6,94 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
-import time
 import uuid
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from moss_train.engine.setup import cpu_model_and_flags
+from moss_train.engine.cpu import cpu_peak_tflops
 
 TENSORBOARD_DIR = "tensorboard"  # under the run's output directory: tensorboard --logdir runs/
 # Dense bf16 peak per GPU (TFLOP/s), from the vendors' data sheets, matched on the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0}
-
-
-def measure_cpu_peak_tflops(precision: str, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> float:
-    """The machine's matmul peak in TFLOP/s: the best of `repeats` large square matmuls per
-    size, in the step's precision, after one warm-up (oneDNN picks and caches its kernel).
-    Large sizes because small ones never reach the peak (at 512 and 1024 the figure came out
-    a third low, so MFU against it read high)."""
-    dtype = torch.bfloat16 if precision in ("bf16", "bf16-autocast") else torch.float32
-    best = 0.0
-    for size in sizes:
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
-        a @ b
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e12)
-    return best
-
-
-def _peak_cache_file() -> Path:
-    """MOSS_TRAIN_PEAK_CACHE, else ~/.cache/moss-train/cpu_matmul_peak.json (XDG_CACHE_HOME honoured).
-    The test suite points it at its own file: its runs share the cores with each other and must
-    not leave a loaded machine's figure in the user's cache."""
-    if os.environ.get("MOSS_TRAIN_PEAK_CACHE"):
-        return Path(os.environ["MOSS_TRAIN_PEAK_CACHE"])
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "moss-train" / "cpu_matmul_peak.json"
-
-
-# The CPU flags that decide which matmul kernels run (AMX and AVX512-BF16 change bf16 by 10x).
-MATMUL_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
-
-
-def _cpu_identity() -> str:
-    model, flags = cpu_model_and_flags()
-    model = model or platform.processor() or platform.machine()  # processor() runs `uname -p`: only without cpuinfo
-    return f"{model} [{' '.join(f for f in MATMUL_FLAGS if f in flags) or 'no listed flags'}]"
-
-
-def cpu_peak_tflops(precision: str, cache_file: Optional[Path] = None, remeasure: bool = False) -> tuple[float, str]:
-    """The CPU matmul peak for MFU, kept in ~/.cache/moss-train per CPU model and flags,
-    precision, thread count and torch version. A training run measures it only when there is
-    no entry yet (it costs seconds); ``remeasure`` (the benchmarks) measures again, and the
-    cache keeps the best figure ever measured, so a first measurement on a loaded machine does
-    not stay the denominator. Returns (TFLOP/s, a line saying what it is and where it came from)."""
-    cache_file = cache_file or _peak_cache_file()
-    dtype = "bf16" if precision in ("bf16", "bf16-autocast") else "fp32"
-    key = f"{_cpu_identity()} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
-    cached = float(cache[key]) if isinstance(cache.get(key), (int, float)) else 0.0
-    if cached > 0 and not remeasure:
-        peak, source = cached, f"cached ({cache_file})"
-    else:
-        measured = measure_cpu_peak_tflops(precision)
-        peak = max(measured, cached)
-        source = f"measured {measured:.3f} now" + (f", best cached {cached:.3f}" if cached else "") + f" ({cache_file})"
-        if measured > cached:
-            _write_atomically(cache_file, {**cache, key: measured})
-    return peak, f"CPU {dtype} matmul peak {peak:.3f} TFLOP/s (best 2048^3 / 4096^3 matmul), {source}"
-
-
-def _write_atomically(path: Path, data: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)  # concurrent runs: the last writer wins, no file is ever half written
-    except OSError:
-        pass  # a read-only home only costs the cache
 
 
 def peak_tflops(

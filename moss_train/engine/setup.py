@@ -4,44 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import math
-from functools import lru_cache
 
 import torch
 from torch import nn
 
 from moss_train.config import MossTrainConfig
 from moss_train.distributed import DistInfo
-
-
-@lru_cache(maxsize=1)
-def cpu_model_and_flags() -> tuple[str, frozenset]:
-    """The CPU's model name and feature flags from /proc/cpuinfo (empty where there is none)."""
-    model, flags = "", frozenset()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def cpu_has_amx() -> bool:
-    """AMX tiles make bf16 matmuls several times faster than fp32 on a CPU. AVX512-BF16 alone
-    does not pay: measured on a Xeon VM without AMX, bf16 autocast trained at ~0.6x fp32."""
-    return "amx_bf16" in cpu_model_and_flags()[1]
+from moss_train.engine.cpu import bf16_matmuls_pay
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """'auto' means bf16 weights on a GPU, bf16 autocast on a CPU with AMX, else fp32."""
+    """'auto' means bf16 weights on a GPU; on a CPU, bf16 autocast where bf16 matmuls measure
+    clearly faster than fp32 (engine/cpu.py says why measured), else fp32. Rank 0 decides for
+    every rank: one precision per run, whatever a rank's own measurement would have said."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16-autocast" if cpu_has_amx() else "fp32"
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    choice = [None]
+    if not distributed or torch.distributed.get_rank() == 0:
+        choice[0] = "bf16-autocast" if bf16_matmuls_pay() else "fp32"
+    if distributed:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def autocast_context(precision: str, device: torch.device):

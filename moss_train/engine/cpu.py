@@ -1,0 +1,124 @@
+"""What this CPU is and how fast its matmuls run: the MFU denominator, and whether bf16 pays.
+
+The peak is measured, not looked up: CPUs with the same flags differ. A Xeon VM with AVX512-BF16
+and no AMX ran bf16 matmuls at half its fp32 rate (bf16 autocast trained at ~0.6x fp32); an AMD
+EPYC with the same flags runs them at 2.2x (0.39 vs 0.17 TFLOP/s, 2026-12-04); AMX runs them at
+~6x. So `trainer.precision=auto` asks the measured peaks (engine/setup.py: resolve_precision).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# bf16 autocast re-casts weights and activations every step; below this matmul gain fp32 trains
+# as fast or faster (the tiny quickstart model gained 1.25x per step at a 2.2x peak ratio).
+BF16_MIN_GAIN = 1.5
+
+
+@lru_cache(maxsize=1)
+def cpu_model_and_flags() -> tuple[str, frozenset]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (empty where there is none)."""
+    model, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def measure_cpu_peak_tflops(precision: str, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> float:
+    """The machine's matmul peak in TFLOP/s: the best of `repeats` large square matmuls per
+    size, in the step's precision, after one warm-up (oneDNN picks and caches its kernel).
+    Large sizes because small ones never reach the peak (at 512 and 1024 the figure came out
+    a third low, so MFU against it read high)."""
+    dtype = torch.bfloat16 if precision in ("bf16", "bf16-autocast") else torch.float32
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def _peak_cache_file() -> Path:
+    """MOSS_TRAIN_PEAK_CACHE, else ~/.cache/moss-train/cpu_matmul_peak.json (XDG_CACHE_HOME honoured).
+    The test suite points it at its own file: its runs share the cores with each other and must
+    not leave a loaded machine's figure in the user's cache."""
+    if os.environ.get("MOSS_TRAIN_PEAK_CACHE"):
+        return Path(os.environ["MOSS_TRAIN_PEAK_CACHE"])
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "moss-train" / "cpu_matmul_peak.json"
+
+
+# The CPU flags that decide which matmul kernels run (AMX and AVX512-BF16 change bf16 by 10x).
+MATMUL_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
+
+
+def _cpu_identity() -> str:
+    model, flags = cpu_model_and_flags()
+    model = model or platform.processor() or platform.machine()  # processor() runs `uname -p`: only without cpuinfo
+    return f"{model} [{' '.join(f for f in MATMUL_FLAGS if f in flags) or 'no listed flags'}]"
+
+
+def peak_cache_key(dtype: str) -> str:
+    """The cache entry of a peak: CPU model and flags, "fp32" or "bf16", threads, torch."""
+    return f"{_cpu_identity()} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cpu_peak_tflops(precision: str, cache_file: Optional[Path] = None, remeasure: bool = False) -> tuple[float, str]:
+    """The CPU matmul peak for MFU, kept in ~/.cache/moss-train per CPU model and flags,
+    precision, thread count and torch version. A training run measures it only when there is
+    no entry yet (it costs seconds); ``remeasure`` (the benchmarks) measures again, and the
+    cache keeps the best figure ever measured, so a first measurement on a loaded machine does
+    not stay the denominator. Returns (TFLOP/s, a line saying what it is and where it came from)."""
+    cache_file = cache_file or _peak_cache_file()
+    dtype = "bf16" if precision in ("bf16", "bf16-autocast") else "fp32"
+    key = peak_cache_key(dtype)
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    cached = float(cache[key]) if isinstance(cache.get(key), (int, float)) else 0.0
+    if cached > 0 and not remeasure:
+        peak, source = cached, f"cached ({cache_file})"
+    else:
+        measured = measure_cpu_peak_tflops(precision)
+        peak = max(measured, cached)
+        source = f"measured {measured:.3f} now" + (f", best cached {cached:.3f}" if cached else "") + f" ({cache_file})"
+        if measured > cached:
+            _write_atomically(cache_file, {**cache, key: measured})
+    return peak, f"CPU {dtype} matmul peak {peak:.3f} TFLOP/s (best 2048^3 / 4096^3 matmul), {source}"
+
+
+def _write_atomically(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # concurrent runs: the last writer wins, no file is ever half written
+    except OSError:
+        pass  # a read-only home only costs the cache
+
+
+def bf16_matmuls_pay() -> bool:
+    """Whether bf16 matmuls run at least BF16_MIN_GAIN times fp32's on this CPU (both peaks
+    measured once and cached, as the MFU peak is)."""
+    return cpu_peak_tflops("bf16")[0] >= BF16_MIN_GAIN * cpu_peak_tflops("fp32")[0]
