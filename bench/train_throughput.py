@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from moss_train.engine.cpu import cpu_identity
 from moss_train.engine.stage import TrainingStage
 from moss_train.model.config import ModelConfig, flops_per_token, num_parameters, to_hf_config
 
@@ -393,7 +394,7 @@ def main(argv=None) -> int:
 
 def throughput_table(rows, peaks: dict, device: str, argv, load_before: str, zero_stage: int) -> list[str]:
     threads = torch.get_num_threads()
-    where = device if device != "cpu" else f"CPU, {os.cpu_count()} cores, {threads} threads"
+    where = device if device != "cpu" else f"CPU {cpu_identity()}, {os.cpu_count()} cores, {threads} threads"
     peak_cols = list(peaks)
     lines = [
         f"### train_throughput — {where}, moss-train ZeRO-{zero_stage}, each side in its own subprocess, alternating",

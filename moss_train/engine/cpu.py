@@ -71,7 +71,7 @@ def _peak_cache_file() -> Path:
 MATMUL_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
     model, flags = cpu_model_and_flags()
     model = model or platform.processor() or platform.machine()  # processor() runs `uname -p`: only without cpuinfo
     return f"{model} [{' '.join(f for f in MATMUL_FLAGS if f in flags) or 'no listed flags'}]"
@@ -79,7 +79,7 @@ def _cpu_identity() -> str:
 
 def peak_cache_key(dtype: str) -> str:
     """The cache entry of a peak: CPU model and flags, "fp32" or "bf16", threads, torch."""
-    return f"{_cpu_identity()} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    return f"{cpu_identity()} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
 def cpu_peak_tflops(precision: str, cache_file: Optional[Path] = None, remeasure: bool = False) -> tuple[float, str]:
