@@ -485,3 +485,41 @@ def test_document_layouts_give_the_same_gradients(monkeypatch):
 def test_document_spans_are_contiguous_runs():
     segment_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 3, 3]])
     assert codegen.document_spans(segment_ids) == [[(0, 2), (2, 5), (5, 6)], [(0, 6)]]
+
+
+def test_short_bf16_attention_on_a_cpu_can_run_in_fp32():
+    """attend_in_fp32_below(n): bf16 causal attention of fewer than n tokens runs in fp32 (up-cast,
+    the output cast back), per packed document and for plain rows; longer ones stay in bf16."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    segments = torch.tensor([[0] * 10 + [1] * 30, [0] * 40])
+    layout = codegen.document_attention_layout(segments)
+    scale = 16**-0.5
+
+    def attention(below, layout=layout):
+        codegen.attend_in_fp32_below(below)
+        try:
+            return codegen.attend(q, k, v, layout, 0.0, scale)
+        finally:
+            codegen.attend_in_fp32_below(0)
+
+    def in_fp32(start, end, row):
+        part = (t[row : row + 1, :, start:end].float() for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(*part, is_causal=True, scale=scale).bfloat16()
+
+    def in_bf16(start, end, row):
+        part = (t[row : row + 1, :, start:end] for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(*part, is_causal=True, scale=scale)
+
+    everything = attention(below=64)
+    assert everything.dtype == torch.bfloat16
+    assert torch.equal(everything[0:1, :, :10], in_fp32(0, 10, 0)) and torch.equal(everything[1:2], in_fp32(0, 40, 1))
+    assert not torch.equal(everything[1:2], in_bf16(0, 40, 1))  # so the two paths can be told apart
+    split = attention(below=30)  # the 10-token document in fp32, the 30- and 40-token ones in bf16
+    assert torch.equal(split[0:1, :, :10], in_fp32(0, 10, 0)) and torch.equal(split[0:1, :, 10:], in_bf16(10, 40, 0))
+    assert torch.equal(split[1:2], in_bf16(0, 40, 1))
+    assert torch.equal(attention(below=0), codegen.attend(q, k, v, layout, 0.0, scale))
+    plain = attention(below=64, layout=None)  # one document per row: the plain causal call
+    assert torch.equal(plain[1:2], in_fp32(0, 40, 1))
+    everything.float().square().sum().backward()  # gradients flow back through the casts, in bf16
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))

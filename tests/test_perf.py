@@ -226,6 +226,34 @@ def test_auto_precision_on_a_cpu_follows_its_measured_bf16_gain(tmp_path, monkey
     assert setup.resolve_precision("auto", here) == choice and json.loads(cache.read_text()) == peaks
 
 
+def test_bf16_attention_crossover_is_measured_once_and_sets_the_model(tmp_path, monkeypatch):
+    """Under bf16 autocast on a CPU the trainer asks at which length causal SDPA stops being
+    faster in fp32 (measured, cached beside the peaks) and tells the model; in fp32 it is off."""
+    import moss_train.model.codegen as codegen
+    from moss_train.config import MossTrainConfig
+    from moss_train.distributed import DistInfo
+
+    cache = tmp_path / "peak.json"
+    monkeypatch.setenv("MOSS_TRAIN_PEAK_CACHE", str(cache))
+    below = cpu.bf16_attention_fp32_below(n_head=2, head_dim=16, max_length=128)
+    assert below in (0, 65, 129)  # bf16 wins everywhere, fp32 wins at 64 only, or fp32 wins at 128 too
+    (key,) = json.loads(cache.read_text())
+    assert "sdpa fp32 below, 2 x 16" in key
+    cache.write_text(json.dumps({key: 77}))  # the cached answer is used, not measured again
+    assert cpu.bf16_attention_fp32_below(n_head=2, head_dim=16, max_length=128) == 77
+
+    cfg = MossTrainConfig()
+    cfg.model.n_head, cfg.model.n_embd, cfg.data.seq_len = 2, 32, 128
+    single = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    try:
+        setup.tune_cpu_attention(cfg, "bf16-autocast", single)
+        assert codegen._bf16_cpu_attention_in_fp32_below == 77
+        setup.tune_cpu_attention(cfg, "fp32", single)
+        assert codegen._bf16_cpu_attention_in_fp32_below == 0
+    finally:
+        codegen.attend_in_fp32_below(0)
+
+
 @pytest.mark.integration
 def test_rank_0_decides_auto_precision_for_every_rank(tmp_path):
     """Two gloo ranks whose own measurements disagree still train in one precision: rank 0's."""

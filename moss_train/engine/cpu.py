@@ -92,11 +92,7 @@ def cpu_peak_tflops(precision: str, cache_file: Optional[Path] = None, remeasure
     cache_file = cache_file or _peak_cache_file()
     dtype = "bf16" if precision in ("bf16", "bf16-autocast") else "fp32"
     key = peak_cache_key(dtype)
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
+    cache = _read_cache(cache_file)
     cached = float(cache[key]) if isinstance(cache.get(key), (int, float)) else 0.0
     if cached > 0 and not remeasure:
         peak, source = cached, f"cached ({cache_file})"
@@ -107,6 +103,14 @@ def cpu_peak_tflops(precision: str, cache_file: Optional[Path] = None, remeasure
         if measured > cached:
             _write_atomically(cache_file, {**cache, key: measured})
     return peak, f"CPU {dtype} matmul peak {peak:.3f} TFLOP/s (best 2048^3 / 4096^3 matmul), {source}"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or corrupt: measured over
+    return cache if isinstance(cache, dict) else {}
 
 
 def _write_atomically(path: Path, data: dict) -> None:
@@ -123,3 +127,43 @@ def bf16_matmuls_pay() -> bool:
     """Whether bf16 matmuls run at least BF16_MIN_GAIN times fp32's on this CPU (both peaks
     measured once and cached, as the MFU peak is)."""
     return cpu_peak_tflops("bf16")[0] >= BF16_MIN_GAIN * cpu_peak_tflops("fp32")[0]
+
+
+# Lengths at which causal attention is timed in both precisions, each over about 8192 tokens.
+SDPA_LENGTHS = (64, 128, 256, 512, 1024, 2048)
+
+
+def measure_causal_sdpa_seconds(dtype: torch.dtype, length: int, n_head: int, head_dim: int, repeats: int = 3) -> float:
+    """Best forward + backward time of SDPA's causal attention at one length, after a warm-up."""
+    import torch.nn.functional as F
+
+    shape = (max(1, 8192 // length), n_head, length, head_dim)
+    q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bf16_attention_fp32_below(n_head: int, head_dim: int, max_length: int) -> int:
+    """The length below which this CPU's causal SDPA is faster in fp32 than in bf16 (for the
+    model's heads): bf16 must win at that length and every longer one measured. 0 where bf16
+    always wins. Measured once per CPU, head shape, threads and torch, kept beside the peaks."""
+    cache_file = _peak_cache_file()
+    threads = torch.get_num_threads()
+    key = f"{cpu_identity()} | sdpa fp32 below, {n_head} x {head_dim} | {threads} threads | torch {torch.__version__}"
+    cache = _read_cache(cache_file)
+    if isinstance(cache.get(key), int):
+        return cache[key]
+    lengths = [n for n in SDPA_LENGTHS if n <= max(max_length, SDPA_LENGTHS[0])]
+    below = 0
+    for length in reversed(lengths):  # from the longest: the first where fp32 wins sets the line
+        if measure_causal_sdpa_seconds(torch.bfloat16, length, n_head, head_dim) > measure_causal_sdpa_seconds(
+            torch.float32, length, n_head, head_dim
+        ):
+            below = max_length + 1 if length == lengths[-1] else length + 1
+            break
+    _write_atomically(cache_file, {**cache, key: below})
+    return below

@@ -86,6 +86,7 @@ class Trainer:
         tokenizer = stage.load_tokenizer(cfg)
         # stage.init_from: the checkpoint's architecture replaces the recipe's model shapes.
         self.cfg = cfg = initial_weights.adopt_model_config(cfg, tokenizer, self.dist)
+        setup.tune_cpu_attention(cfg, self.precision, self.dist)
         ctx = StageContext(cfg, tokenizer, self.dist)
         frozen_specs = stage.frozen_models(ctx)
         self.data: StageData = stage.build_data(ctx)
@@ -351,9 +352,9 @@ def run_job(cfg: MossTrainConfig, stage: JobStage, dist_info: DistInfo | None = 
     config), then its run(ctx), which every rank calls together."""
     dist_info = dist_info or init_distributed(cfg.cluster.collective_timeout_s)
     setup.tune_cpu(cfg, dist_info)
-    ds_config = setup.deepspeed_config(
-        cfg, setup.resolve_precision(cfg.trainer.precision, dist_info.device), dist_info.world_size
-    )
+    precision = setup.resolve_precision(cfg.trainer.precision, dist_info.device)
+    ds_config = setup.deepspeed_config(cfg, precision, dist_info.world_size)
+    setup.tune_cpu_attention(cfg, precision, dist_info)
     ctx = StageContext(cfg, stage.load_tokenizer(cfg), dist_info)
     frozen = setup.frozen_models(stage.frozen_models(ctx), cfg, ctx.tokenizer, dist_info, ds_config)
     history = stage.run(replace(ctx, frozen=frozen))

@@ -10,7 +10,8 @@ from torch import nn
 
 from moss_train.config import MossTrainConfig
 from moss_train.distributed import DistInfo
-from moss_train.engine.cpu import bf16_matmuls_pay
+from moss_train.engine.cpu import bf16_attention_fp32_below, bf16_matmuls_pay
+from moss_train.model.codegen import attend_in_fp32_below
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -21,10 +22,33 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return rank_0_decides(lambda: "bf16-autocast" if bf16_matmuls_pay() else "fp32")
+
+
+def tune_cpu_attention(cfg: MossTrainConfig, precision: str, dist_info: DistInfo) -> None:
+    """Under bf16 autocast on a CPU, causal attention shorter than the length where this CPU's
+    bf16 SDPA stops losing to fp32 runs in fp32 (model/codegen.py: attend_in_fp32_below). SFT
+    attends per packed document, often a few hundred tokens, where one EPYC's bf16 kernel took
+    twice fp32's time. Rank 0 measures (once per machine, cached), every rank uses its answer."""
+    below = 0
+    if precision == "bf16-autocast" and dist_info.device.type == "cpu":
+        heads, width = cfg.model.n_head, cfg.model.n_embd // cfg.model.n_head
+        below = rank_0_decides(lambda: bf16_attention_fp32_below(heads, width, cfg.data.seq_len))
+        if below and dist_info.is_main:
+            print(
+                f"[moss-train] bf16 autocast: causal attention under {below} tokens runs in fp32 "
+                "(measured faster there on this CPU)",
+                flush=True,
+            )
+    attend_in_fp32_below(below)
+
+
+def rank_0_decides(decide):
+    """decide() on rank 0 alone, its answer on every rank (a run's ranks must not disagree)."""
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     choice = [None]
     if not distributed or torch.distributed.get_rank() == 0:
-        choice[0] = "bf16-autocast" if bf16_matmuls_pay() else "fp32"
+        choice[0] = decide()
     if distributed:
         torch.distributed.broadcast_object_list(choice, src=0)
     return choice[0]

@@ -132,23 +132,42 @@ def document_attention_layout(segment_ids: Optional[torch.Tensor]):
     return document_causal_mask(segment_ids)
 
 
+# bf16 causal attention on a CPU shorter than this many tokens runs in fp32: SDPA's CPU kernel can be
+# slower in bf16 at short lengths (an AMD EPYC: 2x at 170 tokens, even at 512, faster from 1024).
+# The engine sets it per machine from a measurement (engine/cpu.py); 0 leaves every call as it is.
+_bf16_cpu_attention_in_fp32_below = 0
+
+
+def attend_in_fp32_below(length: int) -> None:
+    global _bf16_cpu_attention_in_fp32_below
+    _bf16_cpu_attention_in_fp32_below = length
+
+
+def _causal_sdpa(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] < _bf16_cpu_attention_in_fp32_below:
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True, scale=scale
+            )
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+
+
 def attend(q, k, v, layout, dropout_p: float, scale: float) -> torch.Tensor:
     """Causal attention of (B, H, T, D) q/k/v under a layout from document_attention_layout (or
     KVCache.attention_mask: None there means plain causal, keys and queries ending together)."""
+    if layout is None and q.shape[2] > 1:
+        return _causal_sdpa(q, k, v, dropout_p, scale)
     if not isinstance(layout, list):
-        # No layout and one query (a generation step over a KV cache): it sees every key.
-        causal = layout is None and q.shape[2] > 1
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=layout, dropout_p=dropout_p, is_causal=causal, scale=scale
-        )
+        # A mask, or one query (a generation step over a KV cache): it sees every key.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=layout, dropout_p=dropout_p, scale=scale)
     rows = []
     # split(), not indexing: its backward is one concatenation, not a zero-filled full-size
     # gradient per slice.
     for spans, *qkv in zip(layout, q.split(1), k.split(1), v.split(1)):
         lengths = [e - s for s, e in spans]
         parts = [
-            F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout_p, is_causal=True, scale=scale)
-            for qd, kd, vd in zip(*(t.split(lengths, dim=2) for t in qkv))
+            _causal_sdpa(qd, kd, vd, dropout_p, scale) for qd, kd, vd in zip(*(t.split(lengths, dim=2) for t in qkv))
         ]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0)
