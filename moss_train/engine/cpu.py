@@ -78,9 +78,14 @@ def cpu_identity() -> str:
     return f"{model} [{' '.join(f for f in MATMUL_FLAGS if f in flags) or 'no listed flags'}]"
 
 
+def measurement_cache_key(what: str) -> str:
+    """The cache entry of a measurement on this CPU: model and flags, what, threads, torch."""
+    return f"{cpu_identity()} | {what} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
 def peak_cache_key(dtype: str) -> str:
-    """The cache entry of a peak: CPU model and flags, "fp32" or "bf16", threads, torch."""
-    return f"{cpu_identity()} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    """The cache entry of a matmul peak, "fp32" or "bf16"."""
+    return measurement_cache_key(dtype)
 
 
 def cpu_peak_tflops(precision: str, cache_file: Optional[Path] = None, remeasure: bool = False) -> tuple[float, str]:
@@ -152,17 +157,15 @@ def bf16_attention_fp32_below(n_head: int, head_dim: int, max_length: int) -> in
     model's heads): bf16 must win at that length and every longer one measured. 0 where bf16
     always wins. Measured once per CPU, head shape, threads and torch, kept beside the peaks."""
     cache_file = _peak_cache_file()
-    threads = torch.get_num_threads()
-    key = f"{cpu_identity()} | sdpa fp32 below, {n_head} x {head_dim} | {threads} threads | torch {torch.__version__}"
+    key = measurement_cache_key(f"sdpa fp32 below, {n_head} x {head_dim}")
     cache = _read_cache(cache_file)
     if isinstance(cache.get(key), int):
         return cache[key]
     lengths = [n for n in SDPA_LENGTHS if n <= max(max_length, SDPA_LENGTHS[0])]
     below = 0
     for length in reversed(lengths):  # from the longest: the first where fp32 wins sets the line
-        if measure_causal_sdpa_seconds(torch.bfloat16, length, n_head, head_dim) > measure_causal_sdpa_seconds(
-            torch.float32, length, n_head, head_dim
-        ):
+        bf16, fp32 = (measure_causal_sdpa_seconds(d, length, n_head, head_dim) for d in (torch.bfloat16, torch.float32))
+        if bf16 > fp32:
             below = max_length + 1 if length == lengths[-1] else length + 1
             break
     _write_atomically(cache_file, {**cache, key: below})
