@@ -58,7 +58,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as error:  # anything else that fails this rank must end the whole job
         return rank_failed(error)
-    return 0
+    return finished()
+
+
+def finished() -> int:
+    """Status 0; a rank of a job of several leaves without the interpreter's teardown.
+
+    By now its process group is destroyed and its files, wandb run and run lock are closed. But
+    torch or DeepSpeed may still hold gloo's worker threads behind a process-group object kept
+    alive elsewhere, and the teardown can destroy them while joinable, which aborts the finished
+    rank ("terminate called without an active exception", status -6; seen in a test of 2 ranks
+    after its "done" line, 2026-12-07). rank_failed leaves the same way."""
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+        return 0
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # How long a rank other than torchrun's local rank 0 waits for it to end their launcher.
