@@ -69,14 +69,22 @@ def finished() -> int:
     alive elsewhere, and the teardown can destroy them while joinable, which aborts the finished
     rank ("terminate called without an active exception", status -6; seen in a test of 2 ranks
     after its "done" line, 2026-12-07). rank_failed leaves the same way."""
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+    from moss_train.distributed import launch_world_size
+
+    if launch_world_size() <= 1:
         return 0
+    leave_now(0)
+
+
+def leave_now(status: int):
+    """Exit with `status` at once, skipping the interpreter's teardown (see finished), with what
+    this rank printed or logged flushed first."""
     import logging
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 # How long a rank other than torchrun's local rank 0 waits for it to end their launcher.
@@ -96,11 +104,11 @@ def recipe_failed(error: Exception) -> int:
     import signal
     import time
 
-    from moss_train.distributed import child_processes, launch_rank, torchrun_agent
+    from moss_train.distributed import child_processes, launch_rank, launch_world_size, torchrun_agent
 
     if launch_rank() == 0:
         print(f"moss-train: recipe error: {error}", file=sys.stderr, flush=True)
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+    if launch_world_size() <= 1:
         return 2
     launcher = torchrun_agent()
     if launcher is not None:
@@ -114,8 +122,7 @@ def recipe_failed(error: Exception) -> int:
         deadline = time.monotonic() + LAUNCHER_END_WAIT_S
         while os.getppid() == launcher and time.monotonic() < deadline:
             time.sleep(0.05)
-    sys.stderr.flush()
-    os._exit(2)
+    leave_now(2)
 
 
 class Terminated(Exception):
@@ -158,8 +165,10 @@ def rank_failed(error: Exception) -> int:
             wandb.finish(exit_code=1)
         except Exception as wandb_error:  # the exit below matters more than the run's last records
             print(f"[moss-train] rank {rank}: wandb did not finish: {wandb_error}", file=sys.stderr, flush=True)
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
-        os._exit(1)
+    from moss_train.distributed import launch_world_size
+
+    if launch_world_size() > 1:
+        leave_now(1)
     return 1
 
 

@@ -52,6 +52,12 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+def launch_world_size() -> int:
+    """How many ranks the launcher started (1 without a launcher), readable before any process
+    group exists and after it is destroyed."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
 def under_torchrun() -> bool:
     """Started by torchrun's agent (its worker processes carry TORCHELASTIC_RUN_ID)."""
     return "TORCHELASTIC_RUN_ID" in os.environ
