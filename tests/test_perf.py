@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -197,6 +198,16 @@ def test_cpu_peak_is_measured_once_and_keeps_the_best_figure(tmp_path, monkeypat
     assert measured[-1] == "bf16-autocast" and len(json.loads(cache.read_text())) == 2
     cache.write_text("{not json")
     assert cpu.cpu_peak_tflops("fp32", cache_file=cache)[0] == 0.3 and len(measured) == 5
+
+
+def test_the_peak_measurement_goes_to_a_larger_matmul_only_while_they_are_fast():
+    """On an AVX2-only AMD EPYC bf16 matmuls have no fast kernel (0.001 TFLOP/s, fp32 0.18): the
+    4096^3 peak took minutes per matmul, so a first `precision=auto` run hung measuring it. The
+    next, 8x larger, size is measured only while this size's fastest matmul is quick."""
+    start = time.perf_counter()
+    peak = cpu.measure_cpu_peak_tflops("fp32", sizes=(128, 8192), repeats=1, next_size_below_s=0.0)
+    # 8192^3 in fp32 is 1.1 TFLOP: seconds on any CPU (3 s at an AMX Xeon's 0.34 TFLOP/s), twice with its warm-up.
+    assert time.perf_counter() - start < 2.0 and peak > 0
 
 
 def test_auto_precision_on_a_cpu_follows_its_measured_bf16_gain(tmp_path, monkeypatch):
