@@ -46,9 +46,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from quantized_export import cpu_line
 
-from bench_report import checkout, publish, source_env
+from bench_report import checkout, cpu_line, publish, source_env
 from train_throughput import load_line, run_line
 
 VOCAB = 8000

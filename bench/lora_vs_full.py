@@ -22,9 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quantized_export import cpu_line
-
-from bench_report import publish
+from bench_report import cpu_line, publish
 from train_throughput import load_line, run_line
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench_report import publish
+from bench_report import cpu_line, publish
 from train_throughput import load_line, run_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,17 +166,6 @@ def run_worker(directory: Path, docs_file: Path, args, speed_only: bool = False)
     if result.returncode or not lines:
         raise RuntimeError(f"worker for {directory} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
-
-
-def cpu_line() -> str:
-    model = "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        amx = "amx_bf16" in out
-    except (OSError, StopIteration):
-        amx = False
-    return f"{model}, {os.cpu_count()} cores, {'with' if amx else 'no'} amx_bf16"
 
 
 def table(results: dict, argv, load_before: str, args) -> list[str]:

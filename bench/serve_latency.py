@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 
 import train_throughput as tt
-from bench_report import publish
+from bench_report import cpu_line, publish
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -231,14 +231,6 @@ def summarise(results: list[dict], wall: float) -> dict:
         "tokens_mean": statistics.mean(r["tokens"] for r in results),
         "with_tools": sum(r["tool_calls"] > 0 for r in results),
     }
-
-
-def cpu_line() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next(
-        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU"
-    )
-    return f"{model}, {os.cpu_count()} cores, amx_bf16 {'yes' if ' amx_bf16' in info else 'no'}"
 
 
 def main(argv=None) -> int:

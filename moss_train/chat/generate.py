@@ -201,9 +201,7 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
     if sampling.greedy:
-        # max's indices are argmax's (the first maximum, NaN counting as the maximum), and on CPU it
-        # is 3x faster: 0.10 against 0.32 ms for 32 x 8000 fp32 logits, 1 thread, 16% of a decoding step.
-        return logits.max(dim=-1).indices
+        return greedy_choice(logits)
     # One uniform draw per row through the inverse of its cumulative distribution. torch.multinomial
     # draws an exponential per vocabulary entry: 4.4 ms for 32 x 8000 on one CPU thread, half of a
     # sampled decoding step; this takes 0.5 ms. The draw is scaled below the row's total so that it
@@ -216,6 +214,16 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
 
 
 _BELOW_ONE = 1 - 2**-23  # x * _BELOW_ONE < x for every positive fp32 x
+
+
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax: the first maximum, a NaN counting as the maximum (torch's and numpy's
+    rule alike). On a CPU, numpy's vectorised argmax: for 32 x 8000 fp32 logits, 1 thread, it
+    takes 0.03 ms where torch's max / argmax along a row take 0.25 ms (an AVX2 AMD EPYC; 0.10
+    ms on an AVX-512 one), a tenth of a decoding step of the 2.5M-parameter model."""
+    if logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    return torch.from_numpy(logits.numpy().argmax(axis=-1))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -343,6 +351,7 @@ class DecodingBatch:
         self.vocab = model.lm_head.out_features
         self.vocab_size = vocab_size if vocab_size is not None and vocab_size < self.vocab else None
         self.rows: list[Row] = []
+        self.groups: list | None = None  # _sampling_groups() of the rows, until the rows change
         self.decoder = None
         self.logits: torch.Tensor | None = None  # (rows, vocab): each row's next-token logits
         self.seen: torch.Tensor | None = None  # (rows, vocab) bool: prompt + generated, for the penalty
@@ -365,6 +374,7 @@ class DecodingBatch:
             self.rows += rows
             self.logits = torch.cat([self.logits, logits])
         self.seen = self._seen(rows)
+        self.groups = None
 
     def _seen(self, new_rows: Sequence[Row]) -> torch.Tensor | None:
         """The penalty's (rows, vocab) bool table of tokens seen, only while some row has a
@@ -403,7 +413,9 @@ class DecodingBatch:
         """Each row's next token from its (rows, vocab) logits, by its sampling group."""
         if self.vocab_size is not None:
             logits[:, self.vocab_size :] = float("-inf")
-        groups = self._sampling_groups()
+        if self.groups is None:
+            self.groups = self._sampling_groups()
+        groups = self.groups
         if len(groups) == 1:  # the whole batch draws together: no gathering of its rows
             (sampling, generator), _ = groups[0]
             return choose(process_logits(logits, self.seen, sampling), sampling, generator)
@@ -425,6 +437,7 @@ class DecodingBatch:
         if not any(leaving):
             return
         self.rows = [row for row, gone in zip(self.rows, leaving) if not gone]
+        self.groups = None
         if not self.rows:  # the next add() starts a fresh cache
             self.decoder = self.logits = self.seen = None
             return
