@@ -60,6 +60,7 @@ def start_processes(commands: list[tuple[list[str], dict]], timeout: int = 300) 
 
 
 # ---------------------------------------------------------------------------- two nodes, one machine
+@pytest.mark.slow  # two two-rank jobs (this one and the one-node reference): ~31 s on an AVX2 EPYC
 def test_two_nodes_over_loopback_train_like_one_node(pretrain_data, one_node_two_processes, tmp_path):
     """launch/multinode_deepspeed.sh in no-ssh mode, once per "node" (NODE_RANK 0 and 1), one
     process each, rendezvous on 127.0.0.1: the same losses as one node with two processes."""
@@ -135,6 +136,7 @@ def wandb_run(run_dir: Path) -> dict:
     return found
 
 
+@pytest.mark.slow  # a killed two-rank job and its resumption: ~22 s on an AVX2 EPYC
 def test_rank_failure_ends_the_job_and_the_next_start_resumes(pretrain_data, one_node_two_processes, tmp_path):
     out = tmp_path / "run"
     recipe = train_overrides(
@@ -235,7 +237,7 @@ MOSS16B_LAYERS = [
 @pytest.mark.parametrize(
     "vocab",
     [
-        pytest.param(["model.vocab_size=1024"], id="small-vocab"),
+        pytest.param(["model.vocab_size=1024"], id="small-vocab", marks=pytest.mark.slow),  # ~26 s
         pytest.param([], id="moss-vocab", marks=pytest.mark.slow),
     ],
 )
