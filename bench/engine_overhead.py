@@ -128,9 +128,9 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|",
     ]
     for name, entry in pooled.items():
-        steps = " ".join(f"{t:.2f}" for t in entry["times"])
+        steps = " ".join(f"{t:.3f}" for t in entry["times"])
         lines.append(
-            f"| {name} | {entry['median_s']:.2f} | {steps} | {entry['median_s'] / bare - 1:+.1%} | "
+            f"| {name} | {entry['median_s']:.3f} | {steps} | {entry['median_s'] / bare - 1:+.1%} | "
             f"{entry['losses'][0][0]:.6f} | "
             f"{max(entry['peak_memory_gb']) if entry['peak_memory_gb'] else 'one process'} |"
         )

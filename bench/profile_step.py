@@ -1,5 +1,7 @@
 """Where moss-train's step spends its time: torch.profiler over `Trainer.train_step`, the
-operators grouped into matmuls, attention, the loss, the optimizer and the rest.
+operators grouped into matmuls, attention, the loss, the optimizer and the rest, and the step's
+time outside every operator (Python, DeepSpeed's hooks, dispatch): what a tiny model's step is
+mostly made of (`--config tiny --batch-size 1 --seq-len 64`).
 
     python bench/profile_step.py                       # small config, fp32, ZeRO-3, 2 profiled steps
     python bench/profile_step.py --zero-stage 0 --precision bf16-autocast --write
@@ -8,7 +10,6 @@ operators grouped into matmuls, attention, the loss, the optimizer and the rest.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import defaultdict
@@ -17,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import train_throughput as tt
-from bench_report import publish
+from bench_report import cpu_line, publish
 
 # Operator name (prefix) -> category; the first match wins, the rest is "other".
 CATEGORIES = [
@@ -61,13 +62,15 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--zero-stage", type=int, default=3)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's bench shape")
+    p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
 
     from moss_train.distributed import init_distributed
 
     device = init_distributed().device
-    batch_size, seq_len = tt.DEFAULT_SHAPES[args.config]
+    batch_size, seq_len = tt.shape(args, args.config)
     model_cfg = tt.CONFIGS[args.config]
     trainer = tt.moss_trainer(
         model_cfg, args.precision, args.zero_stage, tt.make_batch(model_cfg, batch_size, seq_len, device)
@@ -88,21 +91,22 @@ def main(argv=None) -> int:
     per_category = defaultdict(float)
     for event in events:
         per_category[category(event.key)] += event.self_cpu_time_total / 1e6 / args.steps
-    total = sum(per_category.values())
+    # What no operator accounts for: Python, DeepSpeed's module hooks, dispatch (and the profiler's own cost).
+    per_category["outside the operators (Python, hooks, dispatch)"] = max(wall - sum(per_category.values()), 0.0)
     lines = [
         "### profile_step — moss-train step, "
         f"{args.config} ({tt.num_parameters(model_cfg) / 1e6:.0f}M), {args.precision}, "
         f"batch {batch_size} x seq {seq_len}, ZeRO-{args.zero_stage}, {torch.get_num_threads()} threads",
         "",
         f"`{tt.command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
-        f"{load_before} before / {tt.load_line()[len('1-min load average ') :]} after on {os.cpu_count()} cores; "
-        f"{wall:.2f} s per profiled step)",
+        f"{load_before} before / {tt.load_line()[len('1-min load average ') :]} after; {cpu_line()}; "
+        f"{wall * 1e3:.1f} ms per profiled step)",
         "",
-        "| where | self CPU s per step | share |",
+        "| where | ms per step | share of the step |",
         "|---|---|---|",
     ]
     for label, seconds in sorted(per_category.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {label} | {seconds:.2f} | {seconds / total:.1%} |")
+        lines.append(f"| {label} | {seconds * 1e3:.1f} | {seconds / wall:.1%} |")
     publish(lines, args.write)
     return 0
 
