@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from moss_train import format as fmt
-from moss_train.chat.generate import DecodingBatch, Row, Sampling, generate_batch, process_logits
+from moss_train.chat.generate import DecodingBatch, Row, Sampling, generate_batch, greedy_choice, process_logits
 from moss_train.chat.plugins import NO_RESULT, Plugin, WebSearch, build_plugins
 from moss_train.chat.protocol import ChatSession, Settings, TurnRequest, encode, two_pass
 from moss_train.checkpoint.export import export_checkpoint, load_model
@@ -167,6 +167,24 @@ def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(use_cache):
         assert [r.tokens for r in rows] == alone
         assert len(cancelled.tokens) == 1 and not cancelled.stopped
     assert sum(len(t) > 5 for t in alone) >= 2  # long enough to overlap in the batch
+
+
+def test_greedy_choice_is_torch_argmax_ties_nan_and_inf_included():
+    """numpy's argmax on a CPU: torch's rule, the first maximum, a NaN counting as the maximum."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, 2.0],
+            [1.0, nan, 5.0, nan],
+            [-inf, -inf, -inf, -inf],
+            [0.5, inf, 2.0, inf],
+            [-1.0, -2.0, -0.5, -0.5],
+        ]
+    )
+    logits = torch.cat([logits, torch.randn(64, 4)])
+    chosen = greedy_choice(logits)
+    assert chosen.dtype == torch.long and torch.equal(chosen, logits.argmax(dim=-1))
+    assert chosen[:5].tolist() == [1, 1, 0, 1, 2]
 
 
 def test_logits_processing_equals_hf_processors():

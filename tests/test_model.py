@@ -523,3 +523,23 @@ def test_short_bf16_attention_on_a_cpu_can_run_in_fp32():
     assert torch.equal(plain[1:2], in_fp32(0, 40, 1))
     everything.float().square().sum().backward()  # gradients flow back through the casts, in bf16
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_one_query_attention_equals_sdpa_with_and_without_a_mask():
+    """A decoding step's attention (one query per row and head) by two batched matmuls over a
+    KV cache's slices: what SDPA gives, with every key seen and with left padding masked out."""
+    torch.manual_seed(0)
+    B, H, L, D, capacity = 3, 4, 37, 16, 50
+    q = torch.randn(B, H, 1, D)
+    keys, values = torch.randn(B, H, capacity, D), torch.randn(B, H, capacity, D)
+    k, v = keys[:, :, :L], values[:, :, :L]  # the cache's (B, H, L, D) slices, as KVCache.update returns them
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    mask[1, ..., :5] = False  # row 1 left-padded by 5 tokens, row 2 by 20
+    mask[2, ..., :20] = False
+    for layout in (None, mask):
+        got = codegen.attend(q, k, v, layout, 0.0, D**-0.5)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=layout, scale=D**-0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # A masked key changes nothing: row 2 alone over its 17 real keys.
+    alone = torch.nn.functional.scaled_dot_product_attention(q[2:], k[2:, :, 20:], v[2:, :, 20:], scale=D**-0.5)
+    torch.testing.assert_close(codegen.attend(q, k, v, mask, 0.0, D**-0.5)[2:], alone, rtol=1e-5, atol=1e-6)
