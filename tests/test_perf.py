@@ -237,6 +237,22 @@ def test_auto_precision_on_a_cpu_follows_its_measured_bf16_gain(tmp_path, monkey
     assert setup.resolve_precision("auto", here) == choice and json.loads(cache.read_text()) == peaks
 
 
+def test_an_explicit_bf16_is_kept_with_a_warning_where_bf16_is_slower(tmp_path, monkeypatch, capsys):
+    """On a CPU without a bf16 kernel (an AVX2-only EPYC: 0.001 TFLOP/s against fp32's 0.18) an
+    explicit bf16 trains as asked, and says once how much slower its matmuls are."""
+    cache = tmp_path / "peak.json"
+    monkeypatch.setenv("MOSS_TRAIN_PEAK_CACHE", str(cache))
+    here = torch.device("cpu")
+    for (fp32, bf16), warned in {(0.18, 0.001): True, (0.34, 2.29): False, (0.2, 0.2): False}.items():
+        cache.write_text(json.dumps({cpu.peak_cache_key("fp32"): fp32, cpu.peak_cache_key("bf16"): bf16}))
+        for asked in ("bf16", "bf16-autocast"):
+            assert setup.resolve_precision(asked, here) == asked
+            out = capsys.readouterr().out
+            assert ("warning: bf16 matmuls on this CPU measure" in out) == warned, (fp32, bf16, out)
+            assert not warned or f"({fp32 / bf16:.0f}x slower)" in out
+    assert setup.resolve_precision("fp32", here) == "fp32" and capsys.readouterr().out == ""
+
+
 def test_bf16_attention_crossover_is_measured_once_and_sets_the_model(tmp_path, monkeypatch):
     """Under bf16 autocast on a CPU the trainer asks at which length causal SDPA stops being
     faster in fp32 (measured, cached beside the peaks) and tells the model; in fp32 it is off."""

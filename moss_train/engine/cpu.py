@@ -137,6 +137,18 @@ def _write_atomically(path: Path, data: dict) -> None:
         pass  # a read-only home only costs the cache
 
 
+def bf16_slowdown_warning() -> str | None:
+    """A line for a run that asked for bf16 on a CPU whose bf16 matmuls measure slower than its
+    fp32 ones (an AVX2-only AMD EPYC: 0.001 against 0.18 TFLOP/s), else None."""
+    bf16, fp32 = cpu_peak_tflops("bf16")[0], cpu_peak_tflops("fp32")[0]
+    if bf16 >= fp32:
+        return None
+    return (
+        f"[moss-train] warning: bf16 matmuls on this CPU measure {bf16:.3f} TFLOP/s against fp32's {fp32:.3f} "
+        f"({fp32 / bf16:.0f}x slower); trainer.precision=auto or fp32 would train faster"
+    )
+
+
 def bf16_matmuls_pay() -> bool:
     """Whether bf16 matmuls run at least BF16_MIN_GAIN times fp32's on this CPU (both peaks
     measured once and cached, as the MFU peak is)."""

@@ -10,15 +10,21 @@ from torch import nn
 
 from moss_train.config import MossTrainConfig
 from moss_train.distributed import DistInfo
-from moss_train.engine.cpu import bf16_attention_fp32_below, bf16_matmuls_pay
+from moss_train.engine.cpu import bf16_attention_fp32_below, bf16_matmuls_pay, bf16_slowdown_warning
 from moss_train.model.codegen import attend_in_fp32_below
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """'auto' means bf16 weights on a GPU; on a CPU, bf16 autocast where bf16 matmuls measure
     clearly faster than fp32 (engine/cpu.py says why measured), else fp32. Rank 0 decides for
-    every rank: one precision per run, whatever a rank's own measurement would have said."""
+    every rank: one precision per run, whatever a rank's own measurement would have said. An
+    explicit bf16 is kept, with a warning where this CPU's bf16 matmuls measure slower than fp32."""
     if requested != "auto":
+        on_rank_0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if device.type == "cpu" and requested in ("bf16", "bf16-autocast") and on_rank_0:
+            warning = bf16_slowdown_warning()  # taken as asked, but said once
+            if warning:
+                print(warning, flush=True)
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
