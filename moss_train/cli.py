@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import NoReturn
 
 USAGE = __doc__
 
@@ -76,7 +77,7 @@ def finished() -> int:
     leave_now(0)
 
 
-def leave_now(status: int):
+def leave_now(status: int) -> NoReturn:
     """Exit with `status` at once, skipping the interpreter's teardown (see finished), with what
     this rank printed or logged flushed first."""
     import logging

@@ -40,6 +40,10 @@ def cpu_model_and_flags() -> tuple[str, frozenset]:
     return model, flags
 
 
+# The precisions whose matmuls run in bf16.
+BF16_PRECISIONS = ("bf16", "bf16-autocast")
+
+
 def measure_cpu_peak_tflops(
     precision: str, sizes: tuple[int, ...] = (512, 1024, 2048, 4096), repeats: int = 3, next_size_below_s: float = 0.15
 ) -> float:
@@ -50,7 +54,7 @@ def measure_cpu_peak_tflops(
     size took under `next_size_below_s`. Where a precision has no fast kernel (bf16 on a CPU with only
     AVX2: 0.001 TFLOP/s against fp32's 0.18 on an AMD EPYC), 4096^3 would take minutes per
     matmul; there it stops at 512, and the figure says bf16 does not pay."""
-    dtype = torch.bfloat16 if precision in ("bf16", "bf16-autocast") else torch.float32
+    dtype = torch.bfloat16 if precision in BF16_PRECISIONS else torch.float32
     best = 0.0
     for size in sizes:
         a = torch.randn(size, size, dtype=dtype)
@@ -104,7 +108,7 @@ def cpu_peak_tflops(precision: str, cache_file: Optional[Path] = None, remeasure
     cache keeps the best figure ever measured, so a first measurement on a loaded machine does
     not stay the denominator. Returns (TFLOP/s, a line saying what it is and where it came from)."""
     cache_file = cache_file or _peak_cache_file()
-    dtype = "bf16" if precision in ("bf16", "bf16-autocast") else "fp32"
+    dtype = "bf16" if precision in BF16_PRECISIONS else "fp32"
     key = peak_cache_key(dtype)
     cache = _read_cache(cache_file)
     cached = float(cache[key]) if isinstance(cache.get(key), (int, float)) else 0.0

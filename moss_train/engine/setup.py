@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from moss_train.config import MossTrainConfig
-from moss_train.distributed import DistInfo
-from moss_train.engine.cpu import bf16_attention_fp32_below, bf16_matmuls_pay, bf16_slowdown_warning
+from moss_train.distributed import DistInfo, launch_rank
+from moss_train.engine.cpu import (
+    BF16_PRECISIONS,
+    bf16_attention_fp32_below,
+    bf16_matmuls_pay,
+    bf16_slowdown_warning,
+)
 from moss_train.model.codegen import attend_in_fp32_below
 
 
@@ -20,8 +25,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     every rank: one precision per run, whatever a rank's own measurement would have said. An
     explicit bf16 is kept, with a warning where this CPU's bf16 matmuls measure slower than fp32."""
     if requested != "auto":
-        on_rank_0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if device.type == "cpu" and requested in ("bf16", "bf16-autocast") and on_rank_0:
+        if device.type == "cpu" and requested in BF16_PRECISIONS and launch_rank() == 0:
             warning = bf16_slowdown_warning()  # taken as asked, but said once
             if warning:
                 print(warning, flush=True)

@@ -95,17 +95,26 @@ def rotary_angles(position_ids: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     return position_ids.float()[..., None] * inv_freq
 
 
-def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``2 * sin.shape[-1]`` dims of the last axis of ``x``, GPT-J style:
-    consecutive pairs (x0, x1), (x2, x3), ... are rotated by their angle ("rotate every two").
-    ``sin``/``cos`` broadcast against ``x[..., ::2]``'s shape; the rest of ``x`` passes through.
-    """
-    rot = 2 * sin.shape[-1]
-    # Each pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as pair * cos + swapped pair * (-sin, sin):
-    # the same products and sums (bit for bit) in half the operators of rotating x0 and x1 apart.
-    signed_sin = torch.stack((-sin, sin), dim=-1).to(x.dtype)
+def rotary_tables(position_ids: torch.Tensor, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) positions -> the (signed sin, cos) tables of apply_rotary, fp32, shaped to broadcast
+    against the fused projection's q / k slots: (B, T, 1, 1, 1, rotary_dim/2, 2) and (..., 1).
+    Computed once per forward; every layer reads them."""
+    angles = rotary_angles(position_ids, rotary_dim)[:, :, None, None, None, :]
+    sin = angles.sin()
+    return torch.stack((-sin, sin), dim=-1), angles.cos()[..., None]
+
+
+def apply_rotary(x: torch.Tensor, signed_sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` dims of the last axis of ``x``, GPT-J style: consecutive
+    pairs (x0, x1), (x2, x3), ... are rotated by their angle ("rotate every two"); the rest of
+    ``x`` passes through. The tables come from :func:`rotary_tables`.
+
+    Each pair becomes (x0 cos - x1 sin, x1 cos + x0 sin), computed as pair * cos + swapped pair *
+    (-sin, sin): the same products and sums, bit for bit, in half the operators of rotating x0
+    and x1 apart."""
+    rot = 2 * signed_sin.shape[-2]
     pairs = x[..., :rot].unflatten(-1, (-1, 2))
-    rotated = (pairs * cos.to(x.dtype)[..., None] + pairs.flip(-1) * signed_sin).flatten(-2)
+    rotated = (pairs * cos.to(x.dtype) + pairs.flip(-1) * signed_sin.to(x.dtype)).flatten(-2)
     return torch.cat((rotated, x[..., rot:]), dim=-1) if rot < x.shape[-1] else rotated
 
 
@@ -218,13 +227,13 @@ class CodeGenAttention(nn.Module):
         self.out_proj = _Linear(cfg.n_embd, cfg.n_embd, bias=False, std=std)
         self.resid_pdrop = cfg.resid_pdrop
 
-    def forward(self, x, sin, cos, layout, kv=None) -> torch.Tensor:
+    def forward(self, x, signed_sin, cos, layout, kv=None) -> torch.Tensor:
         B, T, C = x.shape
         H, D, P = self.n_head, self.head_dim, QKV_PARTITIONS
         # Fused projection in CodeGen's layout: P partitions, each [q | v | k] for H/P heads.
         qkv = self.qkv_proj(x).view(B, T, P, 3, H // P, D)  # note the order q, v, k
         # q and k (slots 0 and 2) rotated in one pass: half the small ops of two calls.
-        q, k = apply_rotary(qkv[:, :, :, ::2], sin, cos).unbind(3)  # (B, T, P, H/P, D) each
+        q, k = apply_rotary(qkv[:, :, :, ::2], signed_sin, cos).unbind(3)  # (B, T, P, H/P, D) each
         v = qkv[:, :, :, 1]
         # Heads are numbered partition-major (head = p * H/P + j), as HF's _split_heads does.
         q, k, v = (t.reshape(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -257,9 +266,9 @@ class CodeGenBlock(nn.Module):
         self.attn = CodeGenAttention(cfg)
         self.mlp = CodeGenMLP(cfg)
 
-    def forward(self, x, sin, cos, layout, kv=None):
+    def forward(self, x, signed_sin, cos, layout, kv=None):
         h = self.ln_1(x)
-        return self.attn(h, sin, cos, layout, kv) + self.mlp(h) + x  # HF's summation order
+        return self.attn(h, signed_sin, cos, layout, kv) + self.mlp(h) + x  # HF's summation order
 
 
 # ----------------------------------------------------------------------------- the model
@@ -306,17 +315,16 @@ class CodeGenForCausalLM(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
-        angles = rotary_angles(position_ids, self.rotary_dim)[:, :, None, None, None, :]  # (B, T, 1, 1, 1, r/2)
-        sin, cos = angles.sin(), angles.cos()  # fp32; cast to q's dtype in apply_rotary
+        signed_sin, cos = rotary_tables(position_ids, self.rotary_dim)  # fp32; cast to q's dtype in apply_rotary
         # With a cache, its mask lets the new tokens see the cached ones (same segment, causal).
         layout = document_attention_layout(segment_ids) if cache is None else cache.attention_mask(segment_ids)
 
         x = _dropout(self.transformer.wte(input_ids), self.config.embd_pdrop, self.training)
         for i, block in enumerate(self.transformer.h):
             if self.config.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, sin, cos, layout, use_reentrant=False)
+                x = checkpoint(block, x, signed_sin, cos, layout, use_reentrant=False)
             else:
-                x = block(x, sin, cos, layout, None if cache is None else cache.layers[i])
+                x = block(x, signed_sin, cos, layout, None if cache is None else cache.layers[i])
         return self.transformer.ln_f(x)
 
     def forward(
