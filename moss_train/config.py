@@ -106,6 +106,10 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    # One process has nothing to partition: ZeRO-3 there runs as DeepSpeed's ZeRO-2, the same
+    # states without stage 3's per-parameter hooks (engine/setup.py: zero_stage_for). True keeps
+    # stage 3 in one process as well.
+    zero3_on_one_rank: bool = False
     # Raw DeepSpeed config entries merged last, for settings this schema does not name.
     extra: Dict[str, Any] = field(default_factory=dict)
 

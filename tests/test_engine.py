@@ -163,6 +163,49 @@ def test_resume_continues_exactly(pretrain_data, tmp_path):
         assert b[step]["grad_norm"] == a[step]["grad_norm"], step
 
 
+def test_one_process_runs_zero3_as_zero2_and_resumes_a_zero3_checkpoint(pretrain_data, tmp_path):
+    """One process has nothing to partition: the ZeRO-3 recipe runs DeepSpeed's ZeRO-2 there
+    (engine/setup.py: zero_stage_for), with the losses of ZeRO-3 kept in one process
+    (deepspeed.zero3_on_one_rank), and resumes that run's ZeRO-3 checkpoint through the
+    universal checkpoint to the losses and learning rates of its uninterrupted run."""
+    settings = {"trainer.max_steps": 4, "checkpoint.every": 2, "checkpoint.save_final": "false"}
+    kept = tmp_path / "kept"
+    run_cli([*train_overrides(pretrain_data, kept, **settings), "deepspeed.zero3_on_one_rank=true"])
+    assert (kept / "checkpoints" / "step_00000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+    default = tmp_path / "default"
+    run_cli(train_overrides(pretrain_data, default, **settings))
+    assert (default / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt").is_file()  # ZeRO 1/2's layout
+    assert_same_losses(train_losses(default), train_losses(kept))
+
+    resumed = _resume_copy(kept, "step_00000002", tmp_path / "resumed")
+    result = run_cli(train_overrides(pretrain_data, resumed, **settings))
+    assert "re-cut for 1 at ZeRO-2" in result.stdout
+    a, b = train_losses(kept), train_losses(resumed)
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
+        assert b[step]["lr"] == a[step]["lr"], step
+
+
+def test_zero3_runs_as_zero2_only_where_one_process_holds_every_parameter():
+    from moss_train.config import DeepSpeedConfig
+    from moss_train.engine.setup import zero_stage_for
+
+    assert zero_stage_for(DeepSpeedConfig(zero_stage=3), world_size=1) == 2
+    assert zero_stage_for(DeepSpeedConfig(zero_stage=3), world_size=2) == 3
+    assert zero_stage_for(DeepSpeedConfig(zero_stage=3, zero3_on_one_rank=True), world_size=1) == 3
+    assert zero_stage_for(DeepSpeedConfig(zero_stage=3, offload_param=True), world_size=1) == 3  # stage 3 only
+    assert [zero_stage_for(DeepSpeedConfig(zero_stage=s), world_size=1) for s in (0, 1, 2)] == [0, 1, 2]
+    assert zero_stage_for(DeepSpeedConfig(zero_stage=3), 1, "bf16-autocast") == 2  # fp32 weights
+    # 16-bit weights: ZeRO-2 would add 16-bit gradients that a one-GPU run sized for ZeRO-3 may lack
+    assert (
+        zero_stage_for(DeepSpeedConfig(zero_stage=3), 1, "bf16")
+        == zero_stage_for(DeepSpeedConfig(zero_stage=3), 1, "fp16")
+        == 3
+    )
+
+
 def _resume_copy(run: Path, step: str, into: Path) -> Path:
     """A run directory holding only `step` of `run` (what a stopped run leaves)."""
     (into / "checkpoints").mkdir(parents=True)

@@ -287,6 +287,44 @@ def test_tag_scores_every_turn_with_the_reward_model_on_two_processes(tag_run, r
         assert last == pytest.approx(record["messages"][-1]["reward"], abs=1e-4)
 
 
+def test_one_process_tags_as_two_processes_do(tag_run, reward_run, pretrain_data, tmp_path):
+    """The reward model as a frozen model in one process (ZeRO-3 runs as ZeRO-2 there, and a
+    frozen model as no ZeRO at all: engine/setup.py) gives the rewards, thresholds and tags of
+    the two-process ZeRO-3 run."""
+    inputs = tag_run.parent
+    out = tmp_path / "run"
+    run_cli(
+        stage_overrides(
+            pretrain_data,
+            out,
+            **{
+                "stage": "tag",
+                "preference.reward_model": str(reward_run),
+                "preference.levels": 3,
+                "data.seq_len": 256,
+                "preference.tag_inputs": f"[{inputs / 'train.jsonl'},{inputs / 'valid.jsonl'}]",
+            },
+        ),
+        timeout=300,
+    )
+    one, two = (json.loads((run / "thresholds.json").read_text()) for run in (out, tag_run))
+    assert one["thresholds"] == pytest.approx(two["thresholds"], abs=1e-5)
+    assert one["files"]["train"]["per_level"] == two["files"]["train"]["per_level"]
+
+    def tagged(run):
+        return [
+            (m["reward"], m["quality"])
+            for line in (run / "tagged" / "train.jsonl").read_text().splitlines()
+            for m in json.loads(line)["messages"]
+            if m["role"] == "assistant"
+        ]
+
+    ours, theirs = tagged(out), tagged(tag_run)
+    assert len(ours) == len(theirs) == 72
+    assert [q for _, q in ours] == [q for _, q in theirs]
+    assert [r for r, _ in ours] == pytest.approx([r for r, _ in theirs], abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def preference_run(pretrain_data, tag_run, tmp_path_factory):
     """Tag-conditioned SFT on two processes, from scratch, long enough (200 steps) to learn what

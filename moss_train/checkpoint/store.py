@@ -17,11 +17,12 @@ the one `latest` names. Loading re-hashes every file and names the first one who
 differs, and refuses a file that would run code when unpickled (checkpoint/safe_load.py).
 Hashing is shared out over the ranks (file i goes to rank i mod world size).
 
-Resuming on another number of ranks: ZeRO's optimizer shards are cut for the world size that
-wrote them. Such a checkpoint is converted with DeepSpeed's own ``ds_to_universal`` (rank 0,
-into ``.tmp-universal/step_N``, removed after the load) and read with its universal loader
-(``checkpoint.load_universal`` in the DeepSpeed config), which cuts the shards for the ranks of
-this run.
+Resuming on another number of ranks, or another ZeRO stage (one process runs ZeRO-3 as ZeRO-2:
+engine/setup.py, zero_stage_for): ZeRO's shards are cut for the world size and stage that wrote
+them. Such a checkpoint is converted with DeepSpeed's own ``ds_to_universal`` (rank 0, into
+``.tmp-universal/step_N``, removed after the load), fitted to this run's stage
+(fit_universal_to_stage), and read with DeepSpeed's universal loader (``checkpoint.load_universal``
+in the DeepSpeed config), which cuts the shards for the ranks of this run.
 """
 
 from __future__ import annotations
@@ -212,6 +213,64 @@ def convert_to_universal(step_dir: Path, out: Path) -> None:
         raise
 
 
+# The file DeepSpeed's engine reads a checkpoint's step, schedule and client state from (in a
+# universal load it takes the weights and optimizer states from zero/ instead): rank 0's
+# parameter shard under ZeRO-3, the whole module under ZeRO 0-2.
+MODEL_STATES_ZERO3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def fit_universal_to_stage(universal_step_dir: Path, param_shapes: Optional[dict]) -> None:
+    """Make a universal checkpoint converted from one ZeRO layout loadable by the other: ZeRO-3
+    (`param_shapes` None) or ZeRO 1/2 (`param_shapes`: this engine's parameter shapes by name),
+    as when one process (ZeRO-2: engine/setup.py, zero_stage_for) resumes a multi-rank ZeRO-3
+    run or the other way round. DeepSpeed 0.19's ds_to_universal writes two flavours, and each
+    stage's loader reads only its own:
+
+    - ZeRO-3's: flat tensors under zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt; the optimizer's
+      step and param groups in zero/optimizer_state.pt's torch optimizer state dict; rank 0's
+      parameter shard file for the step and client state;
+    - ZeRO 1/2's: {"param": shaped tensor, "cat_dim": 0} in those files and the step in
+      zero/<name>/step.pt; a "ds_version" in zero/optimizer_state.pt; the module's file.
+
+    The weights and moments are the same numbers in both; this rewrites the one flavour as the
+    other, in the temporary universal copy only."""
+    zero = universal_step_dir / "zero"
+    global_file = zero / "optimizer_state.pt"
+    global_state = safe_load.load(global_file)
+    from_zero3 = "optimizer_state_dict" in global_state
+    to_zero3 = param_shapes is None
+    wanted, other = (MODEL_STATES_ZERO3, MODEL_STATES) if to_zero3 else (MODEL_STATES, MODEL_STATES_ZERO3)
+    if not (universal_step_dir / wanted).is_file() and (universal_step_dir / other).is_file():
+        os.replace(universal_step_dir / other, universal_step_dir / wanted)
+    if from_zero3 == to_zero3:
+        return
+    param_dirs = sorted(path for path in zero.iterdir() if path.is_dir())
+    if to_zero3:
+        step = safe_load.load(param_dirs[0] / "step.pt")
+        global_state["optimizer_state_dict"] = {
+            "state": {0: {"step": step}},
+            "param_groups": global_state["param_groups"],
+        }
+    else:
+        import deepspeed
+
+        step = global_state["optimizer_state_dict"]["state"][0]["step"]
+        for param_dir in param_dirs:
+            if param_dir.name not in param_shapes:
+                raise CheckpointError(f"{universal_step_dir}: parameter {param_dir.name} is not in this run's model")
+            for moment in ("fp32", "exp_avg", "exp_avg_sq"):
+                flat = safe_load.load(param_dir / f"{moment}.pt")
+                torch.save({"param": flat.view(param_shapes[param_dir.name]), "cat_dim": 0}, param_dir / f"{moment}.pt")
+            torch.save(step, param_dir / "step.pt")
+        global_state["ds_version"] = deepspeed.__version__  # the version that converted it
+    torch.save(global_state, global_file)
+
+
+def _parameter_shapes(module: torch.nn.Module) -> dict:
+    return {name: tuple(param.shape) for name, param in module.named_parameters()}
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     tmp.write_text(text)
@@ -244,11 +303,15 @@ class CheckpointManager:
         found = [p for p in self.root.glob("step_*") if (p / COMPLETE).is_file()]
         return sorted(found, key=lambda p: p.name)
 
-    def needs_universal(self, path: Path) -> bool:
+    def needs_universal(self, path: Path, zero_stage: int) -> bool:
         """True when ZeRO optimizer shards of `path` were cut for another number of ranks than
-        this run's (ZeRO 0 keeps whole states, which load on any number)."""
-        shards = [name for name in read_complete(path)["files"] if name.endswith("optim_states.pt")]
-        return bool(shards) and len(shards) != self.dist.world_size
+        this run's, or another layout than `zero_stage`'s: stage 3 keeps each rank's parameter
+        shard in a file of its own, stages 1 and 2 the whole module in one (ZeRO 0 keeps whole
+        states, which load on any number of ranks)."""
+        names = read_complete(path)["files"]
+        shards = [name for name in names if name.endswith("optim_states.pt")]
+        params_sharded = any(name.startswith("zero_pp_rank_") and name.endswith("model_states.pt") for name in names)
+        return bool(shards) and (len(shards) != self.dist.world_size or params_sharded != (zero_stage == 3))
 
     def load(self, engine, path: Path, universal: bool = False) -> dict:
         """Verify checksums and refuse files that would run code, then restore model, optimizer,
@@ -260,7 +323,11 @@ class CheckpointManager:
         read_complete(path)
         verify_or_raise(path, self.dist.rank, self.dist.world_size)
         safe_load.refuse_unsafe_files(path)
-        load_dir, tag = (self._universal_copy(path), path.name) if universal else (path.parent, path.name)
+        if universal:
+            shapes = None if engine.zero_optimization_partition_weights() else _parameter_shapes(engine.module)
+            load_dir, tag = self._universal_copy(path, shapes), path.name
+        else:
+            load_dir, tag = path.parent, path.name
         with safe_load.weights_only():
             load_path, client_state = engine.load_checkpoint(
                 str(load_dir), tag=tag, load_module_strict=not self.trainable_only
@@ -277,9 +344,10 @@ class CheckpointManager:
             restore_rng(safe_load.load(rng_file))
         return client_state or {}
 
-    def _universal_copy(self, path: Path) -> Path:
-        """Rank 0 converts `path` with DeepSpeed's ds_to_universal; every rank gets the directory
-        that holds the converted `path.name` (or the same CheckpointError)."""
+    def _universal_copy(self, path: Path, param_shapes: Optional[dict]) -> Path:
+        """Rank 0 converts `path` with DeepSpeed's ds_to_universal, in the flavour of this
+        engine's stage (`param_shapes`: see fit_universal_to_stage); every rank gets the
+        directory that holds the converted `path.name` (or the same CheckpointError)."""
         load_dir = self.root / f"{TMP_PREFIX}universal"
         error = None
         if self.dist.is_main:
@@ -289,6 +357,7 @@ class CheckpointManager:
                     self.root, int(checkpoint_bytes(path) * FREE_SPACE_MARGIN), f"a universal copy of {path.name}"
                 )
                 convert_to_universal(path, load_dir / path.name)
+                fit_universal_to_stage(load_dir / path.name, param_shapes)
             except Exception as exc:  # every rank must learn of it, or the others wait forever
                 error = (
                     str(exc)

@@ -108,8 +108,10 @@ class Trainer:
             trainable_only=self.lora_state is not None,
         )
         self.resume_from = self._resume_path()
-        self.universal_resume = self.resume_from is not None and self.checkpoints.needs_universal(self.resume_from)
-        if self.universal_resume:  # written by another number of ranks: DeepSpeed re-cuts its shards
+        self.universal_resume = self.resume_from is not None and self.checkpoints.needs_universal(
+            self.resume_from, self.ds_config["zero_optimization"]["stage"]
+        )
+        if self.universal_resume:  # another number of ranks or ZeRO stage: DeepSpeed re-cuts its shards
             self.ds_config = {
                 **self.ds_config,
                 "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True},
@@ -163,7 +165,8 @@ class Trainer:
         self.tokens_seen = state.get("tokens_seen", 0)
         if self.dist.is_main:
             ranks = (
-                f" (written by another number of ranks, re-cut for {self.dist.world_size})"
+                f" (written by another number of ranks or ZeRO stage, re-cut for {self.dist.world_size} at "
+                f"ZeRO-{self.ds_config['zero_optimization']['stage']})"
                 if self.universal_resume
                 else ""
             )

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from moss_train.config import MossTrainConfig
+from moss_train.config import DeepSpeedConfig, MossTrainConfig
 from moss_train.distributed import DistInfo, launch_rank
 from moss_train.engine.cpu import (
     BF16_PRECISIONS,
@@ -70,16 +70,35 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def zero_stage_for(ds: DeepSpeedConfig, world_size: int, precision: str = "fp32") -> int:
+    """The ZeRO stage DeepSpeed runs: the recipe's, except ZeRO-3 in one process with fp32
+    weights (fp32, bf16-autocast), which runs as ZeRO-2. With one rank each "shard" is the whole
+    tensor, so ZeRO-3's gathering and releasing of every parameter around every module, and its
+    re-partitioning after each step, buy nothing (tiny model, one process: 45 ms per step against
+    31 at ZeRO-2 on an AVX2 EPYC, bench/engine_overhead.py). ZeRO-2 then holds the same states:
+    fp32 weights, fp32 master weights and Adam's moments in one flat partition, fp32 gradients.
+    With 16-bit weights (bf16, fp16: a GPU's precision) ZeRO-2 would hold 2 more bytes per
+    parameter of 16-bit gradients than ZeRO-3 (moss_train/plan.py, as DeepSpeed's estimator),
+    which a one-GPU run sized for ZeRO-3 may not have: stage 3 stays. So does parameter offload
+    (stage 3 only) and deepspeed.zero3_on_one_rank. ZeRO-2 checkpoints resume on any number of
+    ranks at stage 3 through the universal checkpoint (checkpoint/store.py)."""
+    fp32_weights = precision in ("fp32", "bf16-autocast")
+    if ds.zero_stage == 3 and world_size == 1 and fp32_weights and not ds.offload_param and not ds.zero3_on_one_rank:
+        return 2
+    return ds.zero_stage
+
+
 def deepspeed_config(cfg: MossTrainConfig, precision: str, world_size: int) -> dict:
     trainer, ds = cfg.trainer, cfg.deepspeed
-    zero: dict = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 1:
+    stage = zero_stage_for(ds, world_size, precision)
+    zero: dict = {"stage": stage}
+    if stage >= 1:
         zero.update(
             overlap_comm=ds.overlap_comm,
             contiguous_gradients=ds.contiguous_gradients,
             reduce_bucket_size=ds.reduce_bucket_size,
         )
-    if ds.zero_stage == 3:
+    if stage == 3:
         zero.update(
             stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
             stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
@@ -243,9 +262,18 @@ def frozen_model(build, init_from: str, *, cfg: MossTrainConfig, tokenizer, dist
     model, _ = build_and_load(build, cfg, tokenizer, dist, ds_config)
     for param in model.parameters():
         param.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, config=_frozen_config(ds_config))
     engine.eval()
     return engine
+
+
+def _frozen_config(ds_config: dict) -> dict:
+    """ZeRO 1 and 2 shard optimizer states and gradients, which a frozen model has none of
+    (DeepSpeed refuses them without an optimizer): it runs without ZeRO there. ZeRO-3 shards
+    its weights, so it keeps it."""
+    if ds_config["zero_optimization"]["stage"] in (1, 2):
+        return {**ds_config, "zero_optimization": {"stage": 0}}
+    return ds_config
 
 
 def frozen_models(specs: dict, cfg: MossTrainConfig, tokenizer, dist: DistInfo, ds_config: dict) -> dict:
