@@ -12,6 +12,7 @@ different loads and disagreed by 2-3x); --subprocesses runs each in its own proc
 (that also gives each one's peak memory). The figure is the median step.
 
     python bench/engine_overhead.py                        # ZeRO-0 and ZeRO-3 vs bare torch, fp32
+    python bench/engine_overhead.py --ours-with deepspeed.zero3_on_one_rank=true  # also ZeRO-3 kept in one process
     python bench/engine_overhead.py --steps 8 --write      # also append the table to RESULTS.md
 """
 
@@ -63,6 +64,20 @@ def torch_step_fn(model_cfg, precision, batch, args):
 SIDES = {**tt.SIDES, "torch": torch_step_fn}
 
 
+def memory_cell(peaks: list) -> str:
+    return f"{max(peaks):.2f}" if peaks else "one process"
+
+
+def stage_row_name(stage: int, overrides: list, cfg) -> str:
+    """ "moss-train ZeRO-3", with the overrides of its row and the stage DeepSpeed really runs
+    where one process changes it (engine/setup.py: zero_stage_for)."""
+    from moss_train.engine.setup import zero_stage_for
+
+    name = f"moss-train ZeRO-{stage}" + "".join(f" + {override}" for override in overrides)
+    runs = zero_stage_for(cfg.deepspeed, 1, cfg.trainer.precision)
+    return name if runs == stage else f"{name} (runs as ZeRO-{runs})"
+
+
 def alternate_in_process(config: str, precision: str, args) -> dict:
     """Build the bare torch step and one moss-train Trainer per ZeRO stage in this process,
     then time them in turn, step by step (the order reversed every other step)."""
@@ -77,8 +92,13 @@ def alternate_in_process(config: str, precision: str, args) -> dict:
     batch = tt.make_batch(model_cfg, batch_size, seq_len, device)
     steps = {"bare torch": torch_step_fn(model_cfg, precision, batch, args)}
     for stage in args.engine_stages.split(","):
-        stage_args = argparse.Namespace(**{**vars(args), "zero_stage": int(stage)})
-        steps[f"moss-train ZeRO-{stage}"] = tt.moss_step_fn(model_cfg, precision, batch, stage_args)
+        for lever in ["", *args.ours_with]:
+            overrides = lever.split(",") if lever else []
+            stage_args = argparse.Namespace(**{**vars(args), "zero_stage": int(stage), "overrides": overrides})
+            name = stage_row_name(
+                int(stage), overrides, tt.bench_config(model_cfg, precision, int(stage), 1, overrides)
+            )
+            steps[name] = tt.moss_step_fn(model_cfg, precision, batch, stage_args)
     pooled = {name: {"times": [], "losses": [[]], "peak_memory_gb": [], "device": str(device)} for name in steps}
     names = list(steps)
     for i in range(args.warmup + args.steps):
@@ -109,7 +129,11 @@ def main(argv=None) -> int:
     precision = (args.precisions or "fp32").split(",")[0]
     variants = {"bare torch": ("torch", [])}
     for stage in args.engine_stages.split(","):
-        variants[f"moss-train ZeRO-{stage}"] = ("moss-train", ["--zero-stage", stage])
+        for lever in ["", *args.ours_with]:
+            overrides = lever.split(",") if lever else []
+            cfg = tt.bench_config(tt.CONFIGS[config], precision, int(stage), 1, overrides)
+            extra = ["--overrides", *overrides] if overrides else []
+            variants[stage_row_name(int(stage), overrides, cfg)] = ("moss-train", ["--zero-stage", stage, *extra])
     if args.subprocesses:
         pooled = tt.alternate(script, variants, config, precision, args)
         how = "each variant in its own subprocess, alternating round by round"
@@ -132,7 +156,7 @@ def main(argv=None) -> int:
         lines.append(
             f"| {name} | {entry['median_s']:.3f} | {steps} | {entry['median_s'] / bare - 1:+.1%} | "
             f"{entry['losses'][0][0]:.6f} | "
-            f"{max(entry['peak_memory_gb']) if entry['peak_memory_gb'] else 'one process'} |"
+            f"{memory_cell(entry['peak_memory_gb'])} |"
         )
     publish(lines, args.write)
     return 0

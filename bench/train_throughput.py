@@ -392,12 +392,18 @@ def main(argv=None) -> int:
     return 0
 
 
+# Each side trains in one process, where fp32 weights (fp32, bf16 autocast) run the ZeRO-3 recipe
+# as ZeRO-2 (engine/setup.py: zero_stage_for).
+ONE_PROCESS_NOTE = {3: " (one process: ZeRO-2 where the weights are fp32)"}
+
+
 def throughput_table(rows, peaks: dict, device: str, argv, load_before: str, zero_stage: int) -> list[str]:
     threads = torch.get_num_threads()
     where = device if device != "cpu" else f"CPU {cpu_identity()}, {os.cpu_count()} cores, {threads} threads"
     peak_cols = list(peaks)
     lines = [
-        f"### train_throughput — {where}, moss-train ZeRO-{zero_stage}, each side in its own subprocess, alternating",
+        f"### train_throughput — {where}, moss-train ZeRO-{zero_stage}{ONE_PROCESS_NOTE.get(zero_stage, '')}, "
+        "each side in its own subprocess, alternating",
         "",
         run_line(argv, load_before)
         + "; matmul peak used for MFU: "
