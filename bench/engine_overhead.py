@@ -68,14 +68,8 @@ def memory_cell(peaks: list) -> str:
     return f"{max(peaks):.2f}" if peaks else "one process"
 
 
-def stage_row_name(stage: int, overrides: list, cfg) -> str:
-    """ "moss-train ZeRO-3", with the overrides of its row and the stage DeepSpeed really runs
-    where one process changes it (engine/setup.py: zero_stage_for)."""
-    from moss_train.engine.setup import zero_stage_for
-
-    name = f"moss-train ZeRO-{stage}" + "".join(f" + {override}" for override in overrides)
-    runs = zero_stage_for(cfg.deepspeed, 1, cfg.trainer.precision)
-    return name if runs == stage else f"{name} (runs as ZeRO-{runs})"
+def stage_row_name(stage: int, overrides: list, precision: str) -> str:
+    return f"moss-train {tt.zero_label(stage, precision, overrides)}" + "".join(f" + {o}" for o in overrides)
 
 
 def alternate_in_process(config: str, precision: str, args) -> dict:
@@ -95,9 +89,7 @@ def alternate_in_process(config: str, precision: str, args) -> dict:
         for lever in ["", *args.ours_with]:
             overrides = lever.split(",") if lever else []
             stage_args = argparse.Namespace(**{**vars(args), "zero_stage": int(stage), "overrides": overrides})
-            name = stage_row_name(
-                int(stage), overrides, tt.bench_config(model_cfg, precision, int(stage), 1, overrides)
-            )
+            name = stage_row_name(int(stage), overrides, precision)
             steps[name] = tt.moss_step_fn(model_cfg, precision, batch, stage_args)
     pooled = {name: {"times": [], "losses": [[]], "peak_memory_gb": [], "device": str(device)} for name in steps}
     names = list(steps)
@@ -131,9 +123,8 @@ def main(argv=None) -> int:
     for stage in args.engine_stages.split(","):
         for lever in ["", *args.ours_with]:
             overrides = lever.split(",") if lever else []
-            cfg = tt.bench_config(tt.CONFIGS[config], precision, int(stage), 1, overrides)
             extra = ["--overrides", *overrides] if overrides else []
-            variants[stage_row_name(int(stage), overrides, cfg)] = ("moss-train", ["--zero-stage", stage, *extra])
+            variants[stage_row_name(int(stage), overrides, precision)] = ("moss-train", ["--zero-stage", stage, *extra])
     if args.subprocesses:
         pooled = tt.alternate(script, variants, config, precision, args)
         how = "each variant in its own subprocess, alternating round by round"

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     lines = [
         "### profile_step — moss-train step, "
         f"{args.config} ({tt.num_parameters(model_cfg) / 1e6:.0f}M), {args.precision}, "
-        f"batch {batch_size} x seq {seq_len}, ZeRO-{args.zero_stage}, {torch.get_num_threads()} threads",
+        f"batch {batch_size} x seq {seq_len}, {tt.zero_label(args.zero_stage, args.precision)}, "
+        f"{torch.get_num_threads()} threads",
         "",
         f"`{tt.command_line(argv).strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
         f"{load_before} before / {tt.load_line()[len('1-min load average ') :]} after; {cpu_line()}; "

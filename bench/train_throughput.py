@@ -143,6 +143,16 @@ def bench_config(model_cfg: ModelConfig, precision: str, zero_stage: int, batch_
     return cfg
 
 
+def zero_label(zero_stage: int, precision: str, overrides=()) -> str:
+    """ "ZeRO-3", or "ZeRO-3 (runs as ZeRO-2)" where one process changes the stage DeepSpeed
+    runs (engine/setup.py: zero_stage_for)."""
+    from moss_train.engine.setup import zero_stage_for
+
+    cfg = bench_config(CONFIGS["tiny"], precision, zero_stage, 1, overrides)
+    runs = zero_stage_for(cfg.deepspeed, 1, precision)
+    return f"ZeRO-{zero_stage}" + ("" if runs == zero_stage else f" (runs as ZeRO-{runs})")
+
+
 def moss_trainer(model_cfg: ModelConfig, precision: str, zero_stage: int, batch: dict, overrides=()):
     """A real moss-train Trainer (DeepSpeed engine, the recipe's optimizer) whose every step
     trains on `batch`."""
