@@ -235,36 +235,42 @@ def fit_universal_to_stage(universal_step_dir: Path, param_shapes: Optional[dict
 
     The weights and moments are the same numbers in both; this rewrites the one flavour as the
     other, in the temporary universal copy only."""
-    zero = universal_step_dir / "zero"
-    global_file = zero / "optimizer_state.pt"
+    global_file = universal_step_dir / "zero" / "optimizer_state.pt"
     global_state = safe_load.load(global_file)
-    from_zero3 = "optimizer_state_dict" in global_state
-    to_zero3 = param_shapes is None
+    from_zero3, to_zero3 = "optimizer_state_dict" in global_state, param_shapes is None
     wanted, other = (MODEL_STATES_ZERO3, MODEL_STATES) if to_zero3 else (MODEL_STATES, MODEL_STATES_ZERO3)
     if not (universal_step_dir / wanted).is_file() and (universal_step_dir / other).is_file():
         os.replace(universal_step_dir / other, universal_step_dir / wanted)
-    if from_zero3 == to_zero3:
-        return
-    param_dirs = sorted(path for path in zero.iterdir() if path.is_dir())
-    if to_zero3:
-        step = safe_load.load(param_dirs[0] / "step.pt")
-        global_state["optimizer_state_dict"] = {
-            "state": {0: {"step": step}},
-            "param_groups": global_state["param_groups"],
-        }
-    else:
-        import deepspeed
+    if from_zero3 != to_zero3:
+        param_dirs = sorted(path for path in global_file.parent.iterdir() if path.is_dir())
+        if to_zero3:
+            _zero12_flavour_to_zero3(global_state, param_dirs)
+        else:
+            _zero3_flavour_to_zero12(global_state, param_dirs, param_shapes)
+        torch.save(global_state, global_file)
 
-        step = global_state["optimizer_state_dict"]["state"][0]["step"]
-        for param_dir in param_dirs:
-            if param_dir.name not in param_shapes:
-                raise CheckpointError(f"{universal_step_dir}: parameter {param_dir.name} is not in this run's model")
-            for moment in ("fp32", "exp_avg", "exp_avg_sq"):
-                flat = safe_load.load(param_dir / f"{moment}.pt")
-                torch.save({"param": flat.view(param_shapes[param_dir.name]), "cat_dim": 0}, param_dir / f"{moment}.pt")
-            torch.save(step, param_dir / "step.pt")
-        global_state["ds_version"] = deepspeed.__version__  # the version that converted it
-    torch.save(global_state, global_file)
+
+def _zero12_flavour_to_zero3(global_state: dict, param_dirs: list[Path]) -> None:
+    """ZeRO-3's loader reads the step and param groups from a torch optimizer state dict (and
+    takes the per-parameter files' "param" entries as they are)."""
+    step = safe_load.load(param_dirs[0] / "step.pt")
+    global_state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": global_state["param_groups"]}
+
+
+def _zero3_flavour_to_zero12(global_state: dict, param_dirs: list[Path], param_shapes: dict) -> None:
+    """ZeRO 1/2's loader wants each tensor in its parameter's shape, a step file per parameter,
+    and the DeepSpeed version of the checkpoint (here: the version that converted it)."""
+    import deepspeed
+
+    step = global_state["optimizer_state_dict"]["state"][0]["step"]
+    for param_dir in param_dirs:
+        if param_dir.name not in param_shapes:
+            raise CheckpointError(f"{param_dir}: parameter {param_dir.name} is not in this run's model")
+        for moment in ("fp32", "exp_avg", "exp_avg_sq"):
+            flat = safe_load.load(param_dir / f"{moment}.pt")
+            torch.save({"param": flat.view(param_shapes[param_dir.name]), "cat_dim": 0}, param_dir / f"{moment}.pt")
+        torch.save(step, param_dir / "step.pt")
+    global_state["ds_version"] = deepspeed.__version__
 
 
 def _parameter_shapes(module: torch.nn.Module) -> dict:
