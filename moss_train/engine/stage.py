@@ -61,6 +61,10 @@ class StageData:
     count_targets: Callable[[dict], int]
     # Tokens the model computes per sample (for tokens/s and MFU).
     tokens_per_sample: int
+    # Counts the positions of a collated micro-batch where the model computes vocabulary logits
+    # (for MFU: the lm_head runs only where the loss needs them). None: count_targets, which is
+    # that count wherever the loss is over labelled tokens (pretrain, SFT, preference).
+    count_head_rows: Optional[Callable[[dict], int]] = None
     # False when the dataset's own index order is already the training order (e.g. a blend
     # whose interleaving keeps source proportions exact); True: a seeded permutation per epoch.
     shuffle: bool = True

@@ -210,6 +210,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return float(6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * seq_len)
 
 
+def head_flops_per_row(cfg: ModelConfig) -> float:
+    """The lm_head's share of flops_per_token: 6 x its parameters (weight and bias, padded
+    vocabulary). The head runs only at the positions a loss needs logits for (model/codegen.py:
+    logits_at; SFT's answer tokens, none for the reward model's scalar head), so a training
+    run's MFU counts it per such position, not per token (engine/loop.py)."""
+    vocab = model_vocab_size(cfg)
+    return float(6 * (vocab * cfg.n_embd + vocab))
+
+
 # ----------------------------------------------------------------------------- HF conversion
 
 

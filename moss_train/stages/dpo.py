@@ -43,7 +43,7 @@ class DPOStage(TrainingStage):
         return {REFERENCE: FrozenModel(lm.build_causal_lm, ctx.cfg.preference.reference or ctx.cfg.stage.init_from)}
 
     def build_data(self, ctx: StageContext) -> StageData:
-        return lm.pair_data(ctx, self.name)
+        return lm.pair_data(ctx, self.name, count_head_rows=lm.count_label_targets)  # the answers' logits
 
     def use_frozen_models(self, ctx: StageContext) -> None:
         _score_reference(ctx.frozen[REFERENCE], ctx)

@@ -44,9 +44,9 @@ def build_reward_model(cfg, tokenizer: MossTokenizer) -> RewardModel:
     return RewardModel(resolve_model_config(cfg, tokenizer))
 
 
-def pair_data(ctx: StageContext, stage_name: str) -> StageData:
+def pair_data(ctx: StageContext, stage_name: str, count_head_rows) -> StageData:
     """Train and held-out preference pairs (data/pairs.py), as batches of chosen + rejected rows
-    (stage=reward and stage=dpo)."""
+    (stage=reward and stage=dpo); `count_head_rows`: see StageData."""
     train, valid = pair_datasets(ctx.cfg, ctx.tokenizer, stage_name, ctx.is_main)
     return StageData(
         train=train,
@@ -54,6 +54,7 @@ def pair_data(ctx: StageContext, stage_name: str) -> StageData:
         collate=partial(collate_pairs, pad_id=ctx.tokenizer.pad_id),
         count_targets=count_pairs,
         tokens_per_sample=max(1, round(2 * train.mean_length)),  # both responses of a pair
+        count_head_rows=count_head_rows,
     )
 
 
@@ -100,3 +101,8 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
 
 def count_label_targets(batch: dict) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def no_head_rows(batch: dict) -> int:
+    """The reward model reads one scalar per response (its `score` head), no vocabulary logits."""
+    return 0

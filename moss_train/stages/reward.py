@@ -26,7 +26,7 @@ class RewardStage(TrainingStage):
     build_model = staticmethod(lm.build_reward_model)
 
     def build_data(self, ctx: StageContext) -> StageData:
-        return lm.pair_data(ctx, self.name)
+        return lm.pair_data(ctx, self.name, count_head_rows=lm.no_head_rows)
 
     def loss(self, ctx: StageContext, model, batch: dict) -> LossTerms:
         rewards = model(
