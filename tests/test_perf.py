@@ -80,7 +80,9 @@ def test_fused_adamw_matches_default_adamw():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-ENGINE_VS_TORCH = textwrap.dedent(
+# A script run in its own process (DeepSpeed and a process group of its own): a Trainer on one
+# fixed batch of 4 x 32 tokens whose `labels` the script sets before training.
+FIXED_BATCH_STAGE = textwrap.dedent(
     """
     import json, math
     from dataclasses import replace
@@ -91,14 +93,12 @@ ENGINE_VS_TORCH = textwrap.dedent(
     from moss_train.engine import setup
     from moss_train.engine.loop import Trainer
     from moss_train.model.codegen import CodeGenForCausalLM
-    from moss_train.model.config import ModelConfig
+    from moss_train.model.config import ModelConfig, flops_per_token, head_flops_per_row
     from moss_train.engine.stage import StageData, TrainingStage
     from moss_train.stages.lm import causal_lm_loss, count_label_targets
 
     model_cfg = ModelConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
-    labels = torch.cat([ids[:, 1:], torch.full((4, 1), -100)], dim=1)
-    labels[0, :10] = -100  # uneven targets per row: the token mean is over the whole batch
 
     class Fixed(TrainingStage):
         name = "fixed"
@@ -109,6 +109,14 @@ ENGINE_VS_TORCH = textwrap.dedent(
             samples = [{"input_ids": ids[i], "labels": labels[i]} for i in range(4)]
             return StageData(train=samples, eval=None, collate=collate_packed, count_targets=count_label_targets,
                              tokens_per_sample=32, shuffle=False)
+
+    """
+)
+
+ENGINE_VS_TORCH = FIXED_BATCH_STAGE + textwrap.dedent(
+    """
+    labels = torch.cat([ids[:, 1:], torch.full((4, 1), -100)], dim=1)
+    labels[0, :10] = -100  # uneven targets per row: the token mean is over the whole batch
 
     cfg = MossTrainConfig()
     cfg.model = model_cfg
@@ -139,33 +147,10 @@ ENGINE_VS_TORCH = textwrap.dedent(
 )
 
 
-MFU_OF_ANSWER_TOKENS = textwrap.dedent(
+MFU_OF_ANSWER_TOKENS = FIXED_BATCH_STAGE + textwrap.dedent(
     """
-    import json
-    from dataclasses import replace
-    import torch
-    from moss_train.config import MossTrainConfig
-    from moss_train.data.packed import collate_packed
-    from moss_train.engine.loop import Trainer
-    from moss_train.model.codegen import CodeGenForCausalLM
-    from moss_train.model.config import ModelConfig, flops_per_token, head_flops_per_row
-    from moss_train.engine.stage import StageData, TrainingStage
-    from moss_train.stages.lm import causal_lm_loss, count_label_targets
-
-    model_cfg = ModelConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
-    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
     labels = torch.full((4, 32), -100)
     labels[:, 24:] = ids[:, 24:]  # SFT-like: the last 8 of 32 tokens are the answer
-
-    class Answers(TrainingStage):
-        name = "answers"
-        def loss(self, ctx, model, batch): return causal_lm_loss(model, batch)
-        def load_tokenizer(self, cfg): return None
-        def build_model(self, cfg, tok): return CodeGenForCausalLM(cfg.model)
-        def build_data(self, ctx):
-            samples = [{"input_ids": ids[i], "labels": labels[i]} for i in range(4)]
-            return StageData(train=samples, eval=None, collate=collate_packed, count_targets=count_label_targets,
-                             tokens_per_sample=32, shuffle=False)
 
     cfg = MossTrainConfig()
     cfg.model = model_cfg
@@ -174,7 +159,7 @@ MFU_OF_ANSWER_TOKENS = textwrap.dedent(
                           warmup_steps=1, eval_samples=0)
     cfg.checkpoint = replace(cfg.checkpoint, save_final=False)
     cfg.logging = replace(cfg.logging, wandb="disabled", progress_bar=False, peak_tflops=1.0)
-    history = Trainer(cfg, Answers()).fit()
+    history = Trainer(cfg, Fixed()).fit()
     print("RESULT " + json.dumps({
         "per_token": [r["mfu"] * 1e12 / r["tokens_per_s"] for r in history],
         "every_token": flops_per_token(model_cfg, 32), "head": head_flops_per_row(model_cfg),
@@ -183,15 +168,10 @@ MFU_OF_ANSWER_TOKENS = textwrap.dedent(
 )
 
 
-def test_mfu_counts_the_lm_head_only_where_it_computed_logits(tmp_path):
-    """SFT computes vocabulary logits only at the answers' tokens (model/codegen.py: logits_at).
-    The model FLOPs behind a run's MFU are the body at every token and the lm_head at those
-    positions, here a quarter of them; counting the head at every token gave the quickstart's
-    SFT an MFU of 0.93 on a CPU whose matmuls reach 0.185 TFLOP/s at best."""
-    import subprocess
-
-    script = tmp_path / "mfu_of_answer_tokens.py"
-    script.write_text(MFU_OF_ANSWER_TOKENS)
+def run_script_result(tmp_path, name: str, source: str) -> dict:
+    """Run `source` as a script in its own process; the JSON of its RESULT line."""
+    script = tmp_path / name
+    script.write_text(source)
     done = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
@@ -202,31 +182,25 @@ def test_mfu_counts_the_lm_head_only_where_it_computed_logits(tmp_path):
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_mfu_counts_the_lm_head_only_where_it_computed_logits(tmp_path):
+    """SFT computes vocabulary logits only at the answers' tokens (model/codegen.py: logits_at).
+    The model FLOPs behind a run's MFU are the body at every token and the lm_head at those
+    positions, here a quarter of them; counting the head at every token gave the quickstart's
+    SFT an MFU of 0.93 on a CPU whose matmuls reach 0.185 TFLOP/s at best."""
+    result = run_script_result(tmp_path, "mfu_of_answer_tokens.py", MFU_OF_ANSWER_TOKENS)
     expected = result["every_token"] - result["head"] + result["head"] * 8 / 32
     assert len(result["per_token"]) == 3
     assert result["per_token"] == pytest.approx([expected] * 3, rel=1e-9)
 
 
 def test_engine_step_equals_plain_torch_reference(tmp_path):
-    """Through the real DeepSpeed engine (ZeRO-3, two micro-batches), with the chunked loss and
-    fused AdamW, four steps give the losses and gradient norms of a plain torch loop with
-    F.cross_entropy and the default AdamW."""
-    import subprocess
-
-    script = tmp_path / "engine_vs_torch.py"
-    script.write_text(ENGINE_VS_TORCH)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=cli_env(PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    """Through the real DeepSpeed engine (the ZeRO-3 recipe, which one process runs as ZeRO-2;
+    two micro-batches), with the chunked loss and fused AdamW, four steps give the losses and
+    gradient norms of a plain torch loop with F.cross_entropy and the default AdamW."""
+    result = run_script_result(tmp_path, "engine_vs_torch.py", ENGINE_VS_TORCH)
     for step, (ours, ref) in enumerate(zip(result["engine"], result["reference"])):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-5), step
         assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), step

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,22 +238,23 @@ def tag_run(pretrain_data, reward_run, tmp_path_factory):
     )
     valid.write_text("\n".join(json.dumps(d) for d in dialogues(12, 4)) + "\n")
     out = root / "run"
-    run_cli(
-        stage_overrides(
-            pretrain_data,
-            out,
-            **{
-                "stage": "tag",
-                "preference.reward_model": str(reward_run),
-                "preference.levels": 3,
-                "data.seq_len": 256,
-                "preference.tag_inputs": f"[{train},{valid}]",
-            },
-        ),
-        launcher=torchrun(),
-        timeout=300,
-    )
+    run_cli(tag_overrides(pretrain_data, reward_run, root, out), launcher=torchrun(), timeout=300)
     return out
+
+
+def tag_overrides(pretrain_data, reward_run, inputs: Path, out: Path) -> list[str]:
+    """stage=tag of inputs/{train,valid}.jsonl with the reward model, in three levels."""
+    return stage_overrides(
+        pretrain_data,
+        out,
+        **{
+            "stage": "tag",
+            "preference.reward_model": str(reward_run),
+            "preference.levels": 3,
+            "data.seq_len": 256,
+            "preference.tag_inputs": f"[{inputs / 'train.jsonl'},{inputs / 'valid.jsonl'}]",
+        },
+    )
 
 
 def test_tag_scores_every_turn_with_the_reward_model_on_two_processes(tag_run, reward_run, pretrain_data):
@@ -291,22 +293,8 @@ def test_one_process_tags_as_two_processes_do(tag_run, reward_run, pretrain_data
     """The reward model as a frozen model in one process (ZeRO-3 runs as ZeRO-2 there, and a
     frozen model as no ZeRO at all: engine/setup.py) gives the rewards, thresholds and tags of
     the two-process ZeRO-3 run."""
-    inputs = tag_run.parent
     out = tmp_path / "run"
-    run_cli(
-        stage_overrides(
-            pretrain_data,
-            out,
-            **{
-                "stage": "tag",
-                "preference.reward_model": str(reward_run),
-                "preference.levels": 3,
-                "data.seq_len": 256,
-                "preference.tag_inputs": f"[{inputs / 'train.jsonl'},{inputs / 'valid.jsonl'}]",
-            },
-        ),
-        timeout=300,
-    )
+    run_cli(tag_overrides(pretrain_data, reward_run, tag_run.parent, out), timeout=300)
     one, two = (json.loads((run / "thresholds.json").read_text()) for run in (out, tag_run))
     assert one["thresholds"] == pytest.approx(two["thresholds"], abs=1e-5)
     assert one["files"]["train"]["per_level"] == two["files"]["train"]["per_level"]
