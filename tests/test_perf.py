@@ -353,6 +353,28 @@ def test_rank_0_decides_auto_precision_for_every_rank(tmp_path):
     assert "rank 0: bf16-autocast" in result.stdout and "rank 1: bf16-autocast" in result.stdout
 
 
+def test_throughput_leaves_out_the_evaluations_and_saves_among_its_steps():
+    """Four steps of 1 s with a 10 s evaluation after the second: 4 steps over 4 s. (Restarting
+    the window's clock after the evaluation, as the loop did, counted 4 steps over 2 s.)"""
+    now = [0.0]
+    window = metrics.ThroughputWindow(
+        tokens_per_step=100, body_flops=10.0, head_flops=1000.0, peak_flops=1e5, clock=lambda: now[0]
+    )
+    for step in range(1, 5):
+        now[0] += 1.0
+        window.add_step(head_rows=25)  # the lm_head at a quarter of the 100 tokens
+        if step == 2:
+            with window.paused():
+                now[0] += 10.0
+    rates = window.rates()
+    assert rates["tokens_per_s"] == 400 / 4
+    assert rates["mfu"] == (400 * 10.0 + 100 * 1000.0) / 4 / 1e5
+    window.reset()
+    now[0] += 2.0
+    window.add_step(head_rows=0)
+    assert window.steps == 1 and window.rates()["tokens_per_s"] == 100 / 2
+
+
 def test_peak_used_for_mfu_is_printed_and_cached(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOSS_TRAIN_PEAK_CACHE", str(tmp_path / "moss-train" / "cpu_matmul_peak.json"))
     peak = metrics.peak_tflops(None, "fp32", torch.device("cpu"))

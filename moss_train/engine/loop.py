@@ -25,7 +25,7 @@ from moss_train.config import MossTrainConfig
 from moss_train.data.sampler import GlobalBatchPlan
 from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, rank_batches
 from moss_train.engine import setup
-from moss_train.engine.metrics import MetricsLogger, memory_gb, peak_tflops
+from moss_train.engine.metrics import MetricsLogger, ThroughputWindow, memory_gb, peak_tflops
 from moss_train.engine.stage import JOB, TRAIN, JobStage, LossTerms, Stage, StageContext, StageData, TrainingStage
 from moss_train.model.config import flops_per_token, head_flops_per_row
 
@@ -133,7 +133,7 @@ class Trainer:
         self.step = 0
         self.samples_consumed = 0
         self.tokens_seen = 0
-        self.head_rows_since_log = 0  # where the lm_head ran (StageData.count_head_rows), for MFU
+        self.head_rows_last_step = 0.0  # where the lm_head ran (StageData.count_head_rows), for MFU
 
     # ---- resume --------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -196,8 +196,7 @@ class Trainer:
         batches = self._micro_batches()
         count_head_rows = self.data.count_head_rows or self.data.count_targets
         local = [sum(self.data.count_targets(b) for b in batches), sum(count_head_rows(b) for b in batches)]
-        global_targets, head_rows = all_reduce_sum(local, self.dist.device).tolist()
-        self.head_rows_since_log += head_rows
+        global_targets, self.head_rows_last_step = all_reduce_sum(local, self.dist.device).tolist()
         if global_targets == 0:
             raise RuntimeError(f"step {self.step}: the global batch has no target tokens")
         lr = self.scheduler.get_last_lr()[0]
@@ -271,38 +270,34 @@ class Trainer:
             wandb_settings=self._wandb_settings(),
             tensorboard=cfg.logging.tensorboard,
         )
-        # Model FLOPs: the body at every token, the lm_head only where it computed logits.
         head_flops = head_flops_per_row(self.model_config)
-        body_flops = flops_per_token(self.model_config, self.data.tokens_per_sample) - head_flops
         peak = peak_tflops(cfg.logging.peak_tflops, self.precision, self.dist.device)
-        tokens_per_step = cfg.trainer.global_batch_size * self.data.tokens_per_sample
         history = []
         started = time.perf_counter()
         if cfg.trainer.eval_at_start and self.step == 0:  # the held-out curves start at the initial weights
             self._log_eval(logger)
-        since_log, window_start, self.head_rows_since_log = 0, time.perf_counter(), 0
+        window = ThroughputWindow(
+            tokens_per_step=cfg.trainer.global_batch_size * self.data.tokens_per_sample,
+            body_flops=flops_per_token(self.model_config, self.data.tokens_per_sample) - head_flops,
+            head_flops=head_flops,
+            peak_flops=peak * 1e12 * self.dist.world_size,
+        )
         while self.step < cfg.trainer.max_steps:
             metrics = self.train_step()
-            since_log += 1
+            window.add_step(self.head_rows_last_step)
             record = {"step": self.step, **metrics}
             if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = since_log * tokens_per_step / elapsed
-                model_flops = since_log * tokens_per_step * body_flops + self.head_rows_since_log * head_flops
                 record.update(
-                    tokens_per_s=tokens_per_s,
-                    mfu=model_flops / elapsed / (peak * 1e12 * self.dist.world_size),
-                    epoch=self.plan.epoch_at(self.samples_consumed),
-                    **memory_gb(self.dist.device),
+                    **window.rates(), epoch=self.plan.epoch_at(self.samples_consumed), **memory_gb(self.dist.device)
                 )
-                logger.log(record, advance=since_log)
-                since_log, window_start, self.head_rows_since_log = 0, time.perf_counter(), 0
+                logger.log(record, advance=window.steps)
+                window.reset()
             if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and self.step < cfg.trainer.max_steps:
-                record.update(self._log_eval(logger))
-                window_start = time.perf_counter()
+                with window.paused():
+                    record.update(self._log_eval(logger))
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.trainer.max_steps:
-                self.checkpoints.save(self.engine, self.step, self._client_state())
-                window_start = time.perf_counter()
+                with window.paused():
+                    self.checkpoints.save(self.engine, self.step, self._client_state())
             history.append(record)
         if history:
             history[-1].update(self._log_eval(logger))

@@ -4,9 +4,11 @@ by step, to every sink."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import time
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -40,6 +42,39 @@ def peak_tflops(
     if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         print(f"[moss-train] MFU against {source}", flush=True)
     return peak
+
+
+class ThroughputWindow:
+    """The steps since the last logged one: tokens/s and MFU over their time, the evaluations and
+    checkpoint saves among them left out (`paused`). Model FLOPs: the body at every token, the
+    lm_head only at the rows where it computed logits (model/config.py: head_flops_per_row)."""
+
+    def __init__(self, tokens_per_step: int, body_flops: float, head_flops: float, peak_flops: float, clock=None):
+        self.tokens_per_step, self.body_flops, self.head_flops = tokens_per_step, body_flops, head_flops
+        self.peak_flops = peak_flops  # FLOP/s of every device of the run together
+        self.clock = clock or time.perf_counter
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.head_rows, self.start = 0, 0.0, self.clock()
+
+    def add_step(self, head_rows: float) -> None:
+        self.steps += 1
+        self.head_rows += head_rows
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.start += self.clock() - began
+
+    def rates(self) -> dict:
+        elapsed = self.clock() - self.start
+        tokens = self.steps * self.tokens_per_step
+        model_flops = tokens * self.body_flops + self.head_rows * self.head_flops
+        return {"tokens_per_s": tokens / elapsed, "mfu": model_flops / elapsed / self.peak_flops}
 
 
 def memory_gb(device: torch.device) -> dict:
