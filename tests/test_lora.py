@@ -308,3 +308,20 @@ def test_lora_recipe_errors_name_the_key(overrides, key):
     cfg = to_object(compose(["data.tokenizer=x", *overrides]))
     with pytest.raises(ConfigError, match=f"^{re.escape(key)}:"):
         validate(cfg, world_size=1)
+
+
+def test_mfu_counts_frozen_weights_without_their_gradient_and_the_adapters_in_full():
+    """A frozen weight runs forward and passes the gradient to its input (4 FLOPs a parameter
+    per token), not 6 as in PaLM's count where everything trains; each adapter adds its 6."""
+    from moss_train.config import LoraConfig
+    from moss_train.model.codegen import CodeGenForCausalLM
+    from moss_train.model.config import ModelConfig, num_parameters
+
+    cfg = ModelConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    model = lora.add_adapters(CodeGenForCausalLM(cfg), LoraConfig(r=4), seed=0)
+    head = 512 * 64 + 512  # lm_head weight and bias, frozen
+    frozen_body = num_parameters(cfg) - 512 * 64 - head  # the input embedding has no FLOPs at all
+    # r x (in + out) per adapted projection: qkv_proj 64 -> 192, out_proj 64 -> 64, fc_in 64 -> 256, fc_out 256 -> 64
+    adapters = 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert sum(p.numel() for n, p in model.named_parameters() if lora.is_adapter(n)) == adapters
+    assert lora.flops_per_token_change(model) == (6 * adapters - 2 * frozen_body, -2 * head)

@@ -27,6 +27,7 @@ from moss_train.distributed import DistInfo, all_gather_objects, all_reduce_sum,
 from moss_train.engine import setup
 from moss_train.engine.metrics import MetricsLogger, ThroughputWindow, memory_gb, peak_tflops
 from moss_train.engine.stage import JOB, TRAIN, JobStage, LossTerms, Stage, StageContext, StageData, TrainingStage
+from moss_train.model import lora
 from moss_train.model.config import flops_per_token, head_flops_per_row
 
 
@@ -271,6 +272,10 @@ class Trainer:
             tensorboard=cfg.logging.tensorboard,
         )
         head_flops = head_flops_per_row(self.model_config)
+        body_flops = flops_per_token(self.model_config, self.data.tokens_per_sample) - head_flops
+        if self.lora_state:  # frozen weights compute no gradient of their own; adapters add theirs
+            body_change, head_change = lora.flops_per_token_change(self.engine.module)
+            body_flops, head_flops = body_flops + body_change, head_flops + head_change
         peak = peak_tflops(cfg.logging.peak_tflops, self.precision, self.dist.device)
         history = []
         started = time.perf_counter()
@@ -278,7 +283,7 @@ class Trainer:
             self._log_eval(logger)
         window = ThroughputWindow(
             tokens_per_step=cfg.trainer.global_batch_size * self.data.tokens_per_sample,
-            body_flops=flops_per_token(self.model_config, self.data.tokens_per_sample) - head_flops,
+            body_flops=body_flops,
             head_flops=head_flops,
             peak_flops=peak * 1e12 * self.dist.world_size,
         )

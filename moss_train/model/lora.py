@@ -84,6 +84,28 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
     return sum(n for n, t in sizes if t), sum(n for n, _ in sizes)
 
 
+def flops_per_token_change(model: nn.Module) -> tuple[float, float]:
+    """What adapters change in PaLM's count of training FLOPs per token (model/config.py:
+    flops_per_token, where every weight trains): (body, lm_head per row). A frozen weight still
+    runs forward and passes the gradient on to its input (4 FLOPs per parameter) but computes no
+    gradient of its own (the count's other 2); each adapter adds its full 6. The input embedding
+    is a lookup, in neither count."""
+    body = head = 0.0
+    for name, param in model.named_parameters():
+        numel = int(getattr(param, "ds_numel", param.numel()))
+        if is_adapter(name):
+            change = 6 * numel
+        elif not param.requires_grad and name != "transformer.wte.weight":
+            change = -2 * numel
+        else:
+            continue
+        if name.startswith("lm_head."):
+            head += change
+        else:
+            body += change
+    return body, head
+
+
 def adapted_weights(adapter_names) -> dict[str, tuple[str, str]]:
     """base weight name (as in the plain model) -> (lora_A name, lora_B name), from the names of
     a checkpoint's adapter tensors."""
