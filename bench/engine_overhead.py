@@ -68,8 +68,14 @@ def memory_cell(peaks: list) -> str:
     return f"{max(peaks):.2f}" if peaks else "one process"
 
 
-def stage_row_name(stage: int, overrides: list, precision: str) -> str:
-    return f"moss-train {tt.zero_label(stage, precision, overrides)}" + "".join(f" + {o}" for o in overrides)
+def engine_rows(args, precision: str):
+    """(row name, ZeRO stage, recipe overrides) of each moss-train row: every --engine-stages
+    stage, alone and with each --ours-with lever."""
+    for stage in map(int, args.engine_stages.split(",")):
+        for lever in ["", *args.ours_with]:
+            overrides = lever.split(",") if lever else []
+            name = f"moss-train {tt.zero_label(stage, precision, overrides)}" + "".join(f" + {o}" for o in overrides)
+            yield name, stage, overrides
 
 
 def alternate_in_process(config: str, precision: str, args) -> dict:
@@ -85,12 +91,9 @@ def alternate_in_process(config: str, precision: str, args) -> dict:
     model_cfg = tt.CONFIGS[config]
     batch = tt.make_batch(model_cfg, batch_size, seq_len, device)
     steps = {"bare torch": torch_step_fn(model_cfg, precision, batch, args)}
-    for stage in args.engine_stages.split(","):
-        for lever in ["", *args.ours_with]:
-            overrides = lever.split(",") if lever else []
-            stage_args = argparse.Namespace(**{**vars(args), "zero_stage": int(stage), "overrides": overrides})
-            name = stage_row_name(int(stage), overrides, precision)
-            steps[name] = tt.moss_step_fn(model_cfg, precision, batch, stage_args)
+    for name, stage, overrides in engine_rows(args, precision):
+        stage_args = argparse.Namespace(**{**vars(args), "zero_stage": stage, "overrides": overrides})
+        steps[name] = tt.moss_step_fn(model_cfg, precision, batch, stage_args)
     pooled = {name: {"times": [], "losses": [[]], "peak_memory_gb": [], "device": str(device)} for name in steps}
     names = list(steps)
     for i in range(args.warmup + args.steps):
@@ -120,11 +123,9 @@ def main(argv=None) -> int:
     config = args.configs.split(",")[0]
     precision = (args.precisions or "fp32").split(",")[0]
     variants = {"bare torch": ("torch", [])}
-    for stage in args.engine_stages.split(","):
-        for lever in ["", *args.ours_with]:
-            overrides = lever.split(",") if lever else []
-            extra = ["--overrides", *overrides] if overrides else []
-            variants[stage_row_name(int(stage), overrides, precision)] = ("moss-train", ["--zero-stage", stage, *extra])
+    for name, stage, overrides in engine_rows(args, precision):
+        extra = ["--overrides", *overrides] if overrides else []
+        variants[name] = ("moss-train", ["--zero-stage", str(stage), *extra])
     if args.subprocesses:
         pooled = tt.alternate(script, variants, config, precision, args)
         how = "each variant in its own subprocess, alternating round by round"

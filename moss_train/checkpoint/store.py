@@ -220,6 +220,12 @@ MODEL_STATES_ZERO3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
+def written_by_zero3(file_names) -> bool:
+    """Whether a checkpoint's (or its universal copy's) files are ZeRO-3's: each rank's parameter
+    shard in a model-states file of its own, where ZeRO 0-2 write the whole module to one."""
+    return any(name.startswith("zero_pp_rank_") and name.endswith("model_states.pt") for name in file_names)
+
+
 def fit_universal_to_stage(universal_step_dir: Path, param_shapes: Optional[dict]) -> None:
     """Make a universal checkpoint converted from one ZeRO layout loadable by the other: ZeRO-3
     (`param_shapes` None) or ZeRO 1/2 (`param_shapes`: this engine's parameter shapes by name),
@@ -235,19 +241,19 @@ def fit_universal_to_stage(universal_step_dir: Path, param_shapes: Optional[dict
 
     The weights and moments are the same numbers in both; this rewrites the one flavour as the
     other, in the temporary universal copy only."""
+    to_zero3 = param_shapes is None
+    if written_by_zero3(path.name for path in universal_step_dir.iterdir()) == to_zero3:
+        return  # already this stage's flavour (the global state, rank 0's moments under ZeRO-3, stays unread)
+    wanted, other = (MODEL_STATES_ZERO3, MODEL_STATES) if to_zero3 else (MODEL_STATES, MODEL_STATES_ZERO3)
+    os.replace(universal_step_dir / other, universal_step_dir / wanted)
     global_file = universal_step_dir / "zero" / "optimizer_state.pt"
     global_state = safe_load.load(global_file)
-    from_zero3, to_zero3 = "optimizer_state_dict" in global_state, param_shapes is None
-    wanted, other = (MODEL_STATES_ZERO3, MODEL_STATES) if to_zero3 else (MODEL_STATES, MODEL_STATES_ZERO3)
-    if not (universal_step_dir / wanted).is_file() and (universal_step_dir / other).is_file():
-        os.replace(universal_step_dir / other, universal_step_dir / wanted)
-    if from_zero3 != to_zero3:
-        param_dirs = sorted(path for path in global_file.parent.iterdir() if path.is_dir())
-        if to_zero3:
-            _zero12_flavour_to_zero3(global_state, param_dirs)
-        else:
-            _zero3_flavour_to_zero12(global_state, param_dirs, param_shapes)
-        torch.save(global_state, global_file)
+    param_dirs = sorted(path for path in global_file.parent.iterdir() if path.is_dir())
+    if to_zero3:
+        _zero12_flavour_to_zero3(global_state, param_dirs)
+    else:
+        _zero3_flavour_to_zero12(global_state, param_dirs, param_shapes)
+    torch.save(global_state, global_file)
 
 
 def _zero12_flavour_to_zero3(global_state: dict, param_dirs: list[Path]) -> None:
@@ -316,8 +322,7 @@ class CheckpointManager:
         states, which load on any number of ranks)."""
         names = read_complete(path)["files"]
         shards = [name for name in names if name.endswith("optim_states.pt")]
-        params_sharded = any(name.startswith("zero_pp_rank_") and name.endswith("model_states.pt") for name in names)
-        return bool(shards) and (len(shards) != self.dist.world_size or params_sharded != (zero_stage == 3))
+        return bool(shards) and (len(shards) != self.dist.world_size or written_by_zero3(names) != (zero_stage == 3))
 
     def load(self, engine, path: Path, universal: bool = False) -> dict:
         """Verify checksums and refuse files that would run code, then restore model, optimizer,

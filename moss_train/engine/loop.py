@@ -195,8 +195,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         batches = self._micro_batches()
-        count_head_rows = self.data.count_head_rows or self.data.count_targets
-        local = [sum(self.data.count_targets(b) for b in batches), sum(count_head_rows(b) for b in batches)]
+        local = [sum(self.data.count_targets(b) for b in batches), sum(self.data.count_head_rows(b) for b in batches)]
         global_targets, self.head_rows_last_step = all_reduce_sum(local, self.dist.device).tolist()
         if global_targets == 0:
             raise RuntimeError(f"step {self.step}: the global batch has no target tokens")

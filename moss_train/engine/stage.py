@@ -72,6 +72,10 @@ class StageData:
     # categories), for the loss's per-group metrics; one list for train and eval.
     group_names: Sequence[str] = ()
 
+    def __post_init__(self):
+        if self.count_head_rows is None:
+            self.count_head_rows = self.count_targets
+
 
 @dataclass(frozen=True)
 class FrozenModel:
