@@ -11,6 +11,12 @@ machine the load changes within seconds; subprocesses that alternate round by ro
 different loads and disagreed by 2-3x); --subprocesses runs each in its own process instead
 (that also gives each one's peak memory). The figure is the median step.
 
+A row where DeepSpeed really runs ZeRO-3 always gets its own process: building a ZeRO-3 engine
+replaces torch.nn.functional.linear, for the whole process and for good, with DeepSpeed's
+memory-efficient linear (zero3_linear_wrap), and every other variant in that process then paid
+for it (tiny model, AVX2 EPYC: the bare torch step 13-15 ms alone, 21-25 ms beside a ZeRO-3
+engine). With such a row the bench runs every variant in its own process.
+
     python bench/engine_overhead.py                        # ZeRO-0 and ZeRO-3 vs bare torch, fp32
     python bench/engine_overhead.py --ours-with deepspeed.zero3_on_one_rank=true  # also ZeRO-3 kept in one process
     python bench/engine_overhead.py --steps 8 --write      # also append the table to RESULTS.md
@@ -78,6 +84,13 @@ def engine_rows(args, precision: str):
             yield name, stage, overrides
 
 
+def needs_own_processes(args, precision: str) -> bool:
+    """Whether some row runs a real ZeRO-3 engine, which would slow the others in its process
+    (the module docstring)."""
+    rows = engine_rows(args, precision)
+    return any(tt.stage_that_runs(stage, precision, overrides) == 3 for _, stage, overrides in rows)
+
+
 def alternate_in_process(config: str, precision: str, args) -> dict:
     """Build the bare torch step and one moss-train Trainer per ZeRO stage in this process,
     then time them in turn, step by step (the order reversed every other step)."""
@@ -111,11 +124,15 @@ def alternate_in_process(config: str, precision: str, args) -> dict:
     return pooled
 
 
-def main(argv=None) -> int:
+def parser():
     p = tt.parser(__doc__)
     p.add_argument("--engine-stages", default="0,3", help="ZeRO stages of the moss-train rows")
     p.add_argument("--subprocesses", action="store_true", help="each variant in its own subprocess, round by round")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.worker:
         return tt.run_worker(args, SIDES)
     script = Path(__file__).resolve()
@@ -126,6 +143,9 @@ def main(argv=None) -> int:
     for name, stage, overrides in engine_rows(args, precision):
         extra = ["--overrides", *overrides] if overrides else []
         variants[name] = ("moss-train", ["--zero-stage", str(stage), *extra])
+    if not args.subprocesses and needs_own_processes(args, precision):
+        print("A row runs ZeRO-3, whose engine would slow the other rows in its process: each in its own process.")
+        args.subprocesses = True
     if args.subprocesses:
         pooled = tt.alternate(script, variants, config, precision, args)
         how = "each variant in its own subprocess, alternating round by round"

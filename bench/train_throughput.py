@@ -143,13 +143,18 @@ def bench_config(model_cfg: ModelConfig, precision: str, zero_stage: int, batch_
     return cfg
 
 
-def zero_label(zero_stage: int, precision: str, overrides=()) -> str:
-    """ "ZeRO-3", or "ZeRO-3 (runs as ZeRO-2)" where one process changes the stage DeepSpeed
-    runs (engine/setup.py: zero_stage_for)."""
+def stage_that_runs(zero_stage: int, precision: str, overrides=()) -> int:
+    """The ZeRO stage DeepSpeed runs for the recipe's `zero_stage` in one process
+    (engine/setup.py: zero_stage_for)."""
     from moss_train.engine.setup import zero_stage_for
 
     cfg = bench_config(CONFIGS["tiny"], precision, zero_stage, 1, overrides)
-    runs = zero_stage_for(cfg.deepspeed, 1, precision)
+    return zero_stage_for(cfg.deepspeed, 1, precision)
+
+
+def zero_label(zero_stage: int, precision: str, overrides=()) -> str:
+    """ "ZeRO-3", or "ZeRO-3 (runs as ZeRO-2)" where one process changes the stage DeepSpeed runs."""
+    runs = stage_that_runs(zero_stage, precision, overrides)
     return f"ZeRO-{zero_stage}" + ("" if runs == zero_stage else f" (runs as ZeRO-{runs})")
 
 

@@ -404,3 +404,23 @@ def test_the_throughput_bench_applies_a_lever_as_the_recipe_would():
     assert (lever.model, lever.trainer.micro_batch_size, lever.trainer.precision) == (model, 16, "fp32")
     with pytest.raises(ConfigKeyError, match="overlap_com"):
         bench.bench_config(model, "fp32", 3, 16, ["deepspeed.overlap_com=false"])
+
+
+def test_the_engine_bench_gives_a_real_zero3_engine_a_process_of_its_own():
+    """A ZeRO-3 engine replaces torch.nn.functional.linear for its whole process, so
+    bench/engine_overhead.py runs every row in its own process as soon as one row would really run
+    ZeRO-3, and keeps the one-process alternation otherwise."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import engine_overhead as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    def rows(precision, *levers):
+        args = bench.parser().parse_args(["--engine-stages", "0,3", *(f"--ours-with={lever}" for lever in levers)])
+        return bench.needs_own_processes(args, precision)
+
+    assert not rows("fp32")  # ZeRO-3 in one process runs as ZeRO-2
+    assert not rows("bf16-autocast")
+    assert rows("fp32", "deepspeed.zero3_on_one_rank=true")
+    assert rows("bf16")  # 16-bit weights keep stage 3
