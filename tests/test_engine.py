@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,27 @@ def test_zero3_runs_as_zero2_only_where_one_process_holds_every_parameter():
         == zero_stage_for(DeepSpeedConfig(zero_stage=3), 1, "fp16")
         == 3
     )
+
+
+def test_one_process_run_as_zero2_keeps_no_reduction_buffers():
+    """With nothing to reduce, the ZeRO-3 recipe run as ZeRO-2 in one process neither overlaps a
+    reduction nor copies gradients into a contiguous reduction buffer; on more ranks, or at the
+    stage the recipe names, the recipe's settings stand."""
+    from moss_train.config import MossTrainConfig
+    from moss_train.engine.setup import deepspeed_config
+
+    cfg = MossTrainConfig()
+    cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size * 2
+
+    def reduction(world_size, **deepspeed):
+        cfg.deepspeed = replace(cfg.deepspeed, **deepspeed)
+        zero = deepspeed_config(cfg, "fp32", world_size)["zero_optimization"]
+        return zero["stage"], zero["overlap_comm"], zero["contiguous_gradients"]
+
+    assert reduction(1, zero_stage=3) == (2, False, False)
+    assert reduction(2, zero_stage=3) == (3, True, True)
+    assert reduction(1, zero_stage=3, zero3_on_one_rank=True) == (3, True, True)
+    assert reduction(1, zero_stage=2) == (2, True, True)
 
 
 def _resume_copy(run: Path, step: str, into: Path) -> Path:
