@@ -74,8 +74,10 @@ def zero_stage_for(ds: DeepSpeedConfig, world_size: int, precision: str = "fp32"
     """The ZeRO stage DeepSpeed runs: the recipe's, except ZeRO-3 in one process with fp32
     weights (fp32, bf16-autocast), which runs as ZeRO-2. With one rank each "shard" is the whole
     tensor, so ZeRO-3's gathering and releasing of every parameter around every module, and its
-    re-partitioning after each step, buy nothing (tiny model, one process: 49 ms per step against
-    35 at ZeRO-2 on an AVX2 EPYC, bench/RESULTS.md). ZeRO-2 then holds the same states:
+    re-partitioning after each step, buy nothing (tiny model, one process: 60 ms per step against
+    26 at ZeRO-2 on an AVX2 EPYC, bench/RESULTS.md); and building a ZeRO-3 engine replaces
+    torch.nn.functional.linear, for the whole process, with DeepSpeed's memory-efficient linear,
+    which other models in the process then run too. ZeRO-2 then holds the same states:
     fp32 weights, fp32 master weights and Adam's moments in one flat partition, fp32 gradients.
     With 16-bit weights (bf16, fp16: a GPU's precision) ZeRO-2 would hold 2 more bytes per
     parameter of 16-bit gradients than ZeRO-3 (moss_train/plan.py, as DeepSpeed's estimator),
