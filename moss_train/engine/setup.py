@@ -96,7 +96,7 @@ def deepspeed_config(cfg: MossTrainConfig, precision: str, world_size: int) -> d
     zero: dict = {"stage": stage}
     # Where one process runs the ZeRO-3 recipe as ZeRO-2 there is no reduction at all: overlapping it
     # with backward (a second bucket) and copying each gradient into a contiguous reduction buffer
-    # only add copies and buffers (tiny model, AVX2 EPYC: 22 against 23 ms a step; bench/RESULTS.md).
+    # only add copies and buffers (tiny model, AVX2 EPYC: 27 against 28 ms a step; bench/RESULTS.md).
     one_rank_as_zero2 = stage != ds.zero_stage
     if stage >= 1:
         zero.update(
