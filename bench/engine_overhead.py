@@ -74,24 +74,26 @@ def memory_cell(peaks: list) -> str:
     return f"{max(peaks):.2f}" if peaks else "one process"
 
 
-def engine_rows(args, precision: str):
-    """(row name, ZeRO stage, recipe overrides) of each moss-train row: every --engine-stages
-    stage, alone and with each --ours-with lever."""
+def engine_rows(args, precision: str) -> list[tuple[str, int, list, int]]:
+    """(row name, ZeRO stage, recipe overrides, the stage DeepSpeed runs) of each moss-train row:
+    every --engine-stages stage, alone and with each --ours-with lever."""
+    rows = []
     for stage in map(int, args.engine_stages.split(",")):
         for lever in ["", *args.ours_with]:
             overrides = lever.split(",") if lever else []
-            name = f"moss-train {tt.zero_label(stage, precision, overrides)}" + "".join(f" + {o}" for o in overrides)
-            yield name, stage, overrides
+            runs = tt.stage_that_runs(stage, precision, overrides)
+            name = f"moss-train {tt.stage_label(stage, runs)}" + "".join(f" + {o}" for o in overrides)
+            rows.append((name, stage, overrides, runs))
+    return rows
 
 
-def needs_own_processes(args, precision: str) -> bool:
+def needs_own_processes(rows) -> bool:
     """Whether some row runs a real ZeRO-3 engine, which would slow the others in its process
     (the module docstring)."""
-    rows = engine_rows(args, precision)
-    return any(tt.stage_that_runs(stage, precision, overrides) == 3 for _, stage, overrides in rows)
+    return any(runs == 3 for *_, runs in rows)
 
 
-def alternate_in_process(config: str, precision: str, args) -> dict:
+def alternate_in_process(config: str, precision: str, args, rows) -> dict:
     """Build the bare torch step and one moss-train Trainer per ZeRO stage in this process,
     then time them in turn, step by step (the order reversed every other step)."""
     import argparse
@@ -104,7 +106,7 @@ def alternate_in_process(config: str, precision: str, args) -> dict:
     model_cfg = tt.CONFIGS[config]
     batch = tt.make_batch(model_cfg, batch_size, seq_len, device)
     steps = {"bare torch": torch_step_fn(model_cfg, precision, batch, args)}
-    for name, stage, overrides in engine_rows(args, precision):
+    for name, stage, overrides, _ in rows:
         stage_args = argparse.Namespace(**{**vars(args), "zero_stage": stage, "overrides": overrides})
         steps[name] = tt.moss_step_fn(model_cfg, precision, batch, stage_args)
     pooled = {name: {"times": [], "losses": [[]], "peak_memory_gb": [], "device": str(device)} for name in steps}
@@ -140,17 +142,18 @@ def main(argv=None) -> int:
     config = args.configs.split(",")[0]
     precision = (args.precisions or "fp32").split(",")[0]
     variants = {"bare torch": ("torch", [])}
-    for name, stage, overrides in engine_rows(args, precision):
+    rows = engine_rows(args, precision)
+    for name, stage, overrides, _ in rows:
         extra = ["--overrides", *overrides] if overrides else []
         variants[name] = ("moss-train", ["--zero-stage", str(stage), *extra])
-    if not args.subprocesses and needs_own_processes(args, precision):
+    if not args.subprocesses and needs_own_processes(rows):
         print("A row runs ZeRO-3, whose engine would slow the other rows in its process: each in its own process.")
         args.subprocesses = True
     if args.subprocesses:
         pooled = tt.alternate(script, variants, config, precision, args)
         how = "each variant in its own subprocess, alternating round by round"
     else:
-        pooled = alternate_in_process(config, precision, args)
+        pooled = alternate_in_process(config, precision, args, rows)
         how = "one process, alternating step by step"
     batch_size, seq_len = tt.shape(args, config)
     bare = pooled["bare torch"]["median_s"]

@@ -152,10 +152,13 @@ def stage_that_runs(zero_stage: int, precision: str, overrides=()) -> int:
     return zero_stage_for(cfg.deepspeed, 1, precision)
 
 
-def zero_label(zero_stage: int, precision: str, overrides=()) -> str:
+def stage_label(zero_stage: int, runs: int) -> str:
     """ "ZeRO-3", or "ZeRO-3 (runs as ZeRO-2)" where one process changes the stage DeepSpeed runs."""
-    runs = stage_that_runs(zero_stage, precision, overrides)
     return f"ZeRO-{zero_stage}" + ("" if runs == zero_stage else f" (runs as ZeRO-{runs})")
+
+
+def zero_label(zero_stage: int, precision: str, overrides=()) -> str:
+    return stage_label(zero_stage, stage_that_runs(zero_stage, precision, overrides))
 
 
 def moss_trainer(model_cfg: ModelConfig, precision: str, zero_stage: int, batch: dict, overrides=()):

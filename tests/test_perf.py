@@ -418,7 +418,7 @@ def test_the_engine_bench_gives_a_real_zero3_engine_a_process_of_its_own():
 
     def rows(precision, *levers):
         args = bench.parser().parse_args(["--engine-stages", "0,3", *(f"--ours-with={lever}" for lever in levers)])
-        return bench.needs_own_processes(args, precision)
+        return bench.needs_own_processes(bench.engine_rows(args, precision))
 
     assert not rows("fp32")  # ZeRO-3 in one process runs as ZeRO-2
     assert not rows("bf16-autocast")
