@@ -27,6 +27,8 @@ bf16; on a GPU against the data-sheet dense bf16 peak.
     python bench/train_throughput.py --configs tiny --ours-at HEAD~1  # also moss-train as of a commit
     python bench/train_throughput.py --configs quickstart \
         --ours-with deepspeed.stage3_param_persistence_threshold=1000000000  # a lever on, as an extra row
+    python bench/train_throughput.py --configs small,quickstart --precisions bf16-autocast --ours-compiled --warmup 2
+                                                                      # torch.compile of each block, as an extra row
 """
 
 from __future__ import annotations
@@ -174,6 +176,9 @@ def moss_trainer(model_cfg: ModelConfig, precision: str, zero_stage: int, batch:
 
 def moss_step_fn(model_cfg, precision, batch, args):
     trainer = moss_trainer(model_cfg, precision, args.zero_stage, batch, args.overrides)
+    if args.compile_blocks:  # the torch.compile lever (--ours-compiled): inductor kernels for each block
+        for block in trainer.engine.module.transformer.h:
+            block.compile(dynamic=False)
     return lambda: trainer.train_step()["loss"]
 
 
@@ -364,12 +369,19 @@ def parser(description: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE[,KEY=VALUE]",
         help="recipe overrides of moss-train as an extra row (a lever on, beside the defaults); repeatable",
     )
+    p.add_argument(
+        "--ours-compiled",
+        action="store_true",
+        help="also moss-train with each block torch.compile'd, as an extra row (the first step compiles: "
+        "keep --warmup >= 1)",
+    )
     # worker mode (the parent runs the script again as its own subprocess)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
     p.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile-blocks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     return p
 
@@ -401,6 +413,8 @@ def main(argv=None) -> int:
                 variants = {"moss-train": ("moss-train", [])} | {name: ("moss-train", []) for name in sources}
                 for lever in args.ours_with:
                     variants[f"moss-train + {lever}"] = ("moss-train", ["--overrides", *lever.split(",")])
+                if args.ours_compiled:
+                    variants["moss-train + torch.compile(blocks)"] = ("moss-train", ["--compile-blocks"])
                 variants["transformers"] = ("transformers", [])
                 pooled = alternate(script, variants, config, precision, args, sources)
                 rows.append((config, precision, *shape(args, config), pooled))
