@@ -424,3 +424,24 @@ def test_the_engine_bench_gives_a_real_zero3_engine_a_process_of_its_own():
     assert not rows("bf16-autocast")
     assert rows("fp32", "deepspeed.zero3_on_one_rank=true")
     assert rows("bf16")  # 16-bit weights keep stage 3
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_compiled_lever_row_trains_the_same_model():
+    """`bench/train_throughput.py --ours-compiled`: the row with each block torch.compile'd runs in
+    its own process beside the defaults and trains the same model on the same batch, so its losses
+    equal the eager row's (inductor's fused kernels round differently: close, not bit-equal)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import train_throughput as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    args = bench.parser(None).parse_args(
+        ["--configs", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "32"]
+    )
+    variants = {"eager": ("moss-train", []), "compiled": ("moss-train", ["--compile-blocks"])}
+    pooled = bench.alternate(REPO / "bench" / "train_throughput.py", variants, "tiny", "fp32", args)
+    eager, compiled = pooled["eager"]["losses"][0], pooled["compiled"]["losses"][0]
+    assert len(eager) == len(compiled) == 3 and eager[0] > eager[-1]  # it trains: the loss falls
+    assert compiled == pytest.approx(eager, rel=1e-4)
