@@ -507,9 +507,11 @@ def test_short_bf16_attention_on_a_cpu_can_run_in_fp32():
         part = (t[row : row + 1, :, start:end].float() for t in (q, k, v))
         return torch.nn.functional.scaled_dot_product_attention(*part, is_causal=True, scale=scale).bfloat16()
 
-    def in_bf16(start, end, row):
+    def in_bf16(start, end, row):  # as training runs it: padded on the right to a multiple of 64 tokens
         part = (t[row : row + 1, :, start:end] for t in (q, k, v))
-        return torch.nn.functional.scaled_dot_product_attention(*part, is_causal=True, scale=scale)
+        padded = (torch.nn.functional.pad(t, (0, 0, 0, -(end - start) % 64)) for t in part)
+        out = torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True, scale=scale)
+        return out[:, :, : end - start]
 
     everything = attention(below=64)
     assert everything.dtype == torch.bfloat16
@@ -523,6 +525,79 @@ def test_short_bf16_attention_on_a_cpu_can_run_in_fp32():
     assert torch.equal(plain[1:2], in_fp32(0, 40, 1))
     everything.float().square().sum().backward()  # gradients flow back through the casts, in bf16
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_bf16_training_attention_on_a_cpu_meets_only_whole_steps_of_tokens(monkeypatch):
+    """SDPA's CPU backward in bf16 keeps kernels for every length it meets, so training pads each
+    bf16 document on the right to a multiple of BF16_CPU_ATTENTION_LENGTH_STEP tokens: the kernel
+    meets only those lengths, and the real positions' outputs and gradients are those of the
+    unpadded call up to bf16 rounding. Without gradients (generation, evaluation) nothing is padded."""
+    step = codegen.BF16_CPU_ATTENTION_LENGTH_STEP
+    real_sdpa, lengths = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording_sdpa(q, *args, **kwargs):
+        lengths.append(q.shape[2])
+        return real_sdpa(q, *args, **kwargs)
+
+    torch.manual_seed(0)
+    base = [torch.randn(2, 4, 200, 16, dtype=torch.bfloat16) for _ in range(3)]
+    segments = torch.tensor([[0] * 70 + [1] * 130, [0] * 200])
+    layout = codegen.document_attention_layout(segments)
+    upstream = torch.randn(2, 4, 200, 16, dtype=torch.bfloat16)
+
+    def run(pad: bool):
+        qkv = [t.clone().requires_grad_() for t in base]
+        monkeypatch.setattr(codegen, "BF16_CPU_ATTENTION_LENGTH_STEP", step if pad else 1)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+        lengths.clear()
+        out = codegen.attend(*qkv, layout, 0.0, 0.25)
+        out.backward(upstream)
+        return [out.detach(), *(t.grad for t in qkv)], list(lengths)
+
+    padded, padded_lengths = run(pad=True)
+    plain, plain_lengths = run(pad=False)
+    assert plain_lengths == [70, 130, 200] and padded_lengths == [128, 192, 256]
+    for a, b in zip(padded, plain):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(codegen, "BF16_CPU_ATTENTION_LENGTH_STEP", step)
+    with torch.no_grad():
+        lengths.clear()
+        inference = codegen.attend(*base, layout, 0.0, 0.25)
+    assert lengths == [70, 130, 200] and torch.equal(inference, plain[0])
+
+
+def test_bf16_logits_at_targets_on_a_cpu_come_in_whole_steps_of_rows():
+    """The vocabulary head on a CPU in bf16 sees its rows padded to a multiple of
+    BF16_CPU_HEAD_ROWS_STEP (oneDNN keeps a kernel per row count); the logits returned are the
+    targets' own, and the head's gradient is the unpadded one. fp32 computes the rows as they are."""
+    torch.manual_seed(0)
+    model = CodeGenForCausalLM(make_cfg(vocab_size=300, n_embd=64, n_head=4, rotary_dim=8, n_layer=1))
+    ids = torch.randint(0, 300, (2, 96))
+    targets = torch.rand(2, 96) < 0.4
+    rows = int(targets.sum())
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+
+    def head_grad(precision):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            logits = model(ids, logits_at=targets)
+        logits.float().square().sum().backward()
+        return logits.detach(), model.lm_head.weight.grad.clone()
+
+    logits, grad = head_grad("bf16-autocast")
+    assert logits.shape == (rows, model.lm_head.out_features) and rows % codegen.BF16_CPU_HEAD_ROWS_STEP
+    assert seen == [rows + -rows % codegen.BF16_CPU_HEAD_ROWS_STEP]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.hidden_states(ids)[targets]
+        unpadded = model.lm_head(hidden)
+    torch.testing.assert_close(logits, unpadded.detach(), rtol=2e-2, atol=2e-2)
+    model.zero_grad()
+    unpadded.float().square().sum().backward()
+    torch.testing.assert_close(grad, model.lm_head.weight.grad, rtol=2e-2, atol=2e-2)
+    seen.clear()
+    head_grad("fp32")
+    assert seen == [rows]
 
 
 def test_one_query_attention_equals_sdpa_with_and_without_a_mask():

@@ -3,6 +3,7 @@ engine step against a plain torch reference; and the CPU matmul peak behind MFU.
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,15 @@ from moss_train.engine import cpu, metrics, setup
 from moss_train.losses import IGNORE_INDEX, token_cross_entropy
 
 from conftest import REPO, cli_env, free_port
+
+
+def bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -388,11 +398,7 @@ def test_peak_used_for_mfu_is_printed_and_cached(tmp_path, monkeypatch, capsys):
 def test_the_throughput_bench_applies_a_lever_as_the_recipe_would():
     """`bench/train_throughput.py --ours-with KEY=VALUE` rows: the override reaches the config, typed,
     and a misspelt key fails instead of timing the defaults under the lever's name."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import train_throughput as bench
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    bench = bench_module("train_throughput")
     from omegaconf.errors import ConfigKeyError
 
     model = bench.CONFIGS["quickstart"]
@@ -410,11 +416,7 @@ def test_the_engine_bench_gives_a_real_zero3_engine_a_process_of_its_own():
     """A ZeRO-3 engine replaces torch.nn.functional.linear for its whole process, so
     bench/engine_overhead.py runs every row in its own process as soon as one row would really run
     ZeRO-3, and keeps the one-process alternation otherwise."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import engine_overhead as bench
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    bench = bench_module("engine_overhead")
 
     def rows(precision, *levers):
         args = bench.parser().parse_args(["--engine-stages", "0,3", *(f"--ours-with={lever}" for lever in levers)])
@@ -432,11 +434,7 @@ def test_the_compiled_lever_row_trains_the_same_model():
     """`bench/train_throughput.py --ours-compiled`: the row with each block torch.compile'd runs in
     its own process beside the defaults and trains the same model on the same batch, so its losses
     equal the eager row's (inductor's fused kernels round differently: close, not bit-equal)."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import train_throughput as bench
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    bench = bench_module("train_throughput")
     args = bench.parser(None).parse_args(
         ["--configs", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "32"]
     )

@@ -169,13 +169,29 @@ def attend_in_fp32_below(length: int) -> None:
     _bf16_cpu_attention_in_fp32_below = length
 
 
+# SDPA's CPU backward in bf16 builds and keeps kernels for every sequence length it meets, about
+# 8 MB each, for the life of the process (torch 2.13; fp32 keeps none), and building them makes a
+# new length's step 3x slower. Per-document attention meets every document length: the quickstart's
+# SFT grew to 10 GB. So training pads a bf16 document on the right to a multiple of this many tokens:
+# under the causal mask no real query sees the padding, and the padded rows' outputs are dropped, so
+# real positions get the same attention (up to bf16 rounding, which follows the kernel's blocking).
+BF16_CPU_ATTENTION_LENGTH_STEP = 64
+
+
 def _causal_sdpa(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] < _bf16_cpu_attention_in_fp32_below:
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True, scale=scale
-            )
-        return out.to(q.dtype)
+    length = q.shape[2]
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        if length < _bf16_cpu_attention_in_fp32_below:
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True, scale=scale
+                )
+            return out.to(q.dtype)
+        padding = -length % BF16_CPU_ATTENTION_LENGTH_STEP
+        if padding and torch.is_grad_enabled() and q.requires_grad:
+            q, k, v = (F.pad(t, (0, 0, 0, padding)) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+            return out[:, :, :length]
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
 
 
@@ -353,9 +369,30 @@ class CodeGenForCausalLM(nn.Module):
             model's FLOPs, so the rest are not computed.
         """
         hidden = self.hidden_states(input_ids, position_ids, segment_ids, cache)
-        if logits_at is not None:
-            hidden = hidden[logits_at]
+        if logits_at is None:
+            return self.lm_head(hidden)
+        hidden = hidden[logits_at]
+        rows = hidden.shape[0]
+        padding = -rows % BF16_CPU_HEAD_ROWS_STEP
+        if padding and _bf16_matmuls_on_cpu(hidden):
+            return self.lm_head(F.pad(hidden, (0, 0, 0, padding)))[:rows]
         return self.lm_head(hidden)
+
+
+# oneDNN, which runs bf16 matmuls on a CPU, builds and caches a kernel for every row count it meets
+# (the head's forward and both backward products; with their buffers, megabytes each, up to 1024 kept).
+# The logits of the target positions only have a new row count nearly every batch: the quickstart's SFT
+# grew to 10 GB. Padding the rows to a multiple of this bounds the counts; the extra rows' logits are
+# dropped, and their zero gradient adds nothing to the head's.
+BF16_CPU_HEAD_ROWS_STEP = 256
+
+
+def _bf16_matmuls_on_cpu(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
 
 
 def column_major_head(model: CodeGenForCausalLM) -> CodeGenForCausalLM:
