@@ -569,7 +569,8 @@ def test_bf16_training_attention_on_a_cpu_meets_only_whole_steps_of_tokens(monke
 def test_bf16_logits_at_targets_on_a_cpu_come_in_whole_steps_of_rows():
     """The vocabulary head on a CPU in bf16 sees its rows padded to a multiple of
     BF16_CPU_HEAD_ROWS_STEP (oneDNN keeps a kernel per row count); the logits returned are the
-    targets' own, and the head's gradient is the unpadded one. fp32 computes the rows as they are."""
+    targets' own, and the head's gradient is the unpadded one. fp32, and inference, compute the rows
+    as they are."""
     torch.manual_seed(0)
     model = CodeGenForCausalLM(make_cfg(vocab_size=300, n_embd=64, n_head=4, rotary_dim=8, n_layer=1))
     ids = torch.randint(0, 300, (2, 96))
@@ -597,7 +598,9 @@ def test_bf16_logits_at_targets_on_a_cpu_come_in_whole_steps_of_rows():
     torch.testing.assert_close(grad, model.lm_head.weight.grad, rtol=2e-2, atol=2e-2)
     seen.clear()
     head_grad("fp32")
-    assert seen == [rows]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: rows as they are
+        model(ids, logits_at=targets)
+    assert seen == [rows, rows]
 
 
 def test_one_query_attention_equals_sdpa_with_and_without_a_mask():

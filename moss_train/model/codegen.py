@@ -374,7 +374,7 @@ class CodeGenForCausalLM(nn.Module):
         hidden = hidden[logits_at]
         rows = hidden.shape[0]
         padding = -rows % BF16_CPU_HEAD_ROWS_STEP
-        if padding and _bf16_matmuls_on_cpu(hidden):
+        if padding and torch.is_grad_enabled() and _bf16_matmuls_on_cpu(hidden):
             return self.lm_head(F.pad(hidden, (0, 0, 0, padding)))[:rows]
         return self.lm_head(hidden)
 
@@ -382,8 +382,9 @@ class CodeGenForCausalLM(nn.Module):
 # oneDNN, which runs bf16 matmuls on a CPU, builds and caches a kernel for every row count it meets
 # (the head's forward and both backward products; with their buffers, megabytes each, up to 1024 kept).
 # The logits of the target positions only have a new row count nearly every batch: the quickstart's SFT
-# grew to 10 GB. Padding the rows to a multiple of this bounds the counts; the extra rows' logits are
-# dropped, and their zero gradient adds nothing to the head's.
+# grew to 10 GB. Training pads the rows to a multiple of this, which bounds the counts; the extra rows'
+# logits are dropped, and their zero gradient adds nothing to the head's. Inference (a generation's
+# prefill: one row per sequence) computes its rows as they are.
 BF16_CPU_HEAD_ROWS_STEP = 256
 
 
