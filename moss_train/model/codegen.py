@@ -179,20 +179,30 @@ BF16_CPU_ATTENTION_LENGTH_STEP = 64
 
 
 def _causal_sdpa(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
-    length = q.shape[2]
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        if length < _bf16_cpu_attention_in_fp32_below:
-            with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True, scale=scale
-                )
-            return out.to(q.dtype)
-        padding = -length % BF16_CPU_ATTENTION_LENGTH_STEP
-        if padding and torch.is_grad_enabled() and q.requires_grad:
-            q, k, v = (F.pad(t, (0, 0, 0, padding)) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-            return out[:, :, :length]
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] < _bf16_cpu_attention_in_fp32_below:
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True, scale=scale
+            )
+        return out.to(q.dtype)
+
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        return with_rows_padded(causal, (q, k, v), BF16_CPU_ATTENTION_LENGTH_STEP)
+    return causal(q, k, v)
+
+
+def with_rows_padded(fn, tensors: tuple, step: int) -> torch.Tensor:
+    """fn(*tensors) with the rows (dim -2) of each tensor zero-padded at the end to a multiple of
+    `step`, and the padded rows dropped from its output's dim -2: a kernel that keeps state per
+    shape then meets only whole steps."""
+    rows = tensors[0].shape[-2]
+    padding = -rows % step
+    if not padding:
+        return fn(*tensors)
+    return fn(*(F.pad(t, (0, 0, 0, padding)) for t in tensors))[..., :rows, :]
 
 
 def _one_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
@@ -372,10 +382,8 @@ class CodeGenForCausalLM(nn.Module):
         if logits_at is None:
             return self.lm_head(hidden)
         hidden = hidden[logits_at]
-        rows = hidden.shape[0]
-        padding = -rows % BF16_CPU_HEAD_ROWS_STEP
-        if padding and torch.is_grad_enabled() and _bf16_matmuls_on_cpu(hidden):
-            return self.lm_head(F.pad(hidden, (0, 0, 0, padding)))[:rows]
+        if torch.is_grad_enabled() and _bf16_matmuls_on_cpu(hidden):
+            return with_rows_padded(self.lm_head, (hidden,), BF16_CPU_HEAD_ROWS_STEP)
         return self.lm_head(hidden)
 
 
